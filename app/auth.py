@@ -1,0 +1,25 @@
+"""Bearer-token auth: on when API_KEYS is set. Keys are compared in constant time."""
+from __future__ import annotations
+
+import hmac
+
+from flask import request
+
+from app.errors import APIError
+
+
+def check_bearer(api_keys: list[str]) -> None:
+    if not api_keys:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "You didn't provide an API key. Send it as a Bearer token in the Authorization "
+                            "header (Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
+    token = token.strip().encode()
+    # Compare against every key, so the time taken does not depend on which key (if any) matched.
+    matched = False
+    for key in api_keys:
+        matched |= hmac.compare_digest(token, key.encode())
+    if not matched:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")

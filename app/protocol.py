@@ -1,0 +1,138 @@
+"""The wire format: request and response schemas of the OpenAI-compatible API (pydantic).
+
+Validation rules here are the provider docs' ranges; `serving.py` holds the logic. Requests are parsed in
+strict mode (a string is not a number) and unknown fields are refused, as OpenAI does.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from config.settings import SERVED_MODEL_ID
+
+DEFAULT_MAX_TOKENS = 1024
+MAX_STOP_SEQUENCES = 4      # OpenAI's limit
+MAX_STOP_LENGTH = 256       # characters per stop sequence
+INT64_MAX = 2**63 - 1
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextContentPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: str
+    content: Union[str, list[TextContentPart]]
+    name: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(StrictModel):
+    model: str = SERVED_MODEL_ID
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    # Newer OpenAI SDKs send this name; it means the same as max_tokens.
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: float = Field(default=0.3, ge=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int = Field(default=0, ge=-(2**63), le=INT64_MAX)
+    # Accepted for compatibility with what OpenAI clients send, within what this server does.
+    n: int = Field(default=1, ge=1, le=1)
+    user: Optional[str] = None
+    logprobs: Optional[Literal[False]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """OpenAI accepts `null` for optional fields: treat it as "not given"."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in ("messages",)}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        for stop in stops:
+            if not stop:
+                raise ValueError("stop sequences must not be empty")
+            if len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(f"a stop sequence must be at most {MAX_STOP_LENGTH} characters")
+        return value
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def effective_max_tokens(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# --- Responses. Built as plain dicts in the exact shapes OpenAI's SDK parses (../shared/NOTES.md §1).
+def usage_dict(usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def chat_completion(job_id: str, created: int, model: str, fingerprint: str, text: str, finish_reason: str,
+                    usage) -> dict:
+    return {
+        "id": job_id, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage_dict(usage),
+    }
+
+
+def chat_chunk(job_id: str, created: int, model: str, fingerprint: str, delta: dict,
+               finish_reason: Optional[str] = None, with_usage_field: bool = False) -> dict:
+    chunk = {
+        "id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage_field:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(job_id: str, created: int, model: str, fingerprint: str, usage) -> dict:
+    return {"id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": fingerprint, "choices": [], "usage": usage_dict(usage)}
+
+
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "mistralai"}
+
+
+def now() -> int:
+    return int(time.time())

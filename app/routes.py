@@ -1,0 +1,59 @@
+"""HTTP routes: the OpenAI-compatible API (`/v1`) and the operational probes."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, request
+
+from app import protocol
+from app.auth import check_bearer
+from app.errors import APIError
+from app.serving import served_model_id
+from config.settings import SERVED_MODEL_ID
+
+api = Blueprint("api", __name__, url_prefix="/v1")
+ops = Blueprint("ops", __name__)
+
+
+def _service():
+    return current_app.extensions["chat_service"]
+
+
+@api.before_request
+def _authenticate():
+    check_bearer(current_app.config["SETTINGS"].api_keys)
+
+
+@api.post("/chat/completions")
+def chat_completions():
+    return _service().create(request.get_data(cache=False))
+
+
+@api.get("/models")
+def list_models():
+    created = current_app.config["STARTED_AT"]
+    return {"object": "list", "data": [protocol.model_card(SERVED_MODEL_ID, created)]}
+
+
+@api.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    return protocol.model_card(served_model_id(model_id), current_app.config["STARTED_AT"])
+
+
+@ops.get("/health")
+def health():
+    """The process is up. Touches nothing else, so it answers even when Redis is down."""
+    return {"status": "ok"}
+
+
+@ops.get("/ready")
+def ready():
+    """Ready to serve: Redis answers and at least one worker's heartbeat is fresh."""
+    store = _service().store
+    try:
+        store.redis.ping()
+        workers = store.live_workers()
+    except Exception as exc:
+        raise APIError(503, f"Redis is not reachable: {type(exc).__name__}.", code="redis_unavailable",
+                       headers={"Retry-After": "5"})
+    if not workers:
+        raise APIError(503, "No model worker is alive.", code="no_workers", headers={"Retry-After": "5"})
+    return {"status": "ready", "workers": len(workers), "models": sorted({w.get("model", "") for w in workers})}

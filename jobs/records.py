@@ -1,0 +1,145 @@
+"""The job record, its Redis keys and its event format: the contract between the API and the workers.
+
+Both sides import this module; it depends on neither Flask nor torch. The record in Redis is the source
+of truth for a job (not Celery's result backend): the Celery message carries only the job id, and a
+worker reads the request from here.
+
+Redis layout (every name starts with the configured prefix, since pub/sub ignores the db number):
+  {prefix}:job:{id}          hash   the job record (fields below), expires `job_ttl_s` after creation
+  {prefix}:job:{id}:cancel   string set when the client asked to cancel (or went away)
+  {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order
+  {prefix}:worker:{name}     string a live worker's heartbeat (JSON), expires unless renewed
+"""
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class GenerationRequest(BaseModel):
+    """What a worker needs to run a job: token ids, not text (the API tokenized and validated)."""
+
+    model: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    frequency_penalty: float
+    presence_penalty: float
+    seed: int
+    stop: list[str] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class JobError(BaseModel):
+    """An OpenAI-shaped error, as the client will see it."""
+
+    message: str
+    type: str = "server_error"
+    code: Optional[str] = None
+    param: Optional[str] = None
+
+
+class JobRecord(BaseModel):
+    id: str
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    request: GenerationRequest
+    result: Optional[JobResult] = None
+    error: Optional[JobError] = None
+    worker: Optional[str] = None
+
+    @classmethod
+    def new(cls, request: GenerationRequest) -> "JobRecord":
+        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created_at=time.time(), request=request)
+
+    def to_redis(self) -> dict[str, str]:
+        """Flatten to a Redis hash: scalars as text, nested models as JSON, absent fields left out."""
+        fields: dict[str, str] = {"id": self.id, "status": self.status.value, "created_at": repr(self.created_at),
+                                  "request": self.request.model_dump_json()}
+        for name in ("started_at", "finished_at"):
+            if getattr(self, name) is not None:
+                fields[name] = repr(getattr(self, name))
+        for name in ("result", "error"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name).model_dump_json()
+        if self.worker:
+            fields["worker"] = self.worker
+        return fields
+
+    @classmethod
+    def from_redis(cls, fields: dict[str, str]) -> "JobRecord":
+        data: dict[str, Any] = dict(fields)
+        for name in ("request", "result", "error"):
+            if name in data:
+                data[name] = json.loads(data[name])
+        return cls.model_validate(data)
+
+
+# --- Events: what a worker publishes on a job's channel, in order. `seq` starts at 0 and grows by one.
+EventType = Literal["delta", "done", "error", "cancelled"]
+
+
+class JobEvent(BaseModel):
+    seq: int
+    type: EventType
+    text: str = ""                         # delta: new text, never half a character or part of a stop
+    finish_reason: Optional[str] = None    # done
+    usage: Optional[Usage] = None          # done
+    error: Optional[JobError] = None       # error
+
+    @property
+    def is_final(self) -> bool:
+        return self.type != "delta"
+
+
+class Keys:
+    """Names of everything a job owns in Redis."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:cancel"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"

@@ -1,0 +1,39 @@
+"""The Celery application shared by the API (which only sends tasks) and the workers (which run them).
+
+Importing this module must stay cheap and torch-free: the API imports it to enqueue. The task module,
+which loads the model, is imported only by worker processes (`include`).
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import get_settings
+
+RUN_CHAT_COMPLETION = "workers.tasks.run_chat_completion"
+
+
+def make_celery(settings=None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("llmq", broker=settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        # Long GPU jobs: acknowledge only when done, so a dead worker's job is delivered again ...
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # ... and never let one worker reserve jobs it cannot start (other workers could).
+        worker_prefetch_multiplier=1,
+        # The Redis broker redelivers unacked messages after this, counted from delivery: keep it above
+        # the longest job, or a long job runs twice.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.interactive_queue,
+        # Results live in our own job record (jobs.records), not in Celery's result backend.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+celery_app = make_celery()
