@@ -41,6 +41,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
     first = exc.errors()[0]
     param = ""
     for part in first["loc"]:
+        if isinstance(part, str) and _is_union_tag(part):  # e.g. ("stop", "str"): the field is "stop"
+            continue
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -51,6 +53,14 @@ def from_validation_error(exc: ValidationError) -> APIError:
         message = f"Invalid value for '{param}': {message}."
     return APIError(400, message, param=param or None, code="invalid_value" if first["type"] != "missing"
                     else "missing_required_parameter")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member it tried inside `loc`: `str`, `list[str]`, `function-after[...]`."""
+    return part in _TYPE_TAGS or "[" in part or part[:1].isupper()
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -15,7 +15,7 @@ import time
 from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
-from jobs.records import JobEvent, JobStatus
+from jobs.records import JobError
 from jobs.store import JobNotFound, JobStore
 from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
 from workers.chat_format import raw_tokenizer
@@ -91,7 +91,7 @@ def _stop_runtime(**_):
 
 @celery_app.task(name=RUN_CHAT_COMPLETION)
 def run_chat_completion(job_id: str) -> str:
-    from workers.job_runner import run_job
+    from workers.job_runner import JobEvents, run_job
 
     runtime = get_runtime()
     store = runtime.store
@@ -103,11 +103,17 @@ def run_chat_completion(job_id: str) -> str:
     if record.status.is_terminal:  # delivered again after it finished: acknowledge and skip
         log.info("job %s: already %s, skipped", job_id, record.status.value)
         return record.status.value
+    events = JobEvents(store, job_id)
     if store.is_cancel_requested(job_id):
-        store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"))
-        return JobStatus.CANCELLED.value
+        return events.cancelled().value
     store.mark_in_progress(job_id, runtime.name)
     started = time.perf_counter()
-    status = run_job(runtime.engine, runtime.tokenizer, store, record)
+    try:
+        status = run_job(runtime.engine, runtime.tokenizer, events, record)
+    except Exception as exc:  # the client must hear about it, and the record must say why
+        log.exception("job %s failed", job_id)
+        runtime.engine.cancel(job_id)
+        status = events.failed(JobError(message=f"The model worker failed: {type(exc).__name__}: {exc}",
+                                        code="worker_error"))
     log.info("job %s: %s in %.2f s", job_id, status.value, time.perf_counter() - started)
     return status.value
