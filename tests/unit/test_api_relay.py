@@ -1,0 +1,86 @@
+"""The API layer alone: the Flask app with a scripted stand-in for the worker (it publishes events through
+the real JobEvents/JobStore on a real Redis). Covers worker failures reaching the client in OpenAI's shape,
+mid-stream and not, which the real tiny-model worker cannot be made to produce on demand."""
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import pytest
+
+from app import create_app
+from config.settings import Settings
+from jobs.records import JobError, JobResult, Usage
+from tests.conftest import REDIS_URL
+from workers.job_runner import JobEvents
+
+BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+
+
+@pytest.fixture
+def make_client(redis_client):
+    prefixes = []
+
+    def make(script):
+        settings = Settings(redis_url=REDIS_URL, redis_prefix=f"unit-{uuid.uuid4().hex[:8]}", api_keys=[],
+                            sse_keepalive_s=0.2, request_timeout_s=5)
+        prefixes.append(settings.redis_prefix)
+        holder = {}
+
+        def enqueue(job_id):  # the "worker": runs the script in a thread, as a real worker would
+            events = JobEvents(holder["app"].extensions["chat_service"].store, job_id)
+            threading.Thread(target=script, args=(events,), daemon=True).start()
+
+        holder["app"] = create_app(settings, enqueue=enqueue)
+        return holder["app"].test_client()
+
+    yield make
+    for prefix in prefixes:
+        for key in redis_client.scan_iter(match=f"{prefix}:*"):
+            redis_client.delete(key)
+
+
+def fails_after_one_delta(events: JobEvents):
+    events.delta("Hel")
+    events.failed(JobError(message="CUDA error: out of memory", code="generation_failed"))
+
+
+def test_worker_error_mid_stream_is_an_error_event_then_the_end(make_client):
+    client = make_client(fails_after_one_delta)
+    response = client.post("/v1/chat/completions", json={**BODY, "stream": True})
+    assert response.status_code == 200
+    data = [line[6:] for line in response.get_data(as_text=True).split("\n") if line.startswith("data: ")]
+    assert json.loads(data[1])["choices"][0]["delta"]["content"] == "Hel"
+    error = json.loads(data[-1])["error"]
+    assert error["message"] == "CUDA error: out of memory" and error["code"] == "generation_failed"
+    assert "[DONE]" not in data
+
+
+def test_worker_error_non_stream_is_500_in_openai_shape_not_retried(make_client):
+    client = make_client(fails_after_one_delta)
+    response = client.post("/v1/chat/completions", json=BODY)
+    assert response.status_code == 500
+    assert response.json["error"]["code"] == "generation_failed"
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_keepalive_comments_while_waiting(make_client):
+    def slow(events: JobEvents):
+        import time
+        time.sleep(0.7)
+        usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+        events.delta("x")
+        events.completed(JobResult(text="x", finish_reason="stop", usage=usage))
+
+    response = make_client(slow).post("/v1/chat/completions", json={**BODY, "stream": True})
+    text = response.get_data(as_text=True)
+    assert ": keep-alive" in text and text.rstrip().endswith("data: [DONE]")
+
+
+def test_non_stream_timeout_is_504_and_cancels(make_client, redis_client):
+    client = make_client(lambda events: None)  # a worker that never answers
+    response = client.post("/v1/chat/completions", json=BODY)
+    assert response.status_code == 504 and response.json["error"]["code"] == "timeout"
+    job_id = [k for k in redis_client.scan_iter(match="unit-*:job:*:cancel")]
+    assert job_id, "the abandoned job was not cancelled"
