@@ -1,0 +1,135 @@
+# llm-queue developer tasks (GNU make, bash).
+#
+#   make install      venv + dependencies (torch first: CUDA build where nvidia-smi works, else CPU)
+#   make redis        make sure a Redis answers at REDIS_URL (starts the project's own if none)
+#   make run          Redis + API (gunicorn, PORT) + WORKERS Celery workers in the foreground
+#   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
+#   make bench        scripts/bench.py
+#   make redis-stop   stop the Redis servers that scripts/ensure_redis.sh started (.run/redis)
+#   make clean        redis-stop, then remove the venv and .run/
+#
+# Variables: VENV PORT WORKERS PYTHON TORCH TORCH_CPU_VERSION TORCH_CPU_PIP_ARGS TEST_REDIS_URL
+#            PYTEST_ARGS BENCH_ARGS, e.g. `make run PORT=9000 WORKERS=2`.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.ONESHELL:
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY = $(VENV)/bin/python
+PORT ?= 8000
+WORKERS ?= 1
+# Interpreter that creates the venv (>= 3.11).
+PYTHON ?= python3
+
+# torch: auto (CUDA build where `nvidia-smi -L` works, else the CPU one), cuda or cpu.
+TORCH ?= auto
+# The CPU build. On this project's machines a CPU wheel of this version lies on local disk, and
+# pip prefers it (2.13.0+cpu sorts above PyPI's 2.13.0). Elsewhere PyPI's Linux wheel of the same
+# version is a CUDA build: to get a CPU-only one there, pass PyTorch's CPU wheel index, e.g.
+#   make install TORCH_CPU_PIP_ARGS='--index-url <PyTorch CPU wheel index URL>'
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_CPU_PIP_ARGS ?=
+
+# Tests use their own db number; scripts/ensure_redis.sh --fallback-port may swap the port for a
+# private Redis if something else holds this one.
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+STAMP = $(VENV)/.installed
+
+.PHONY: help venv install redis redis-stop run test bench clean
+
+help:
+	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
+
+# --- Install -----------------------------------------------------------------------------------
+
+venv install: $(STAMP)
+
+$(PY):
+	@if ! '$(PYTHON)' -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+	    echo "install: $(PYTHON) is older than Python 3.11; pass PYTHON=python3.11 (or newer)" >&2
+	    exit 1
+	fi
+	echo "install: creating the virtualenv $(VENV)"
+	'$(PYTHON)' -m venv '$(VENV)'
+
+# Re-runs only when pyproject.toml changes (or the venv is new): `make install` is instant after.
+$(STAMP): pyproject.toml | $(PY)
+	@flavor='$(TORCH)'
+	if [[ "$$flavor" == auto ]]; then
+	    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+	        flavor=cuda
+	    else
+	        flavor=cpu
+	    fi
+	fi
+	'$(PY)' -m pip install --quiet --upgrade pip
+	# torch FIRST and pinned, so that resolving the project's `torch>=2.4` later installs nothing.
+	if [[ "$$flavor" == cuda ]]; then
+	    echo "install: CUDA found: torch from PyPI (a CUDA build), then the project with [test,gpu]"
+	    '$(PY)' -m pip install torch
+	    extras='test,gpu'
+	elif [[ "$$flavor" == cpu ]]; then
+	    echo "install: no CUDA: torch==$(TORCH_CPU_VERSION) (CPU build), then the project with [test]"
+	    '$(PY)' -m pip install 'torch==$(TORCH_CPU_VERSION)' $(TORCH_CPU_PIP_ARGS)
+	    extras='test'
+	else
+	    echo "install: TORCH must be auto, cuda or cpu, not '$$flavor'" >&2
+	    exit 1
+	fi
+	'$(PY)' -m pip install -e ".[$$extras]"
+	'$(PY)' -c 'import torch; print("install: torch", torch.__version__, "CUDA" if torch.cuda.is_available() else "(no CUDA)")'
+	touch '$@'
+
+# --- Redis -------------------------------------------------------------------------------------
+
+redis:
+	@scripts/ensure_redis.sh
+
+redis-stop:
+	@shopt -s nullglob
+	for pidfile in .run/redis/*/redis.pid; do
+	    pid=$$(cat "$$pidfile"); port=$$(basename "$$(dirname "$$pidfile")")
+	    if kill -0 "$$pid" 2>/dev/null && grep -q redis "/proc/$$pid/comm" 2>/dev/null; then
+	        echo "redis: stopping the project's redis-server on port $$port (pid $$pid)"
+	        kill -TERM "$$pid"    # SIGTERM: Redis flushes its AOF and saves, then exits
+	        for _ in $$(seq 100); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.1; done
+	    fi
+	done
+
+# --- Run ---------------------------------------------------------------------------------------
+
+# honcho: `-p PORT` gives the first Procfile entry (web) exactly PORT; `-c worker=N` starts N
+# workers (worker.1, worker.2, ...). Ctrl-C: honcho SIGTERMs every process, SIGKILLs after 5 s.
+# The Redis that ensure_redis.sh may have started keeps running (make redis-stop).
+run: install
+	@if ! [[ '$(WORKERS)' =~ ^[0-9]+$$ && '$(PORT)' =~ ^[0-9]+$$ ]]; then
+	    echo "run: PORT and WORKERS must be numbers (PORT=$(PORT) WORKERS=$(WORKERS))" >&2
+	    exit 1
+	fi
+	url=$$(scripts/ensure_redis.sh --print-url)
+	export REDIS_URL="$$url" PORT='$(PORT)' WORKERS='$(WORKERS)' VENV='$(VENV)'
+	echo "run: API on port $(PORT), $(WORKERS) worker process(es); Ctrl-C stops them"
+	exec '$(VENV)/bin/honcho' start -f Procfile -p '$(PORT)' -c 'web=1,worker=$(WORKERS)'
+
+# --- Test --------------------------------------------------------------------------------------
+
+test: install
+	@url=$$(REDIS_URL='$(TEST_REDIS_URL)' scripts/ensure_redis.sh --print-url --fallback-port)
+	# tests/conftest.py reads TEST_REDIS_URL first: both name the Redis actually answering.
+	TEST_REDIS_URL="$$url" REDIS_URL="$$url" '$(PY)' -m pytest $(PYTEST_ARGS)
+
+# --- Bench -------------------------------------------------------------------------------------
+
+bench: install
+	@'$(PY)' -m scripts.bench $(BENCH_ARGS)
+
+# --- Clean -------------------------------------------------------------------------------------
+
+clean: redis-stop
+	@if [[ -z '$(VENV)' || '$(VENV)' == / ]]; then echo "clean: refusing VENV='$(VENV)'" >&2; exit 1; fi
+	rm -rf -- '$(VENV)' .run
