@@ -45,16 +45,27 @@ class Settings(BaseSettings):
     model_path: str = HF_MODEL_ID
     # Context window the service enforces (prompt + max_tokens). Mistral-7B-Instruct-v0.2: 32k.
     max_model_len: int = 32768
-    # The tiny model's context window (it is random; a short window keeps CPU tests fast).
-    tiny_max_model_len: int = 4096
 
     # --- Worker / queue
     # Number of worker processes `make run` starts.
     workers: int = 1
     # Celery queue of interactive chat completions.
     interactive_queue: str = "interactive"
-    # Jobs a worker process runs at once (its engine's batch).
-    worker_concurrency: int = 1
+    # Jobs a worker process holds at once (Celery threads feeding its one engine); 0 = max_num_seqs.
+    worker_concurrency: int = 0
+
+    # --- Engine (continuous batching, paged KV cache)
+    # Most sequences decoded together in one step.
+    max_num_seqs: int = 64
+    # Tokens per KV-cache block.
+    kv_block_size: int = 16
+    # KV cache size: a number of tokens if set, else this fraction of free GPU memory after the weights
+    # (on CPU, kv_cpu_tokens).
+    kv_cache_tokens: int = 0
+    kv_memory_fraction: float = 0.85
+    kv_cpu_tokens: int = 65536
+    # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
+    prefill_chunk_tokens: int = 512
     # Redis broker redelivers an unacked task after this many seconds: keep it above the longest job.
     visibility_timeout_s: int = 4 * 3600
     # How long job records, their results and events live in Redis.
