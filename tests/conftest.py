@@ -53,13 +53,13 @@ class Stack:
         self.prefix = env["REDIS_PREFIX"]
 
     def start_worker(self, name: str = "worker", concurrency: int = 1, extra_env: dict | None = None):
-        cmd = [str(VENV_BIN / "celery"), "-A", "workers.celery_app", "worker", "--pool", "threads",
-               "--concurrency", str(concurrency), "-Q", self.env["INTERACTIVE_QUEUE"], "--loglevel", "INFO",
-               "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle"]
-        self._spawn(name, cmd, extra_env)
+        cmd = [sys.executable, "-m", "workers"]
+        env = {"HONCHO_PROCESS_NAME": f"{name}-{uuid.uuid4().hex[:6]}", "WORKER_CONCURRENCY": str(concurrency),
+               **(extra_env or {})}
+        self._spawn(name, cmd, env)
 
     def start_api(self):
-        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", "1",
+        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", "1", "--no-control-socket",
                "--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "app:create_app()"]
         self._spawn("api", cmd)
 
