@@ -7,6 +7,7 @@ from flask import Flask
 
 from app.errors import register_error_handlers
 from app.routes import api, ops
+from app.playground import playground
 from app.serving import ChatService
 from config.settings import get_settings
 from jobs.store import JobStore
@@ -26,13 +27,14 @@ def create_app(settings=None, enqueue=None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(playground)
     return app
 
 
 def _celery_enqueue(settings):
     from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
 
-    def enqueue(job_id: str) -> None:
-        celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=settings.interactive_queue)
+    def enqueue(record) -> None:
+        celery_app.send_task(RUN_CHAT_COMPLETION, args=[record.id], queue=settings.interactive_queue)
 
     return enqueue

@@ -1,6 +1,7 @@
 """Bearer-token auth: on when API_KEYS is set. Keys are compared in constant time."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from flask import request
@@ -8,9 +9,18 @@ from flask import request
 from app.errors import APIError
 
 
-def check_bearer(api_keys: list[str]) -> None:
+ANONYMOUS = "anonymous"
+
+
+def owner_of(key: str) -> str:
+    """What jobs, files and batches are filed under: a fingerprint of the key, never the key itself."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def check_bearer(api_keys: list[str]) -> str:
+    """Checks the request's key; returns the owner its jobs belong to."""
     if not api_keys:
-        return
+        return ANONYMOUS
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -23,3 +33,4 @@ def check_bearer(api_keys: list[str]) -> None:
         matched |= hmac.compare_digest(token, key.encode())
     if not matched:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return owner_of(token.decode())

@@ -58,6 +58,8 @@ class ChatCompletionRequest(StrictModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int = Field(default=0, ge=-(2**63), le=INT64_MAX)
     # Accepted for compatibility with what OpenAI clients send, within what this server does.
+    # Submit and poll: answer 202 with a job object at once (GET /v1/chat/completions/{id} to poll).
+    background: bool = False
     n: int = Field(default=1, ge=1, le=1)
     user: Optional[str] = None
     logprobs: Optional[Literal[False]] = None
@@ -113,21 +115,61 @@ def chat_completion(job_id: str, created: int, model: str, fingerprint: str, tex
     }
 
 
-def chat_chunk(job_id: str, created: int, model: str, fingerprint: str, delta: dict,
-               finish_reason: Optional[str] = None, with_usage_field: bool = False) -> dict:
-    chunk = {
-        "id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+def completion_from_record(record, fingerprint: str) -> dict:
+    result = record.result
+    return chat_completion(record.id, int(record.created_at), record.request.model, fingerprint, result.text,
+                           result.finish_reason, result.usage)
+
+
+class ChunkFormatter:
+    """The chat.completion.chunk objects of one stream: same id, created and model on every chunk."""
+
+    def __init__(self, job_id: str, created: int, model: str, fingerprint: str, include_usage: bool):
+        self.head = {"id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "system_fingerprint": fingerprint}
+        self.include_usage = include_usage
+
+    def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        chunk = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                           "finish_reason": finish_reason}]}
+        if self.include_usage:  # with include_usage, every chunk carries "usage": null but the last
+            chunk["usage"] = None
+        return chunk
+
+    def role(self) -> dict:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def delta(self, text: str) -> dict:
+        return self._chunk({"content": text})
+
+    def finish(self, finish_reason: str) -> dict:
+        return self._chunk({}, finish_reason)
+
+    def usage(self, usage) -> dict:
+        return {**self.head, "choices": [], "usage": usage_dict(usage)}
+
+
+def _ts(value: Optional[float]) -> Optional[int]:
+    return int(value) if value is not None else None
+
+
+def job_object(record, fingerprint: str) -> dict:
+    """A background job as clients poll it (close to OpenAI's background responses)."""
+    completed = record.status.value == "completed"
+    return {
+        "id": record.id, "object": "chat.completion.job", "status": record.status.value,
+        "created_at": _ts(record.created_at), "started_at": _ts(record.started_at),
+        "completed_at": _ts(record.finished_at), "model": record.request.model,
+        "result": completion_from_record(record, fingerprint) if completed else None,
+        "error": record.error.model_dump() if record.error else None,
     }
-    if with_usage_field:
-        chunk["usage"] = None
-    return chunk
 
 
-def usage_chunk(job_id: str, created: int, model: str, fingerprint: str, usage) -> dict:
-    return {"id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": fingerprint, "choices": [], "usage": usage_dict(usage)}
+def expired_job_object(job_id: str) -> dict:
+    return {"id": job_id, "object": "chat.completion.job", "status": "expired", "created_at": None,
+            "started_at": None, "completed_at": None, "model": None, "result": None,
+            "error": {"message": "The job's result has expired.", "type": "invalid_request_error",
+                      "param": None, "code": "job_expired"}}
 
 
 def model_card(model_id: str, created: int) -> dict:

@@ -1,7 +1,7 @@
 """HTTP routes: the OpenAI-compatible API (`/v1`) and the operational probes."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from app import protocol
 from app.auth import check_bearer
@@ -19,12 +19,47 @@ def _service():
 
 @api.before_request
 def _authenticate():
-    check_bearer(current_app.config["SETTINGS"].api_keys)
+    g.owner = check_bearer(current_app.config["SETTINGS"].api_keys)
 
 
 @api.post("/chat/completions")
 def chat_completions():
-    return _service().create(request.get_data(cache=False))
+    return _service().create(request.get_data(cache=False), g.owner)
+
+
+# --- background jobs (submit with "background": true, then poll)
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise APIError(400, "limit must be an integer between 1 and 100.", param="limit", code="invalid_value")
+    return int(raw)
+
+
+@api.get("/chat/completions")
+def list_jobs():
+    return _service().list_jobs(g.owner, _limit(), request.args.get("after"))
+
+
+@api.get("/chat/completions/<job_id>")
+def get_job(job_id: str):
+    return _service().get_job(job_id, g.owner)
+
+
+@api.post("/chat/completions/<job_id>/cancel")
+def cancel_job(job_id: str):
+    return _service().cancel_job(job_id, g.owner)
+
+
+@api.get("/chat/completions/<job_id>/events")
+def job_events(job_id: str):
+    """The job's stream from the start, or after `starting_after` / the Last-Event-ID header (a seq)."""
+    raw = request.args.get("starting_after", request.headers.get("Last-Event-ID", "-1"))
+    try:
+        after = int(raw)
+    except ValueError:
+        raise APIError(400, "starting_after (or Last-Event-ID) must be an event id (an integer).",
+                       param="starting_after", code="invalid_value")
+    return _service().job_events(job_id, g.owner, max(after, -1))
 
 
 @api.get("/models")

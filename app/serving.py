@@ -2,6 +2,7 @@
 
 The order matters: the job record is written first (the source of truth), then the API subscribes to the
 job's channel, and only then is the job enqueued, so no event can be published before someone listens.
+Background jobs skip the relay: they answer 202 at once and are polled, or their events replayed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from app import protocol
 from app.errors import APIError, from_validation_error
 from config.settings import HF_MODEL_ID, SERVED_MODEL_ID
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
-from jobs.store import JobStore
+from jobs.store import JobNotFound, JobStore
 from workers.chat_format import ConversationError, Message, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,8 @@ def system_fingerprint(model_id: str) -> str:
     return "fp_" + hashlib.sha256(f"llm-queue:{model_id}:nf4".encode()).hexdigest()[:10]
 
 
-def parse_request(body: bytes) -> protocol.ChatCompletionRequest:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON.",
-                       code="invalid_json")
+def parse_request(data) -> protocol.ChatCompletionRequest:
+    """A decoded JSON body -> a validated request (APIError 400 naming the field otherwise)."""
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -50,50 +47,114 @@ def parse_request(body: bytes) -> protocol.ChatCompletionRequest:
         raise from_validation_error(exc)
 
 
+def decode_json_body(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON.",
+                       code="invalid_json")
+
+
+def build_generation_request(request: protocol.ChatCompletionRequest, max_model_len: int) -> GenerationRequest:
+    """Validate the conversation against the model and tokenize it: everything a worker needs."""
+    model = served_model_id(request.model)
+    messages = [Message(m.role, m.text) for m in request.messages]
+    try:
+        prompt_ids = encode_conversation(messages)
+    except ConversationError as exc:
+        raise APIError(400, exc.message, param=exc.param, code="invalid_conversation")
+    max_tokens = request.effective_max_tokens
+    if len(prompt_ids) + max_tokens > max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in "
+                 f"the completion). Please reduce the length of the messages or completion.",
+            param="messages", code="context_length_exceeded", n_prompt_tokens=len(prompt_ids), n_ctx=max_model_len)
+    return GenerationRequest(
+        model=model, prompt_token_ids=prompt_ids, max_tokens=max_tokens, temperature=request.temperature,
+        top_p=request.top_p, frequency_penalty=request.frequency_penalty,
+        presence_penalty=request.presence_penalty, seed=request.seed, stop=request.stop_sequences)
+
+
 class ChatService:
-    def __init__(self, settings, store: JobStore, enqueue: Callable[[str], None]):
+    def __init__(self, settings, store: JobStore, enqueue: Callable[[JobRecord], None]):
         self.settings = settings
         self.store = store
         self.enqueue = enqueue
 
-    # --- request -> job
-    def build_job(self, request: protocol.ChatCompletionRequest) -> JobRecord:
-        model = served_model_id(request.model)
-        messages = [Message(m.role, m.text) for m in request.messages]
-        try:
-            prompt_ids = encode_conversation(messages)
-        except ConversationError as exc:
-            raise APIError(400, exc.message, param=exc.param, code="invalid_conversation")
-        max_tokens = request.effective_max_tokens
-        limit = self.settings.max_model_len
-        if len(prompt_ids) + max_tokens > limit:
-            raise APIError(
-                400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                     f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in "
-                     f"the completion). Please reduce the length of the messages or completion.",
-                param="messages", code="context_length_exceeded", n_prompt_tokens=len(prompt_ids), n_ctx=limit)
-        return JobRecord.new(GenerationRequest(
-            model=model, prompt_token_ids=prompt_ids, max_tokens=max_tokens, temperature=request.temperature,
-            top_p=request.top_p, frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty, seed=request.seed, stop=request.stop_sequences))
-
-    def create(self, body: bytes) -> Response:
-        request = parse_request(body)
-        record = self.build_job(request)
+    # --- POST /v1/chat/completions
+    def create(self, body: bytes, owner: str):
+        request = parse_request(decode_json_body(body))
+        generation = build_generation_request(request, self.settings.max_model_len)
+        if request.background:
+            record = JobRecord.new(generation, kind="background", owner=owner)
+            self.store.create(record)
+            self.enqueue(record)
+            return protocol.job_object(record, system_fingerprint(record.request.model)), 202
+        record = JobRecord.new(generation, kind="interactive", owner=owner)
         self.store.create(record)
-        pubsub = self.store.subscribe(record.id)
+        relay = EventRelay(self.store, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
-            self.enqueue(record.id)
+            self.enqueue(record)
         except Exception:
-            pubsub.close()
+            relay.close()
             raise
-        relay = EventRelay(self.store, pubsub, record.id, self.settings.sse_keepalive_s)
         if request.stream:
-            return self._stream(record, request, relay)
+            return self.stream_response(record, relay, request.include_usage, cancel_on_disconnect=True)
         return self._complete(record, relay)
 
+    # --- background jobs: GET, cancel, list, events
+    def get_job(self, job_id: str, owner: str) -> dict:
+        record = self._owned(job_id, owner)
+        if record is None:
+            return protocol.expired_job_object(job_id)
+        return protocol.job_object(record, system_fingerprint(record.request.model))
+
+    def cancel_job(self, job_id: str, owner: str) -> dict:
+        record = self._owned(job_id, owner)
+        if record is None:
+            return protocol.expired_job_object(job_id)
+        if not record.status.is_terminal:
+            # Still queued: cancel it here (the worker will skip it). Running: the worker stops it.
+            if not self.store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
+                                     only_from=[JobStatus.QUEUED]):
+                self.store.request_cancel(job_id)
+            record = self.store.get(job_id)
+        return protocol.job_object(record, system_fingerprint(record.request.model))
+
+    def list_jobs(self, owner: str, limit: int, after: Optional[str]) -> dict:
+        ids, has_more = self.store.list_owner_jobs(owner, limit, after)
+        data = []
+        for job_id in ids:
+            try:
+                record = self.store.get(job_id)
+                data.append(protocol.job_object(record, system_fingerprint(record.request.model)))
+            except JobNotFound:
+                data.append(protocol.expired_job_object(job_id))
+        return {"object": "list", "data": data, "first_id": ids[0] if ids else None,
+                "last_id": ids[-1] if ids else None, "has_more": has_more}
+
+    def job_events(self, job_id: str, owner: str, after_seq: int) -> Response:
+        record = self._owned(job_id, owner)
+        if record is None:
+            raise APIError(404, f"Job '{job_id}' has expired: its events are no longer kept.", code="job_expired")
+        relay = EventRelay(self.store, job_id, after_seq=after_seq, keepalive_s=self.settings.sse_keepalive_s)
+        return self.stream_response(record, relay, include_usage=True, cancel_on_disconnect=False)
+
+    def _owned(self, job_id: str, owner: str) -> Optional[JobRecord]:
+        """The caller's job; None if it was theirs but has expired; 404 if it is not (or never was) theirs."""
+        try:
+            record = self.store.get(job_id)
+        except JobNotFound:
+            if self.store.owns(owner, job_id):
+                return None
+            raise _job_not_found(job_id)
+        if record.owner != owner:
+            raise _job_not_found(job_id)
+        return record
+
     # --- job -> response
-    def _complete(self, record: JobRecord, relay: "EventRelay") -> Response:
+    def _complete(self, record: JobRecord, relay: "EventRelay"):
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             for event in relay.events(deadline):
@@ -104,40 +165,34 @@ class ChatService:
                 if event.type == "cancelled":
                     raise APIError(409, "The job was cancelled.", code="job_cancelled",
                                    headers={"x-should-retry": "false"})
-                done = self.store.get(record.id)
-                fingerprint = system_fingerprint(record.request.model)
-                return protocol.chat_completion(record.id, int(record.created_at), record.request.model,
-                                                fingerprint, done.result.text, done.result.finish_reason,
-                                                done.result.usage)
+                return protocol.completion_from_record(self.store.get(record.id),
+                                                       system_fingerprint(record.request.model))
             self.store.request_cancel(record.id)
             raise APIError(504, f"The job did not finish within {self.settings.request_timeout_s:g} s.",
                            code="timeout")
         finally:
             relay.close()
 
-    def _stream(self, record: JobRecord, request: protocol.ChatCompletionRequest, relay: "EventRelay") -> Response:
-        model, created = record.request.model, int(record.created_at)
-        fingerprint = system_fingerprint(model)
-        include_usage = request.include_usage
-
-        def chunk(delta: dict, finish_reason: Optional[str] = None) -> str:
-            return sse(protocol.chat_chunk(record.id, created, model, fingerprint, delta, finish_reason,
-                                           with_usage_field=include_usage))
+    def stream_response(self, record: JobRecord, relay: "EventRelay", include_usage: bool,
+                        cancel_on_disconnect: bool) -> Response:
+        chunks = protocol.ChunkFormatter(record.id, int(record.created_at), record.request.model,
+                                         system_fingerprint(record.request.model), include_usage)
 
         def generate() -> Iterator[str]:
             finished = False
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if relay.after_seq < 0:
+                    yield sse(chunks.role())
                 for event in relay.events(deadline=None):
                     if event is None:
                         yield ": keep-alive\n\n"  # lets WSGI notice a client that went away
                     elif event.type == "delta":
-                        yield chunk({"content": event.text})
+                        yield sse(chunks.delta(event.text), event.seq)
                     elif event.type == "done":
                         finished = True
-                        yield chunk({}, event.finish_reason)
+                        yield sse(chunks.finish(event.finish_reason), event.seq)
                         if include_usage:
-                            yield sse(protocol.usage_chunk(record.id, created, model, fingerprint, event.usage))
+                            yield sse(chunks.usage(event.usage))
                         yield "data: [DONE]\n\n"
                         return
                     else:  # error or cancelled: an error event, then the end
@@ -145,11 +200,11 @@ class ChatService:
                         error = event.error.model_dump() if event.error else {
                             "message": "The job was cancelled.", "type": "invalid_request_error",
                             "code": "job_cancelled", "param": None}
-                        yield sse({"error": error})
+                        yield sse({"error": error}, event.seq)
                         return
             finally:
                 relay.close()
-                if not finished:  # the client went away: free the worker
+                if not finished and cancel_on_disconnect:  # the client went away: free the worker
                     log.info("job %s: client disconnected, cancelling", record.id)
                     self.store.request_cancel(record.id)
 
@@ -157,20 +212,35 @@ class ChatService:
         return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
 
 
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def _job_not_found(job_id: str) -> APIError:
+    return APIError(404, f"No job found with id '{job_id}'.", param="job_id", code="job_not_found")
+
+
+def sse(payload: dict, event_id: Optional[int] = None) -> str:
+    """One SSE event; `id:` is the job event's seq, so a client can resume with Last-Event-ID."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 class EventRelay:
-    """Reads a job's events from its pub/sub channel, in order; yields None as a keep-alive tick."""
+    """A job's events with seq > after_seq, in order, exactly once: first those already in the job's log,
+    then live ones from pub/sub. It subscribes before reading the log, so nothing falls in between, and
+    skips what it has already yielded. Yields None as a keep-alive tick when nothing came for a while."""
 
-    def __init__(self, store: JobStore, pubsub, job_id: str, keepalive_s: float):
+    def __init__(self, store: JobStore, job_id: str, after_seq: int, keepalive_s: float):
         self.store = store
-        self.pubsub = pubsub
         self.job_id = job_id
+        self.after_seq = after_seq
         self.keepalive_s = keepalive_s
+        self.pubsub = store.subscribe(job_id)
 
     def events(self, deadline: Optional[float]) -> Iterator[Optional[JobEvent]]:
+        last_seq = self.after_seq
+        for event in self.store.read_log(self.job_id, after_seq=last_seq):
+            yield event
+            last_seq = event.seq
+            if event.is_final:
+                return
         last_message = time.monotonic()
         while deadline is None or time.monotonic() < deadline:
             message = self.pubsub.get_message(timeout=min(1.0, self.keepalive_s))
@@ -181,7 +251,10 @@ class EventRelay:
                 continue
             last_message = time.monotonic()
             event = JobEvent.model_validate_json(message["data"])
+            if event.seq <= last_seq:
+                continue  # already yielded from the log
             yield event
+            last_seq = event.seq
             if event.is_final:
                 return
 

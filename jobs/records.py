@@ -7,7 +7,9 @@ worker reads the request from here.
 Redis layout (every name starts with the configured prefix, since pub/sub ignores the db number):
   {prefix}:job:{id}          hash   the job record (fields below), expires `job_ttl_s` after creation
   {prefix}:job:{id}:cancel   string set when the client asked to cancel (or went away)
-  {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order
+  {prefix}:job:{id}:log      stream every event of the job, entry id `0-{seq+1}`: replayable, resumable
+  {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
+  {prefix}:owner:{owner}:jobs zset  an API key's background jobs by creation time (for listing)
   {prefix}:worker:{name}     string a live worker's heartbeat (JSON), expires unless renewed
 """
 from __future__ import annotations
@@ -68,9 +70,14 @@ class JobError(BaseModel):
     param: Optional[str] = None
 
 
+JobKind = Literal["interactive", "background", "batch"]
+
+
 class JobRecord(BaseModel):
     id: str
     status: JobStatus = JobStatus.QUEUED
+    kind: JobKind = "interactive"
+    owner: str = "anonymous"          # fingerprint of the API key that created it
     created_at: float
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
@@ -78,15 +85,21 @@ class JobRecord(BaseModel):
     result: Optional[JobResult] = None
     error: Optional[JobError] = None
     worker: Optional[str] = None
+    batch_id: Optional[str] = None    # batch jobs: the batch and the input line's custom_id
+    custom_id: Optional[str] = None
 
     @classmethod
-    def new(cls, request: GenerationRequest) -> "JobRecord":
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created_at=time.time(), request=request)
+    def new(cls, request: GenerationRequest, **fields) -> "JobRecord":
+        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created_at=time.time(), request=request, **fields)
 
     def to_redis(self) -> dict[str, str]:
         """Flatten to a Redis hash: scalars as text, nested models as JSON, absent fields left out."""
-        fields: dict[str, str] = {"id": self.id, "status": self.status.value, "created_at": repr(self.created_at),
+        fields: dict[str, str] = {"id": self.id, "status": self.status.value, "kind": self.kind,
+                                  "owner": self.owner, "created_at": repr(self.created_at),
                                   "request": self.request.model_dump_json()}
+        for name in ("batch_id", "custom_id"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         for name in ("started_at", "finished_at"):
             if getattr(self, name) is not None:
                 fields[name] = repr(getattr(self, name))
@@ -122,6 +135,15 @@ class JobEvent(BaseModel):
     def is_final(self) -> bool:
         return self.type != "delta"
 
+    @property
+    def log_id(self) -> str:
+        """Its entry id in the job's event log (ids must be > 0-0 and increasing)."""
+        return log_id(self.seq)
+
+
+def log_id(seq: int) -> str:
+    return f"0-{seq + 1}"
+
 
 class Keys:
     """Names of everything a job owns in Redis."""
@@ -137,6 +159,12 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
+
+    def event_log(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:log"
+
+    def owner_jobs(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:jobs"
 
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"

@@ -106,7 +106,8 @@ def run_chat_completion(job_id: str) -> str:
     events = JobEvents(store, job_id)
     if store.is_cancel_requested(job_id):
         return events.cancelled().value
-    store.mark_in_progress(job_id, runtime.name)
+    if not store.mark_in_progress(job_id, runtime.name):  # cancelled (or finished) while it was queued
+        return store.get(job_id).status.value
     started = time.perf_counter()
     try:
         status = run_job(runtime.engine, runtime.tokenizer, events, record)

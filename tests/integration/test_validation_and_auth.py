@@ -146,7 +146,7 @@ def test_every_configured_key_works(stack):
 
 def test_unknown_route_and_method(stack):
     assert_openai_error(httpx.get(stack.base_url + "/v1/nope", headers=AUTH), 404)
-    assert_openai_error(httpx.get(stack.base_url + "/v1/chat/completions", headers=AUTH), 405)
+    assert_openai_error(httpx.delete(stack.base_url + "/v1/chat/completions", headers=AUTH), 405)
 
 
 def test_body_too_large(stack):

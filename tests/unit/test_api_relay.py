@@ -28,8 +28,8 @@ def make_client(redis_client):
         prefixes.append(settings.redis_prefix)
         holder = {}
 
-        def enqueue(job_id):  # the "worker": runs the script in a thread, as a real worker would
-            events = JobEvents(holder["app"].extensions["chat_service"].store, job_id)
+        def enqueue(record):  # the "worker": runs the script in a thread, as a real worker would
+            events = JobEvents(holder["app"].extensions["chat_service"].store, record.id)
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
         holder["app"] = create_app(settings, enqueue=enqueue)
