@@ -40,7 +40,7 @@ BENCH_ARGS ?=
 
 STAMP = $(VENV)/.installed
 
-.PHONY: help venv install redis redis-stop run test bench clean
+.PHONY: help venv install redis redis-stop run test bench clean browser-deps
 
 help:
 	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
@@ -118,7 +118,13 @@ run: install
 
 # --- Test --------------------------------------------------------------------------------------
 
-test: install
+# Headless Chromium for tests/browser (Debian's package; `playwright install` is never used).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { sudo -n true 2>/dev/null && SUDO=sudo || SUDO=; \
+	    echo "browser-deps: installing Debian's chromium for the browser tests"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+test: install browser-deps
 	@url=$$(REDIS_URL='$(TEST_REDIS_URL)' scripts/ensure_redis.sh --print-url --fallback-port)
 	# tests/conftest.py reads TEST_REDIS_URL first: both name the Redis actually answering.
 	TEST_REDIS_URL="$$url" REDIS_URL="$$url" '$(PY)' -m pytest $(PYTEST_ARGS)
