@@ -5,23 +5,42 @@ import logging
 
 from flask import Flask
 
+from app.batches import BatchDispatcher, BatchService
 from app.errors import register_error_handlers
-from app.routes import api, ops
+from app.files import FileService
 from app.playground import playground
+from app.protocol import now
+from app.routes import api, ops
 from app.serving import ChatService
 from config.settings import get_settings
+from jobs.batches import BatchStore
+from jobs.files import FileStore
 from jobs.store import JobStore
-from app.protocol import now
 
 
-def create_app(settings=None, enqueue=None) -> Flask:
+def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batches: bool = True) -> Flask:
+    """`enqueue` / `enqueue_batch_job` put a job on its queue (Celery and the batch queue by default;
+    unit tests of this layer pass stand-ins)."""
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.update(SETTINGS=settings, STARTED_AT=now(), MAX_CONTENT_LENGTH=settings.max_body_bytes)
     app.json.sort_keys = False
-    store = JobStore.from_settings(settings)
-    app.extensions["chat_service"] = ChatService(settings, store, enqueue or _celery_enqueue(settings))
+
+    jobs = JobStore.from_settings(settings)
+    files = FileStore(jobs.redis, settings.redis_prefix)
+    batches = BatchStore(jobs.redis, settings.redis_prefix)
+    app.extensions["chat_service"] = ChatService(settings, jobs, enqueue or _celery_enqueue(settings))
+    app.extensions["file_service"] = FileService(files, settings.max_file_bytes)
+    app.extensions["batch_service"] = BatchService(batches, files)
+    if drive_batches:
+        if enqueue_batch_job is None:
+            from jobs.batch_queue import BatchQueueProducer
+            enqueue_batch_job = BatchQueueProducer(settings)
+        dispatcher = BatchDispatcher(settings, batches, files, jobs, enqueue_batch_job)
+        dispatcher.start()
+        app.extensions["batch_dispatcher"] = dispatcher
+
     from workers.chat_format import get_tokenizer
     get_tokenizer()  # load it now, not on the first request
     register_error_handlers(app)

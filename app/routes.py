@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, request
 from app import protocol
 from app.auth import check_bearer
 from app.errors import APIError
-from app.serving import served_model_id
+from app.serving import decode_json_body, served_model_id
 from config.settings import SERVED_MODEL_ID
 
 api = Blueprint("api", __name__, url_prefix="/v1")
@@ -15,6 +15,14 @@ ops = Blueprint("ops", __name__)
 
 def _service():
     return current_app.extensions["chat_service"]
+
+
+def _files():
+    return current_app.extensions["file_service"]
+
+
+def _batches():
+    return current_app.extensions["batch_service"]
 
 
 @api.before_request
@@ -60,6 +68,52 @@ def job_events(job_id: str):
         raise APIError(400, "starting_after (or Last-Event-ID) must be an event id (an integer).",
                        param="starting_after", code="invalid_value")
     return _service().job_events(job_id, g.owner, max(after, -1))
+
+
+# --- files and batches (OpenAI's Batch API)
+@api.post("/files")
+def upload_file():
+    return _files().upload(g.owner)
+
+
+@api.get("/files")
+def list_files():
+    return _files().list(g.owner, _limit(), request.args.get("after"))
+
+
+@api.get("/files/<file_id>")
+def get_file(file_id: str):
+    return _files().get(file_id, g.owner)
+
+
+@api.get("/files/<file_id>/content")
+def file_content(file_id: str):
+    return _files().content(file_id, g.owner)
+
+
+@api.delete("/files/<file_id>")
+def delete_file(file_id: str):
+    return _files().delete(file_id, g.owner)
+
+
+@api.post("/batches")
+def create_batch():
+    return _batches().create(decode_json_body(request.get_data(cache=False)), g.owner)
+
+
+@api.get("/batches")
+def list_batches():
+    return _batches().list(g.owner, _limit(), request.args.get("after"))
+
+
+@api.get("/batches/<batch_id>")
+def get_batch(batch_id: str):
+    return _batches().get(batch_id, g.owner)
+
+
+@api.post("/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    return _batches().cancel(batch_id, g.owner)
 
 
 @api.get("/models")

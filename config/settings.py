@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     kv_cpu_tokens: int = 65536
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
+    # Queue of batch line jobs, and how many of them one worker process runs at once: batch work never
+    # takes more than these slots of a worker, the rest stay free for interactive requests (0 = a quarter
+    # of max_num_seqs, at least 1).
+    batch_queue: str = "batch"
+    batch_slots: int = 0
+    # Line jobs of one batch in flight at once (the rest wait in its input file): bounds memory and queue.
+    batch_window: int = 64
+    # How often API processes drive batches, and how long one's lease on a batch lasts without renewal.
+    batch_tick_s: float = 0.25
+    batch_lease_s: float = 15.0
+    # Largest uploaded file (bytes).
+    max_file_bytes: int = 200 * 1024 * 1024
     # Redis broker redelivers an unacked task after this many seconds: keep it above the longest job.
     visibility_timeout_s: int = 4 * 3600
     # How long job records, their results and events live in Redis.
@@ -80,6 +92,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+
+    @property
+    def effective_batch_slots(self) -> int:
+        return self.batch_slots or max(1, self.max_num_seqs // 4)
 
 
 @lru_cache

@@ -11,6 +11,13 @@ Redis layout (every name starts with the configured prefix, since pub/sub ignore
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
   {prefix}:owner:{owner}:jobs zset  an API key's background jobs by creation time (for listing)
   {prefix}:worker:{name}     string a live worker's heartbeat (JSON), expires unless renewed
+  {prefix}:file:{id}         hash   a file's metadata; {prefix}:file:{id}:lines  list  its lines
+  {prefix}:owner:{owner}:files zset an API key's files by creation time
+  {prefix}:batch:{id}        hash   a batch (OpenAI's fields, request counts, the cursor into its input)
+  {prefix}:batch:{id}:inflight set  ids of its line jobs not yet collected into the output
+  {prefix}:batch:{id}:custom_ids set the custom_ids seen (they must be unique)
+  {prefix}:batch:{id}:lease  string which API process drives the batch now
+  {prefix}:owner:{owner}:batches zset an API key's batches;  {prefix}:batches:active  set  batches to drive
 """
 from __future__ import annotations
 
@@ -165,6 +172,33 @@ class Keys:
 
     def owner_jobs(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:jobs"
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_lines(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}:lines"
+
+    def owner_files(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:files"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_inflight(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}:inflight"
+
+    def batch_custom_ids(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}:custom_ids"
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}:lease"
+
+    def owner_batches(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:batches"
+
+    def active_batches(self) -> str:
+        return f"{self.prefix}:batches:active"
 
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 
 import redis
 
+from jobs.paging import newest_first
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Keys, log_id
 
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
@@ -134,15 +135,7 @@ class JobStore:
 
     # --- listing an owner's background jobs (newest first, cursor = the last id seen)
     def list_owner_jobs(self, owner: str, limit: int, after: Optional[str] = None) -> tuple[list[str], bool]:
-        index = self.keys.owner_jobs(owner)
-        top = "+inf"
-        if after is not None:
-            score = self.redis.zscore(index, after)
-            if score is None:
-                return [], False
-            top = f"({score}"
-        ids = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit + 1)
-        return ids[:limit], len(ids) > limit
+        return newest_first(self.redis, self.keys.owner_jobs(owner), limit, after)
 
     def owns(self, owner: str, job_id: str) -> bool:
         return self.redis.zscore(self.keys.owner_jobs(owner), job_id) is not None

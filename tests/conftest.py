@@ -101,6 +101,7 @@ def stack_env(**overrides) -> dict:
     run_id = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEYS", "MODEL_", "REDIS_"))}
     env.update(REDIS_URL=REDIS_URL, REDIS_PREFIX=f"test-{run_id}", INTERACTIVE_QUEUE=f"interactive-{run_id}",
+               BATCH_QUEUE=f"batch-{run_id}",
                MODEL_SOURCE="tiny-random", MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN), API_KEYS=",".join(API_KEYS),
                PORT=str(free_port()), SSE_KEEPALIVE_S="0.5", PYTHONUNBUFFERED="1")
     env.update(overrides)

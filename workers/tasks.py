@@ -42,6 +42,9 @@ class WorkerRuntime:
         self.engine = Engine(loaded.model, loaded.device, eos_token_id=self.tokenizer.eos_id)
         self._heartbeat_stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        from workers.batch_consumer import BatchConsumer
+        self.batch_consumer = BatchConsumer(self.settings, lambda job_id: execute_job(self, job_id))
+        self.batch_consumer.start(self.settings.effective_batch_slots)
 
     def _heartbeat(self) -> None:
         info = {"name": self.name, "model": self.model_name, "queue": self.settings.interactive_queue,
@@ -55,6 +58,7 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self._heartbeat_stop.set()
+        self.batch_consumer.stop()
         try:
             self.store.remove_heartbeat(self.name)
         except Exception:
@@ -91,9 +95,13 @@ def _stop_runtime(**_):
 
 @celery_app.task(name=RUN_CHAT_COMPLETION)
 def run_chat_completion(job_id: str) -> str:
+    return execute_job(get_runtime(), job_id)
+
+
+def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
+    """Run one job by id (from Celery's interactive queue or the batch queue); returns its final status."""
     from workers.job_runner import JobEvents, run_job
 
-    runtime = get_runtime()
     store = runtime.store
     try:
         record = store.get(job_id)

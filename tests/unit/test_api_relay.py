@@ -32,7 +32,7 @@ def make_client(redis_client):
             events = JobEvents(holder["app"].extensions["chat_service"].store, record.id)
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
-        holder["app"] = create_app(settings, enqueue=enqueue)
+        holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
         return holder["app"].test_client()
 
     yield make
