@@ -5,107 +5,14 @@ Each test session uses its own key prefix and queue names, so it never sees anot
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
-
-import httpx
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-REDIS_URL = os.environ.get("TEST_REDIS_URL", os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+from scripts.stack import DEFAULT_REDIS_URL as REDIS_URL
+from scripts.stack import Stack, free_port, stack_env, wait_until  # noqa: F401  (tests import these)
+
 API_KEYS = ["test-key-1", "test-key-2"]
 TEST_MAX_MODEL_LEN = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Stack:
-    """The processes of one running service, and how to reach them."""
-
-    def __init__(self, env: dict, log_dir: Path):
-        self.env = env
-        self.log_dir = log_dir
-        self.port = int(env["PORT"])
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.redis = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-        self.prefix = env["REDIS_PREFIX"]
-
-    def start_worker(self, name: str = "worker", concurrency: int = 1, extra_env: dict | None = None):
-        cmd = [sys.executable, "-m", "workers"]
-        env = {"HONCHO_PROCESS_NAME": f"{name}-{uuid.uuid4().hex[:6]}", "WORKER_CONCURRENCY": str(concurrency),
-               **(extra_env or {})}
-        self._spawn(name, cmd, env)
-
-    def start_api(self):
-        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", "1", "--no-control-socket",
-               "--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "app:create_app()"]
-        self._spawn("api", cmd)
-
-    def _spawn(self, name, cmd, extra_env=None):
-        log = open(self.log_dir / f"{name}.log", "ab")
-        env = {**self.env, **(extra_env or {})}
-        self.processes[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 90):
-        def ready():
-            for name, proc in self.processes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir}/{name}.log")
-            try:
-                return httpx.get(self.base_url + "/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(ready, timeout, "the stack to be ready")
-
-    def stop(self, name: str):
-        proc = self.processes.pop(name, None)
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stop_all(self):
-        for name in list(self.processes):
-            self.stop(name)
-
-    def job(self, job_id: str) -> dict:
-        return self.redis.hgetall(f"{self.prefix}:job:{job_id}")
-
-
-def stack_env(**overrides) -> dict:
-    run_id = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEYS", "MODEL_", "REDIS_"))}
-    env.update(REDIS_URL=REDIS_URL, REDIS_PREFIX=f"test-{run_id}", INTERACTIVE_QUEUE=f"interactive-{run_id}",
-               BATCH_QUEUE=f"batch-{run_id}",
-               MODEL_SOURCE="tiny-random", MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN), API_KEYS=",".join(API_KEYS),
-               PORT=str(free_port()), SSE_KEEPALIVE_S="0.5", PYTHONUNBUFFERED="1")
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +28,8 @@ def redis_client():
 @pytest.fixture(scope="session")
 def stack(redis_client, tmp_path_factory):
     """One API and one worker for the whole session."""
-    s = Stack(stack_env(), tmp_path_factory.mktemp("stack-logs"))
+    s = Stack(stack_env(api_keys=tuple(API_KEYS), max_model_len=TEST_MAX_MODEL_LEN),
+              tmp_path_factory.mktemp("stack-logs"))
     s.start_worker()
     s.start_api()
     try:
@@ -129,8 +37,7 @@ def stack(redis_client, tmp_path_factory):
         yield s
     finally:
         s.stop_all()
-        for key in s.redis.scan_iter(match=f"{s.prefix}:*", count=1000):
-            s.redis.delete(key)
+        s.cleanup_redis()
 
 
 @pytest.fixture(scope="session")
