@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 4 * 3600
     # How long job records, their results and events live in Redis.
     job_ttl_s: int = 24 * 3600
+    # A running job's lease: renewed while it runs; when its worker dies, the lease lapses and a reaper (in
+    # every worker, each `reaper_interval_s`) puts the job back on its queue. A crashed job is picked up
+    # again within about job_lease_s + reaper_interval_s.
+    job_lease_s: float = 10.0
+    reaper_interval_s: float = 2.0
+    # A job not finished this long after it was created ends with a `deadline_exceeded` error.
+    job_deadline_s: float = 3600.0
+    # How long a worker keeps retrying Redis (buffering its job's output) before giving the attempt up.
+    redis_retry_s: float = 120.0
+    # Overload: beyond this many jobs waiting in the interactive queue, or this many unfinished jobs of one
+    # key, new requests get 429 with Retry-After.
+    max_queued_jobs: int = 2000
+    max_unfinished_per_key: int = 500
     # Worker heartbeat period and how long a heartbeat counts as alive.
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
@@ -97,6 +110,17 @@ class Settings(BaseSettings):
     @property
     def effective_batch_slots(self) -> int:
         return self.batch_slots or max(1, self.max_num_seqs // 4)
+
+    # --- Metrics and logs (app/metrics.py, config/logging.py)
+    # GET /metrics (Prometheus) on the API. Off: no route, and the metric functions do nothing.
+    metrics_enabled: bool = True
+    # Where gunicorn worker processes keep their metric files (prometheus_client multiprocess mode); each
+    # gunicorn master gets its own subdirectory, created empty. PROMETHEUS_MULTIPROC_DIR, if set, wins.
+    metrics_dir: str = ".run/prometheus"
+    # Require a Bearer key (one of API_KEYS, when set) on GET /metrics. Off by default, like /health.
+    metrics_require_auth: bool = False
+    # Root log level of the JSON logs.
+    log_level: str = "INFO"
 
 
 @lru_cache

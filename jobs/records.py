@@ -7,6 +7,9 @@ worker reads the request from here.
 Redis layout (every name starts with the configured prefix, since pub/sub ignores the db number):
   {prefix}:job:{id}          hash   the job record (fields below), expires `job_ttl_s` after creation
   {prefix}:job:{id}:cancel   string set when the client asked to cancel (or went away)
+  {prefix}:job:{id}:lease    string the running attempt's token; renewed while it runs, fences stale attempts
+  {prefix}:leases            zset   running jobs by lease expiry (ms): the reaper requeues expired ones
+  {prefix}:owner:{owner}:unfinished zset an API key's queued and running jobs (for its cap)
   {prefix}:job:{id}:log      stream every event of the job, entry id `0-{seq+1}`: replayable, resumable
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
   {prefix}:owner:{owner}:jobs zset  an API key's background jobs by creation time (for listing)
@@ -92,6 +95,7 @@ class JobRecord(BaseModel):
     result: Optional[JobResult] = None
     error: Optional[JobError] = None
     worker: Optional[str] = None
+    attempts: int = 0                 # how many times a worker started it (more than 1 after a crash)
     batch_id: Optional[str] = None    # batch jobs: the batch and the input line's custom_id
     custom_id: Optional[str] = None
 
@@ -134,6 +138,7 @@ class JobEvent(BaseModel):
     seq: int
     type: EventType
     text: str = ""                         # delta: new text, never half a character or part of a stop
+    token_ids: Optional[list[int]] = None  # delta: the generated tokens behind it (a new attempt resumes there)
     finish_reason: Optional[str] = None    # done
     usage: Optional[Usage] = None          # done
     error: Optional[JobError] = None       # error
@@ -163,6 +168,15 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:lease"
+
+    def leases(self) -> str:
+        return f"{self.prefix}:leases"
+
+    def owner_unfinished(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:unfinished"
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"

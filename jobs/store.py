@@ -1,14 +1,18 @@
-"""JobStore: every read and write of job records, events and heartbeats goes through here.
+"""JobStore: every read and write of job records, events, leases and heartbeats goes through here.
 
 Every event goes to two places in one round trip: the job's event log (a Redis Stream, kept as long as the
-job, so a client can replay or resume) and its pub/sub channel (the live relay). State changes are
-compare-and-set (Lua), so a job cancelled while queued is never started, and a finished job is never
-finished twice.
+job, so a client can replay or resume) and its pub/sub channel (the live relay).
+
+A running attempt holds the job's lease (a token, renewed while it runs). Its events and its final state
+are written only while it still holds the lease (Lua, atomically), so an attempt that lost its lease (its
+worker froze, or the reaper gave the job to another worker) can no longer write anything: a job finishes
+once, and its stream never has a repeated or interleaved event.
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Iterable, Optional
 
 import redis
@@ -17,26 +21,78 @@ from jobs.paging import newest_first
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Keys, log_id
 
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
+FENCED = -1  # what the scripts answer when the caller's lease is gone
 
-# KEYS: job hash, event log. ARGV: allowed statuses (comma-separated), channel, ttl, event id, event json,
-# then field/value pairs to set. The log write goes first: it fails on a repeated event id before anything
-# has changed.
+# KEYS: job, lease, leases. ARGV: token, lease ms, now ms, worker, now s, job id.
+# Returns the attempt number, 0 if the job is not queued/running, FENCED if another attempt holds it.
+_ACQUIRE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'in_progress' then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[6])
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[4])
+if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then redis.call('HSET', KEYS[1], 'started_at', ARGV[5]) end
+return attempt
+"""
+
+# KEYS: lease, log, leases, cancel. ARGV: token, lease ms, now ms, channel, job id, log ttl s, then
+# (event id, event json) pairs. Returns 1 if the job was asked to cancel, 0 if not, FENCED.
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+for i = 7, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], ARGV[i], 'e', ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[4], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[5])
+return redis.call('EXISTS', KEYS[4])
+"""
+
+# KEYS: job, log, lease, leases. ARGV: allowed statuses (comma-separated), channel, log ttl s, event id,
+# event json, token ('' = no lease needed: a job cancelled while queued), job id, key prefix, then
+# field/value pairs. The log write goes first: it fails on a repeated event id before anything changed.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return 0 end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[6] then return -1 end
 redis.call('XADD', KEYS[2], ARGV[4], 'e', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[7])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then redis.call('ZREM', ARGV[8] .. ':owner:' .. owner .. ':unfinished', ARGV[7]) end
 redis.call('PUBLISH', ARGV[2], ARGV[5])
 return 1
 """
 
-# KEYS: job hash. ARGV: allowed statuses, then field/value pairs.
-_TRANSITION = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status or not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+# KEYS: lease, leases. ARGV: token, lease ms, now ms, job id. 1 if still ours (renewed), else 0.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
 return 1
+"""
+
+# KEYS: leases. ARGV: now ms, key prefix, limit, now s. Jobs whose lease lapsed (their worker died) go back
+# to queued, exactly once (ZREM decides); returns [id, kind, id, kind, ...] to enqueue again.
+_REAP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local job = ARGV[2] .. ':job:' .. id
+  local pttl = redis.call('PTTL', job .. ':lease')
+  if pttl > 0 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + pttl, id)
+  elseif redis.call('ZREM', KEYS[1], id) == 1 and redis.call('HGET', job, 'status') == 'in_progress' then
+    redis.call('HSET', job, 'status', 'queued', 'requeued_at', ARGV[4])
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', job, 'kind') or 'interactive'
+  end
+end
+return out
 """
 
 
@@ -48,19 +104,29 @@ def _statuses(allowed: Iterable[JobStatus]) -> str:
     return ",".join(s.value for s in allowed)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int):
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, lease_s: float = 10.0):
         self.redis = client
+        self.prefix = prefix
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
+        self.lease_ms = int(lease_s * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._publish = client.register_script(_PUBLISH)
         self._finish = client.register_script(_FINISH)
-        self._transition = client.register_script(_TRANSITION)
+        self._renew = client.register_script(_RENEW)
+        self._reap = client.register_script(_REAP)
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                      health_check_interval=30, socket_keepalive=True)
-        return cls(client, settings.redis_prefix, settings.job_ttl_s)
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
+                                      socket_keepalive=True, socket_connect_timeout=3, socket_timeout=15,
+                                      retry_on_timeout=True)
+        return cls(client, settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
 
     # --- records
     def create(self, record: JobRecord) -> None:
@@ -68,6 +134,9 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping=record.to_redis())
             pipe.expire(key, self.ttl_s)
+            if record.kind != "batch":  # batch lines are bounded by their batch's window instead
+                pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
+                pipe.expire(self.keys.owner_unfinished(record.owner), self.ttl_s)
             if record.kind == "background":
                 index = self.keys.owner_jobs(record.owner)
                 pipe.zadd(index, {record.id: record.created_at})
@@ -81,40 +150,62 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.from_redis(fields)
 
-    def mark_in_progress(self, job_id: str, worker: str) -> bool:
-        """queued (or in progress on a worker that died) -> in_progress; False if it ended meanwhile."""
-        return bool(self._transition(keys=[self.keys.job(job_id)], args=[
-            _statuses(NOT_FINISHED), "status", JobStatus.IN_PROGRESS.value, "started_at", repr(time.time()),
-            "worker", worker]))
+    def unfinished_count(self, owner: str, older_than_s: float) -> int:
+        """The owner's queued and running jobs (entries older than `older_than_s` are stale: dropped)."""
+        key = self.keys.owner_unfinished(owner)
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(key, "-inf", time.time() - older_than_s)
+            pipe.zcard(key)
+            return pipe.execute()[-1]
+
+    # --- attempts: lease, renew, reap
+    def acquire(self, job_id: str, worker: str) -> tuple[int, str]:
+        """Start an attempt: (attempt number, lease token). Attempt 0: not runnable (finished or gone);
+        FENCED: another live attempt holds it."""
+        token = uuid.uuid4().hex
+        attempt = self._acquire(keys=[self.keys.job(job_id), self.keys.lease(job_id), self.keys.leases()],
+                                args=[token, self.lease_ms, _now_ms(), worker, repr(time.time()), job_id])
+        return int(attempt), token
+
+    def renew(self, leases: dict[str, str]) -> list[str]:
+        """Renew many leases in one round trip; returns the job ids whose lease was lost."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token in leases.items():
+                self._renew(keys=[self.keys.lease(job_id), self.keys.leases()],
+                            args=[token, self.lease_ms, _now_ms(), job_id], client=pipe)
+            results = pipe.execute()
+        return [job_id for job_id, ok in zip(leases, results) if not ok]
+
+    def reap(self, limit: int = 100) -> list[tuple[str, str]]:
+        """Jobs whose attempt died (lease lapsed): set back to queued; [(job id, kind)] to enqueue again."""
+        flat = self._reap(keys=[self.keys.leases()], args=[_now_ms(), self.prefix, limit, repr(time.time())])
+        return list(zip(flat[::2], flat[1::2]))
 
     def finish(self, job_id: str, status: JobStatus, final_event: JobEvent,
                result: Optional[JobResult] = None, error: Optional[JobError] = None,
-               only_from: Iterable[JobStatus] = NOT_FINISHED) -> bool:
-        """Record the terminal state and publish the final event, atomically; False if the job was not in
-        one of the `only_from` states (e.g. it had already finished)."""
+               only_from: Iterable[JobStatus] = NOT_FINISHED, token: str = "") -> int:
+        """Record the terminal state and publish the final event, atomically. 1: done; 0: the job was not in
+        one of the `only_from` states (e.g. already finished); FENCED: `token` no longer holds the lease."""
         fields = ["status", status.value, "finished_at", repr(time.time())]
         if result is not None:
             fields += ["result", result.model_dump_json()]
         if error is not None:
             fields += ["error", error.model_dump_json()]
         event_json = final_event.model_dump_json(exclude_none=True)
-        return bool(self._finish(
-            keys=[self.keys.job(job_id), self.keys.event_log(job_id)],
+        return int(self._finish(
+            keys=[self.keys.job(job_id), self.keys.event_log(job_id), self.keys.lease(job_id), self.keys.leases()],
             args=[_statuses(only_from), self.keys.events(job_id), self.ttl_s, final_event.log_id, event_json,
-                  *fields]))
+                  token, job_id, self.prefix, *fields]))
 
     # --- events and cancellation
-    def publish_deltas(self, job_id: str, events: Iterable[JobEvent]) -> bool:
-        """Log and publish delta events in one round trip; returns True when the job was asked to cancel."""
-        log, channel = self.keys.event_log(job_id), self.keys.events(job_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                payload = event.model_dump_json(exclude_none=True)
-                pipe.xadd(log, {"e": payload}, id=event.log_id)
-                pipe.publish(channel, payload)
-            pipe.expire(log, self.ttl_s)
-            pipe.exists(self.keys.cancel(job_id))
-            return bool(pipe.execute()[-1])
+    def publish_deltas(self, job_id: str, token: str, events: list[JobEvent]) -> int:
+        """Log and publish delta events, renewing the lease, in one round trip.
+        Returns 1 when the job was asked to cancel, 0 if not, FENCED if this attempt lost its lease."""
+        args = [token, self.lease_ms, _now_ms(), self.keys.events(job_id), job_id, self.ttl_s]
+        for event in events:
+            args += [event.log_id, event.model_dump_json(exclude_none=True)]
+        return int(self._publish(keys=[self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.leases(),
+                                       self.keys.cancel(job_id)], args=args))
 
     def read_log(self, job_id: str, after_seq: int = -1, count: Optional[int] = None) -> list[JobEvent]:
         """Logged events with seq > after_seq, in order."""

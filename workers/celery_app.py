@@ -19,7 +19,13 @@ def make_celery(settings=None) -> Celery:
         # Long GPU jobs: acknowledge only when done, so a dead worker's job is delivered again ...
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker hiccup (Redis restart) must not cancel running generations: their jobs keep their
+        # leases and buffer their output until Redis is back (workers/job_runner.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Enqueueing while Redis is down fails fast (the API answers 503), instead of hanging.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 1},
         # ... and never let one worker reserve jobs it cannot start (other workers could).
         worker_prefetch_multiplier=1,
         # The Redis broker redelivers unacked messages after this, counted from delivery: keep it above

@@ -15,8 +15,8 @@ import time
 from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
-from jobs.records import JobError
-from jobs.store import JobNotFound, JobStore
+from jobs.records import JobError, JobEvent, JobStatus
+from jobs.store import FENCED, JobNotFound, JobStore
 from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
 from workers.chat_format import raw_tokenizer
 
@@ -24,7 +24,8 @@ log = logging.getLogger("workers")
 
 
 class WorkerRuntime:
-    """What one worker process holds: the model, its engine, the tokenizer and a heartbeat."""
+    """What one worker process holds: the model, its engine, the tokenizer, the leases of its running jobs,
+    and a housekeeping thread (heartbeat, lease renewal, and the reaper that requeues dead workers' jobs)."""
 
     def __init__(self):
         from workers.engine.engine import Engine
@@ -40,30 +41,74 @@ class WorkerRuntime:
                  time.perf_counter() - started)
         self.model_name = loaded.name
         self.engine = Engine(loaded.model, loaded.device, eos_token_id=self.tokenizer.eos_id)
-        self._heartbeat_stop = threading.Event()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
+        self._leases_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started_at = time.time()
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        from jobs.batch_queue import BatchQueueProducer
         from workers.batch_consumer import BatchConsumer
+        self._requeue_batch = BatchQueueProducer(self.settings)
         self.batch_consumer = BatchConsumer(self.settings, lambda job_id: execute_job(self, job_id))
         self.batch_consumer.start(self.settings.effective_batch_slots)
 
+    # --- leases of the attempts running in this process
+    def hold(self, job_id: str, token: str) -> None:
+        with self._leases_lock:
+            self.leases[job_id] = token
+
+    def release(self, job_id: str) -> None:
+        with self._leases_lock:
+            self.leases.pop(job_id, None)
+
+    def _housekeeping(self) -> None:
+        s = self.settings
+        period = min(s.heartbeat_interval_s, s.job_lease_s / 3, s.reaper_interval_s)
+        while not self._stop.is_set():
+            for chore in (self._heartbeat, self._renew_leases, self._reap):
+                try:
+                    chore()
+                except Exception as exc:  # Redis away: keep trying, the worker itself is fine
+                    log.warning("%s failed: %s", chore.__name__.strip("_"), exc)
+            self._stop.wait(period)
+
     def _heartbeat(self) -> None:
         info = {"name": self.name, "model": self.model_name, "queue": self.settings.interactive_queue,
-                "started_at": time.time()}
-        while not self._heartbeat_stop.is_set():
-            try:
-                self.store.heartbeat(self.name, info, self.settings.heartbeat_ttl_s)
-            except Exception as exc:  # Redis away: keep trying, the worker itself is fine
-                log.warning("heartbeat failed: %s", exc)
-            self._heartbeat_stop.wait(self.settings.heartbeat_interval_s)
+                "started_at": self._started_at, "running_jobs": len(self.leases)}
+        stats = getattr(self.engine, "stats", None)
+        if stats:
+            info.update(stats())
+        self.store.heartbeat(self.name, info, self.settings.heartbeat_ttl_s)
+
+    def _renew_leases(self) -> None:
+        with self._leases_lock:
+            leases = dict(self.leases)
+        if leases:
+            for job_id in self.store.renew(leases):
+                log.warning("job %s: lease lost; its next write will stop this attempt", job_id)
+
+    def _reap(self) -> None:
+        """Jobs whose worker died: back on their queue (exactly one reaper gets each)."""
+        for job_id, kind in self.store.reap():
+            log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
+            if kind == "batch":
+                self._requeue_batch(_JobRef(job_id))
+            else:
+                celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=self.settings.interactive_queue)
 
     def stop(self) -> None:
-        self._heartbeat_stop.set()
+        self._stop.set()
         self.batch_consumer.stop()
         try:
             self.store.remove_heartbeat(self.name)
         except Exception:
             pass
         self.engine.shutdown()
+
+
+class _JobRef:
+    def __init__(self, job_id: str):
+        self.id = job_id
 
 
 _runtime: WorkerRuntime | None = None
@@ -99,30 +144,56 @@ def run_chat_completion(job_id: str) -> str:
 
 
 def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
-    """Run one job by id (from Celery's interactive queue or the batch queue); returns its final status."""
-    from workers.job_runner import JobEvents, run_job
+    """Run one attempt of a job by id (from Celery's interactive queue or the batch queue); returns what
+    became of it. A job delivered again after it finished, or still running elsewhere, is skipped."""
+    from workers.job_runner import Fenced, JobEvents, Published, deadline_error, retry_redis, run_job
 
-    store = runtime.store
+    settings, store = runtime.settings, runtime.store
+    retry_s = settings.redis_retry_s
     try:
-        record = store.get(job_id)
+        record = retry_redis(lambda: store.get(job_id), retry_s)
     except JobNotFound:
         log.warning("job %s: no record (expired?), skipped", job_id)
         return "missing"
-    if record.status.is_terminal:  # delivered again after it finished: acknowledge and skip
+    if record.status.is_terminal:
         log.info("job %s: already %s, skipped", job_id, record.status.value)
         return record.status.value
-    events = JobEvents(store, job_id)
-    if store.is_cancel_requested(job_id):
-        return events.cancelled().value
-    if not store.mark_in_progress(job_id, runtime.name):  # cancelled (or finished) while it was queued
-        return store.get(job_id).status.value
+    deadline_at = record.created_at + settings.job_deadline_s
+    if store.is_cancel_requested(job_id) or time.time() > deadline_at:
+        cancelled = store.is_cancel_requested(job_id)
+        event_seq = Published.read(store, job_id).next_seq
+        final = (JobEvent(seq=event_seq, type="cancelled") if cancelled else
+                 JobEvent(seq=event_seq, type="error", error=deadline_error(settings.job_deadline_s)))
+        store.finish(job_id, JobStatus.CANCELLED if cancelled else JobStatus.FAILED, final,
+                     error=final.error)
+        return final.type
+    attempt, token = retry_redis(lambda: store.acquire(job_id, runtime.name), retry_s)
+    if attempt == 0:
+        return "skipped"
+    if attempt == FENCED:
+        log.info("job %s: another attempt holds it, skipped", job_id)
+        return "skipped"
+    runtime.hold(job_id, token)
     started = time.perf_counter()
+    published = Published.read(store, job_id)
+    if attempt > 1:
+        log.warning("job %s: attempt %d resumes after %d published tokens", job_id, attempt,
+                    len(published.token_ids))
+    events = JobEvents(store, job_id, token, retry_s, next_seq=published.next_seq)
     try:
-        status = run_job(runtime.engine, runtime.tokenizer, events, record)
+        status = run_job(runtime.engine, runtime.tokenizer, events, record, published, deadline_at,
+                         settings.job_deadline_s).value
+    except Fenced:
+        log.warning("job %s: attempt %d lost its lease to another attempt; stopped", job_id, attempt)
+        status = "fenced"
     except Exception as exc:  # the client must hear about it, and the record must say why
         log.exception("job %s failed", job_id)
-        runtime.engine.cancel(job_id)
-        status = events.failed(JobError(message=f"The model worker failed: {type(exc).__name__}: {exc}",
-                                        code="worker_error"))
-    log.info("job %s: %s in %.2f s", job_id, status.value, time.perf_counter() - started)
-    return status.value
+        try:
+            status = events.failed(JobError(message=f"The model worker failed: {type(exc).__name__}: {exc}",
+                                            code="worker_error")).value
+        except Exception:
+            status = "abandoned"  # Redis gone for good: the lease lapses and the reaper requeues the job
+    finally:
+        runtime.release(job_id)
+    log.info("job %s: %s in %.2f s (attempt %d)", job_id, status, time.perf_counter() - started, attempt)
+    return status

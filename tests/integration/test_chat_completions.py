@@ -137,16 +137,25 @@ def test_stop_sequence_never_matching_changes_nothing(client):
     assert with_stop.choices[0].finish_reason == "length"
 
 
-def test_penalties_change_greedy_output(client):
+def generated_tokens(stack, client, **kwargs) -> list[int]:
+    """The token ids a request generated, read from its job's event log (the SDK only sees text)."""
+    completion = client.chat.completions.create(model=MODEL, **kwargs)
+    entries = stack.redis.xrange(f"{stack.prefix}:job:{completion.id}:log")
+    events = [json.loads(fields["e"]) for _, fields in entries]
+    return [t for e in events if e["type"] == "delta" for t in e.get("token_ids", [])]
+
+
+def test_penalties_change_greedy_output(stack, client):
     """The tiny model's logits are close together, so a presence penalty of 2 forbids any repeat."""
     kwargs = dict(messages=HELLO, max_tokens=60, temperature=0)
-    plain, _ = stream_deltas(client, **kwargs)
-    penalized, _ = stream_deltas(client, presence_penalty=2.0, **kwargs)
-    freq, _ = stream_deltas(client, frequency_penalty=2.0, **kwargs)
+    plain = generated_tokens(stack, client, **kwargs)
+    penalized = generated_tokens(stack, client, presence_penalty=2.0, **kwargs)
+    freq = generated_tokens(stack, client, frequency_penalty=2.0, **kwargs)
+    assert len(plain) == len(penalized) == len(freq) == 60
     assert len(set(plain)) < len(plain), "the unpenalized greedy output should repeat itself"
     assert len(set(penalized)) == len(penalized)
     assert len(set(freq)) == len(freq)
-    negative, _ = stream_deltas(client, presence_penalty=-2.0, **kwargs)
+    negative = generated_tokens(stack, client, presence_penalty=-2.0, **kwargs)
     assert len(set(negative)) <= len(set(plain))
 
 

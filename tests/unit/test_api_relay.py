@@ -29,7 +29,9 @@ def make_client(redis_client):
         holder = {}
 
         def enqueue(record):  # the "worker": runs the script in a thread, as a real worker would
-            events = JobEvents(holder["app"].extensions["chat_service"].store, record.id)
+            store = holder["app"].extensions["chat_service"].store
+            _, token = store.acquire(record.id, "scripted-worker")
+            events = JobEvents(store, record.id, token, retry_s=5)
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
         holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
@@ -42,7 +44,7 @@ def make_client(redis_client):
 
 
 def fails_after_one_delta(events: JobEvents):
-    events.delta("Hel")
+    events.delta("Hel", [])
     events.failed(JobError(message="CUDA error: out of memory", code="generation_failed"))
 
 
@@ -70,7 +72,7 @@ def test_keepalive_comments_while_waiting(make_client):
         import time
         time.sleep(0.7)
         usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
-        events.delta("x")
+        events.delta("x", [])
         events.completed(JobResult(text="x", finish_reason="stop", usage=usage))
 
     response = make_client(slow).post("/v1/chat/completions", json={**BODY, "stream": True})
@@ -79,7 +81,7 @@ def test_keepalive_comments_while_waiting(make_client):
 
 
 def test_non_stream_timeout_is_504_and_cancels(make_client, redis_client):
-    client = make_client(lambda events: None)  # a worker that never answers
+    client = make_client(lambda events: None)  # a worker that takes the job and never answers
     response = client.post("/v1/chat/completions", json=BODY)
     assert response.status_code == 504 and response.json["error"]["code"] == "timeout"
     job_id = [k for k in redis_client.scan_iter(match="unit-*:job:*:cancel")]

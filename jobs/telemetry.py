@@ -1,0 +1,136 @@
+"""Operational numbers kept in Redis, readable in O(1) at scrape time: helpers both the API and the workers
+call. Like the rest of `jobs/`, this imports neither Flask nor torch (nor prometheus_client).
+
+Redis layout (under the configured prefix, next to the keys listed in jobs/records.py):
+  {prefix}:metrics:jobs:{state}   zset   job id -> when it entered `state` (one zset per JobStatus). A job is
+                                         in exactly one of them: entering a state removes it from the others.
+                                         Entries older than the job TTL are dropped (their records are gone).
+  {prefix}:metrics:jobs_total     hash   state -> how many jobs ever entered it (a Prometheus counter)
+Both expire after 2 x job TTL without a write, so an abandoned prefix leaves nothing behind.
+
+Why sorted sets rather than +1/-1 counters: entering a state is idempotent (a redelivered job entering
+`in_progress` twice, or a caller that records a state twice, changes nothing), no caller needs to know the
+state the job leaves, and nothing drifts if a process dies between two writes. ZCOUNT is O(log n) at scrape.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional
+
+JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
+
+# The fields a worker's heartbeat carries about its engine (from Engine.stats()), summed over workers.
+WORKER_LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total")
+
+# Kombu's Redis transport keeps a queue's messages in the list named after it, and messages sent with a
+# priority in sibling lists `{queue}\x06\x16{step}`; Celery and our batch queue send none, but count them.
+_KOMBU_PRIORITY_SEP = "\x06\x16"
+_KOMBU_PRIORITY_STEPS = (3, 6, 9)
+
+# KEYS: the state zsets (JOB_STATES order), then the totals hash.
+# ARGV: job id, index of the new state (1-based), its name, now, oldest score kept, key ttl (s).
+_ENTER_STATE = """
+local target = tonumber(ARGV[2])
+for i = 1, #KEYS - 1 do
+  if i ~= target then redis.call('ZREM', KEYS[i], ARGV[1]) end
+end
+local added = redis.call('ZADD', KEYS[target], 'NX', ARGV[4], ARGV[1])
+if added == 1 then redis.call('HINCRBY', KEYS[#KEYS], ARGV[3], 1) end
+redis.call('ZREMRANGEBYSCORE', KEYS[target], '-inf', '(' .. ARGV[5])
+redis.call('EXPIRE', KEYS[target], ARGV[6])
+redis.call('EXPIRE', KEYS[#KEYS], ARGV[6])
+return added
+"""
+
+
+def _state_name(state) -> str:
+    name = getattr(state, "value", state)  # a JobStatus or its value
+    if name not in JOB_STATES:
+        raise ValueError(f"unknown job state {state!r}")
+    return name
+
+
+class JobTelemetry:
+    """Job-state bookkeeping for metrics. One per JobStore (same client, prefix and TTL)."""
+
+    def __init__(self, client, prefix: str, ttl_s: int):
+        self.redis = client
+        self.prefix = prefix
+        self.ttl_s = int(ttl_s)
+        self._enter = client.register_script(_ENTER_STATE)
+
+    def state_key(self, state) -> str:
+        return f"{self.prefix}:metrics:jobs:{_state_name(state)}"
+
+    @property
+    def totals_key(self) -> str:
+        return f"{self.prefix}:metrics:jobs_total"
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"  # as jobs.records.Keys.job
+
+    # --- writes (call after the state change succeeded; `pipe` puts the write into the caller's pipeline)
+    def job_state(self, job_id: str, state, pipe=None, now: Optional[float] = None) -> None:
+        """Record that `job_id` is now in `state` (a JobStatus or its value). Idempotent."""
+        name = _state_name(state)
+        now = time.time() if now is None else now
+        keys = [self.state_key(s) for s in JOB_STATES] + [self.totals_key]
+        args = [job_id, JOB_STATES.index(name) + 1, name, repr(now), repr(now - self.ttl_s), 2 * self.ttl_s]
+        self._enter(keys=keys, args=args, client=pipe if pipe is not None else self.redis)
+
+    def first_token(self, job_id: str, pipe=None, now: Optional[float] = None) -> None:
+        """Stamp the job record's `first_token_at` (HSETNX: only the first call counts). Call it with the
+        first delta that carries text, e.g. inside JobStore.publish_deltas' pipeline."""
+        (pipe if pipe is not None else self.redis).hsetnx(
+            self.job_key(job_id), "first_token_at", repr(time.time() if now is None else now))
+
+    # --- reads (scrape time)
+    def job_counts(self, now: Optional[float] = None) -> tuple[dict[str, int], dict[str, int]]:
+        """({state: jobs in it now}, {state: jobs that ever entered it}). Two round trips at most: one."""
+        horizon = (time.time() if now is None else now) - self.ttl_s
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in JOB_STATES:
+                pipe.zcount(self.state_key(state), f"({horizon!r}", "+inf")
+            pipe.hgetall(self.totals_key)
+            *current, totals = pipe.execute()
+        return (dict(zip(JOB_STATES, (int(n) for n in current))),
+                {state: int(_decode(totals.get(state) or totals.get(state.encode(), 0))) for state in JOB_STATES})
+
+
+def queue_depths(client, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each kombu/Celery Redis queue (LLEN of its list(s)), in one round trip."""
+    queues = [q for q in dict.fromkeys(queues) if q]
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(queue)
+            for step in _KOMBU_PRIORITY_STEPS:
+                pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{step}")
+        lengths = pipe.execute()
+    per_queue = 1 + len(_KOMBU_PRIORITY_STEPS)
+    return {queue: sum(int(n) for n in lengths[i * per_queue:(i + 1) * per_queue])
+            for i, queue in enumerate(queues)}
+
+
+def worker_load(engine_stats: Optional[dict]) -> dict[str, int]:
+    """The heartbeat fields a worker adds from `engine.stats()` (missing ones count as 0)."""
+    stats = engine_stats or {}
+    return {name: int(stats.get(name, 0) or 0) for name in WORKER_LOAD_FIELDS}
+
+
+def aggregate_workers(heartbeats: Iterable[dict]) -> dict[str, int]:
+    """Sum of the load fields over live workers' heartbeats, plus `workers`: how many there are."""
+    total = {name: 0 for name in WORKER_LOAD_FIELDS}
+    count = 0
+    for beat in heartbeats:
+        count += 1
+        for name in WORKER_LOAD_FIELDS:
+            try:
+                total[name] += int(beat.get(name, 0) or 0)
+            except (TypeError, ValueError):
+                pass
+    total["workers"] = count
+    return total
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
