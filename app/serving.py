@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import time
 from typing import Callable, Iterator, Optional
 
+import redis
 from flask import Response, stream_with_context
 from pydantic import ValidationError
 
@@ -86,6 +88,7 @@ class ChatService:
     def create(self, body: bytes, owner: str):
         request = parse_request(decode_json_body(body))
         generation = build_generation_request(request, self.settings.max_model_len)
+        self._check_capacity(owner)
         if request.background:
             record = JobRecord.new(generation, kind="background", owner=owner)
             self.store.create(record)
@@ -153,11 +156,30 @@ class ChatService:
             raise _job_not_found(job_id)
         return record
 
+    def _check_capacity(self, owner: str) -> None:
+        """429 with Retry-After, never a timeout: caps on the queue and on each key's unfinished jobs."""
+        depth = self.store.redis.llen(self.settings.interactive_queue)  # Celery's list for the queue
+        if depth >= self.settings.max_queued_jobs:
+            slots = sum(w.get("concurrency", 1) for w in self.store.live_workers()) or 1
+            retry_after = min(120, max(1, 2 * math.ceil(depth / slots)))
+            raise APIError(429, f"The queue is full ({depth} jobs waiting). Retry in {retry_after} s.",
+                           code="queue_full", headers={"Retry-After": str(retry_after)})
+        unfinished = self.store.unfinished_count(owner, older_than_s=self.settings.job_deadline_s)
+        if unfinished >= self.settings.max_unfinished_per_key:
+            raise APIError(429, f"This API key has {unfinished} unfinished jobs, the most allowed. Wait for "
+                                f"some to finish.", code="too_many_jobs", headers={"Retry-After": "5"})
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.store.request_cancel(job_id)
+        except REDIS_DOWN:  # the deadline still ends the job
+            log.warning("job %s: could not record the cancel, Redis is unavailable", job_id)
+
     # --- job -> response
     def _complete(self, record: JobRecord, relay: "EventRelay"):
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
-            for event in relay.events(deadline):
+            for event in relay_events_or_503(relay, deadline):
                 if event is None or not event.is_final:
                     continue
                 if event.type == "error":
@@ -167,7 +189,7 @@ class ChatService:
                                    headers={"x-should-retry": "false"})
                 return protocol.completion_from_record(self.store.get(record.id),
                                                        system_fingerprint(record.request.model))
-            self.store.request_cancel(record.id)
+            self._cancel_quietly(record.id)
             raise APIError(504, f"The job did not finish within {self.settings.request_timeout_s:g} s.",
                            code="timeout")
         finally:
@@ -179,7 +201,7 @@ class ChatService:
                                          system_fingerprint(record.request.model), include_usage)
 
         def generate() -> Iterator[str]:
-            finished = False
+            finished = client_gone = False
             try:
                 if relay.after_seq < 0:
                     yield sse(chunks.role())
@@ -202,11 +224,21 @@ class ChatService:
                             "code": "job_cancelled", "param": None}
                         yield sse({"error": error}, event.seq)
                         return
+            except StreamInterrupted:
+                yield sse({"error": {
+                    "message": f"Lost the connection to the job queue. The job goes on: resume with GET "
+                               f"/v1/chat/completions/{record.id}/events and the Last-Event-ID header.",
+                    "type": "service_unavailable", "param": None, "code": "stream_interrupted"}})
+            except GeneratorExit:
+                # The server closes the stream because a write to the client failed: the client is gone.
+                # (A server shutdown kills the greenlet instead, and the job goes on for a resume.)
+                client_gone = True
+                raise
             finally:
                 relay.close()
-                if not finished and cancel_on_disconnect:  # the client went away: free the worker
+                if client_gone and not finished and cancel_on_disconnect:  # free the worker
                     log.info("job %s: client disconnected, cancelling", record.id)
-                    self.store.request_cancel(record.id)
+                    self._cancel_quietly(record.id)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
@@ -216,50 +248,85 @@ def _job_not_found(job_id: str) -> APIError:
     return APIError(404, f"No job found with id '{job_id}'.", param="job_id", code="job_not_found")
 
 
+def relay_events_or_503(relay: "EventRelay", deadline: Optional[float]):
+    try:
+        yield from relay.events(deadline)
+    except StreamInterrupted:
+        raise APIError(503, f"Lost the connection to the job queue; the job goes on. Poll "
+                            f"/v1/chat/completions/{relay.job_id} or retry shortly.", code="queue_unavailable",
+                       headers={"Retry-After": "5", "x-should-retry": "false"})
+
+
 def sse(payload: dict, event_id: Optional[int] = None) -> str:
     """One SSE event; `id:` is the job event's seq, so a client can resume with Last-Event-ID."""
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class StreamInterrupted(Exception):
+    """Redis stayed away longer than the relay waits for it."""
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
 class EventRelay:
     """A job's events with seq > after_seq, in order, exactly once: first those already in the job's log,
     then live ones from pub/sub. It subscribes before reading the log, so nothing falls in between, and
-    skips what it has already yielded. Yields None as a keep-alive tick when nothing came for a while."""
+    skips what it has already yielded. Yields None as a keep-alive tick when nothing came for a while.
 
-    def __init__(self, store: JobStore, job_id: str, after_seq: int, keepalive_s: float):
+    If Redis goes away (a restart), it keeps the client's stream open with keep-alives, reconnects,
+    replays the log from the last event it yielded, and goes on; after `reconnect_s` it gives up
+    (StreamInterrupted) and the client can resume later with Last-Event-ID."""
+
+    def __init__(self, store: JobStore, job_id: str, after_seq: int, keepalive_s: float, reconnect_s: float = 30.0):
         self.store = store
         self.job_id = job_id
         self.after_seq = after_seq
         self.keepalive_s = keepalive_s
+        self.reconnect_s = reconnect_s
         self.pubsub = store.subscribe(job_id)
 
     def events(self, deadline: Optional[float]) -> Iterator[Optional[JobEvent]]:
         last_seq = self.after_seq
-        for event in self.store.read_log(self.job_id, after_seq=last_seq):
-            yield event
-            last_seq = event.seq
-            if event.is_final:
-                return
+        replay_needed = True
         last_message = time.monotonic()
+        outage_since: Optional[float] = None
         while deadline is None or time.monotonic() < deadline:
-            message = self.pubsub.get_message(timeout=min(1.0, self.keepalive_s))
-            if message is None:
-                if time.monotonic() - last_message >= self.keepalive_s:
-                    last_message = time.monotonic()
-                    yield None
-                continue
-            last_message = time.monotonic()
-            event = JobEvent.model_validate_json(message["data"])
-            if event.seq <= last_seq:
-                continue  # already yielded from the log
-            yield event
-            last_seq = event.seq
-            if event.is_final:
-                return
+            try:
+                if self.pubsub is None:
+                    self.pubsub = self.store.subscribe(self.job_id)
+                    replay_needed = True
+                if replay_needed:
+                    batch = self.store.read_log(self.job_id, after_seq=last_seq)
+                    replay_needed = False
+                else:
+                    message = self.pubsub.get_message(timeout=min(1.0, self.keepalive_s))
+                    batch = [JobEvent.model_validate_json(message["data"])] if message else []
+                outage_since = None
+            except REDIS_DOWN:
+                self.close()
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > self.reconnect_s:
+                    raise StreamInterrupted(self.job_id)
+                batch = []
+                time.sleep(0.5)
+            for event in batch:
+                if event.seq <= last_seq:
+                    continue  # already yielded (from the log, or before a reconnect)
+                last_message = time.monotonic()
+                yield event
+                last_seq = event.seq
+                if event.is_final:
+                    return
+            if not batch and time.monotonic() - last_message >= self.keepalive_s:
+                last_message = time.monotonic()
+                yield None
 
     def close(self) -> None:
-        try:
-            self.pubsub.close()
-        except Exception:
-            pass
+        pubsub, self.pubsub = self.pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:
+                pass

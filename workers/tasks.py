@@ -74,7 +74,9 @@ class WorkerRuntime:
 
     def _heartbeat(self) -> None:
         info = {"name": self.name, "model": self.model_name, "queue": self.settings.interactive_queue,
-                "started_at": self._started_at, "running_jobs": len(self.leases)}
+                "started_at": self._started_at, "running_jobs": len(self.leases),
+                "concurrency": self.settings.worker_concurrency or self.settings.max_num_seqs,
+                "batch_slots": self.settings.effective_batch_slots}
         stats = getattr(self.engine, "stats", None)
         if stats:
             info.update(stats())
