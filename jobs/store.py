@@ -31,7 +31,7 @@ if status ~= 'queued' and status ~= 'in_progress' then return 0 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[6])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[4], 'attempt_started_at', ARGV[5])
 if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then redis.call('HSET', KEYS[1], 'started_at', ARGV[5]) end
 return attempt
 """

@@ -4,6 +4,7 @@ prefix and queue names, so runs never see each other's jobs."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,24 @@ class Stack:
     def _spawn(self, name, cmd, extra_env=None):
         log = open(self.log_dir / f"{name}.log", "ab")
         env = {**self.env, **(extra_env or {})}
-        self.processes[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group, so that kill() reaches gunicorn's workers too.
+        self.processes[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a process (and its children) without warning, as a crash would."""
+        proc = self.processes.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait()
+
+    def worker_pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.processes.items() if name.startswith("worker")}
+
+    def wait_workers(self, count: int, timeout: float = 90) -> None:
+        """Until `count` workers send heartbeats (their model is loaded)."""
+        pattern = f"{self.prefix}:worker:*"
+        wait_until(lambda: len(list(self.redis.scan_iter(match=pattern))) >= count, timeout,
+                   f"{count} worker heartbeats")
 
     def wait_ready(self, timeout: float = 90):
         def ready():
@@ -94,6 +112,39 @@ class Stack:
 
     def job(self, job_id: str) -> dict:
         return self.redis.hgetall(f"{self.prefix}:job:{job_id}")
+
+
+class RedisServer:
+    """A private redis-server with the project's config (AOF, noeviction), for tests that restart Redis."""
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.data_dir = data_dir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port), "--dir",
+             str(self.data_dir), "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: _pings(client), 10, f"redis-server on port {self.port}")
+
+    def stop(self, graceful: bool = True) -> None:
+        """Graceful: SIGTERM (Redis fsyncs its AOF and exits). Else SIGKILL: what a crash loses."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
 
 
 def stack_env(redis_url: str = DEFAULT_REDIS_URL, api_keys: tuple = (), max_model_len: int = 4096,

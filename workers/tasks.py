@@ -32,7 +32,8 @@ class WorkerRuntime:
         from workers.model_loader import load_model
 
         self.settings = get_settings()
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Node name (worker.1, ...) @ host : pid of the process that holds the model.
+        self.name = f"{os.environ.get('HONCHO_PROCESS_NAME', 'worker')}@{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_settings(self.settings)
         self.tokenizer = raw_tokenizer()
         started = time.perf_counter()
