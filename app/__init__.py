@@ -8,6 +8,8 @@ from flask import Flask
 from app.batches import BatchDispatcher, BatchService
 from app.errors import register_error_handlers
 from app.files import FileService
+from app.metrics import setup_metrics
+from app.openapi import openapi
 from app.playground import playground
 from app.protocol import now
 from app.routes import api, ops
@@ -15,6 +17,7 @@ from app.serving import ChatService
 from config.settings import get_settings
 from jobs.batches import BatchStore
 from jobs.files import FileStore
+from jobs.models import ModelDirectory
 from jobs.store import JobStore
 
 
@@ -30,14 +33,16 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     jobs = JobStore.from_settings(settings)
     files = FileStore(jobs.redis, settings.redis_prefix)
     batches = BatchStore(jobs.redis, settings.redis_prefix)
-    app.extensions["chat_service"] = ChatService(settings, jobs, enqueue or _celery_enqueue(settings))
+    models = ModelDirectory(jobs, settings.model_remember_s)
+    app.extensions["models"] = models
+    app.extensions["chat_service"] = ChatService(settings, jobs, models, enqueue or _celery_enqueue())
     app.extensions["file_service"] = FileService(files, settings.max_file_bytes)
     app.extensions["batch_service"] = BatchService(batches, files)
     if drive_batches:
         if enqueue_batch_job is None:
             from jobs.batch_queue import BatchQueueProducer
             enqueue_batch_job = BatchQueueProducer(settings)
-        dispatcher = BatchDispatcher(settings, batches, files, jobs, enqueue_batch_job)
+        dispatcher = BatchDispatcher(settings, batches, files, jobs, models, enqueue_batch_job)
         dispatcher.start()
         app.extensions["batch_dispatcher"] = dispatcher
 
@@ -47,13 +52,15 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     app.register_blueprint(api)
     app.register_blueprint(ops)
     app.register_blueprint(playground)
+    app.register_blueprint(openapi)
+    setup_metrics(app, settings, jobs)  # request hooks, and GET /metrics when METRICS_ENABLED
     return app
 
 
-def _celery_enqueue(settings):
+def _celery_enqueue():
     from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
 
-    def enqueue(record) -> None:
-        celery_app.send_task(RUN_CHAT_COMPLETION, args=[record.id], queue=settings.interactive_queue)
+    def enqueue(record) -> None:  # to the queue of the record's model pool
+        celery_app.send_task(RUN_CHAT_COMPLETION, args=[record.id], queue=record.queue)
 
     return enqueue

@@ -21,9 +21,10 @@ from typing import Callable, Optional
 
 from app.errors import APIError
 from app.protocol import completion_from_record
-from app.serving import build_generation_request, parse_request, system_fingerprint
+from app.serving import build_generation_request, parse_request, resolve_model, system_fingerprint
 from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
 from jobs.files import FileStore
+from jobs.models import ModelDirectory
 from jobs.records import JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 
@@ -112,9 +113,10 @@ def error_line(custom_id, index: int, message: str, code: str, param: Optional[s
 
 
 class BatchDispatcher:
-    def __init__(self, settings, batches: BatchStore, files: FileStore, jobs: JobStore,
+    def __init__(self, settings, batches: BatchStore, files: FileStore, jobs: JobStore, models: ModelDirectory,
                  enqueue_batch_job: Callable[[JobRecord], None]):
         self.settings = settings
+        self.models = models
         self.batches = batches
         self.files = files
         self.jobs = jobs
@@ -235,7 +237,9 @@ class BatchDispatcher:
             return error_line(custom_id, index, "stream and background are not allowed in a batch.",
                               "invalid_value", "body.stream")
         try:
-            generation = build_generation_request(parse_request(body), self.settings.max_model_len)
+            request = parse_request(body)
+            route = resolve_model(self.models, request.model)
+            generation = build_generation_request(request, self.settings.max_model_len, route)
         except APIError as exc:
             param = f"body.{exc.body['param']}" if exc.body.get("param") else "body"
             return error_line(custom_id, index, exc.body["message"], exc.body["code"] or "invalid_request",
@@ -244,7 +248,7 @@ class BatchDispatcher:
             return error_line(custom_id, index, f"Duplicate custom_id '{custom_id}'.", "duplicate_custom_id",
                               "custom_id")
         return JobRecord.new(generation, kind="batch", owner=batch["owner"], batch_id=batch["id"],
-                             custom_id=custom_id)
+                             custom_id=custom_id, queue=route.batch_queue)
 
     def _collect(self, batch_id: str) -> None:
         """Move finished line jobs into the output or error file (each exactly once: SREM decides)."""

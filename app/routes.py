@@ -6,8 +6,7 @@ from flask import Blueprint, current_app, g, request
 from app import protocol
 from app.auth import check_bearer
 from app.errors import APIError
-from app.serving import decode_json_body, served_model_id
-from config.settings import SERVED_MODEL_ID
+from app.serving import decode_json_body, resolve_model
 
 api = Blueprint("api", __name__, url_prefix="/v1")
 ops = Blueprint("ops", __name__)
@@ -118,13 +117,16 @@ def cancel_batch(batch_id: str):
 
 @api.get("/models")
 def list_models():
+    """The models that have live workers now."""
     created = current_app.config["STARTED_AT"]
-    return {"object": "list", "data": [protocol.model_card(SERVED_MODEL_ID, created)]}
+    live = sorted(route.id for route in current_app.extensions["models"].live())
+    return {"object": "list", "data": [protocol.model_card(model_id, created) for model_id in live]}
 
 
 @api.get("/models/<path:model_id>")
 def get_model(model_id: str):
-    return protocol.model_card(served_model_id(model_id), current_app.config["STARTED_AT"])
+    route = resolve_model(current_app.extensions["models"], model_id)
+    return protocol.model_card(route.id, current_app.config["STARTED_AT"])
 
 
 @ops.get("/health")

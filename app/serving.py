@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from app import protocol
 from app.errors import APIError, from_validation_error
-from config.settings import HF_MODEL_ID, SERVED_MODEL_ID
+from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 from workers.chat_format import ConversationError, Message, encode_conversation
@@ -27,12 +27,13 @@ from workers.chat_format import ConversationError, Message, encode_conversation
 log = logging.getLogger(__name__)
 
 
-def served_model_id(requested: str) -> str:
-    """The canonical id of the model a request names (case-insensitive; docs' id or Hugging Face id)."""
-    if requested.lower() in (SERVED_MODEL_ID.lower(), HF_MODEL_ID.lower()):
-        return SERVED_MODEL_ID
-    raise APIError(404, f"The model '{requested}' does not exist or you do not have access to it.",
-                   param="model", code="model_not_found")
+def resolve_model(directory: ModelDirectory, requested: str) -> ModelRoute:
+    """The pool serving the model a request names (its id or an alias, case-insensitive), or 404."""
+    route = directory.resolve(requested)
+    if route is None:
+        raise APIError(404, f"The model '{requested}' does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    return route
 
 
 def system_fingerprint(model_id: str) -> str:
@@ -57,9 +58,10 @@ def decode_json_body(body: bytes):
                        code="invalid_json")
 
 
-def build_generation_request(request: protocol.ChatCompletionRequest, max_model_len: int) -> GenerationRequest:
+def build_generation_request(request: protocol.ChatCompletionRequest, max_model_len: int,
+                             route: ModelRoute) -> GenerationRequest:
     """Validate the conversation against the model and tokenize it: everything a worker needs."""
-    model = served_model_id(request.model)
+    model = route.id
     messages = [Message(m.role, m.text) for m in request.messages]
     try:
         prompt_ids = encode_conversation(messages)
@@ -79,22 +81,24 @@ def build_generation_request(request: protocol.ChatCompletionRequest, max_model_
 
 
 class ChatService:
-    def __init__(self, settings, store: JobStore, enqueue: Callable[[JobRecord], None]):
+    def __init__(self, settings, store: JobStore, models: ModelDirectory, enqueue: Callable[[JobRecord], None]):
         self.settings = settings
         self.store = store
+        self.models = models
         self.enqueue = enqueue
 
     # --- POST /v1/chat/completions
     def create(self, body: bytes, owner: str):
         request = parse_request(decode_json_body(body))
-        generation = build_generation_request(request, self.settings.max_model_len)
-        self._check_capacity(owner)
+        route = resolve_model(self.models, request.model)
+        generation = build_generation_request(request, self.settings.max_model_len, route)
+        self._check_capacity(owner, route.queue)
         if request.background:
-            record = JobRecord.new(generation, kind="background", owner=owner)
+            record = JobRecord.new(generation, kind="background", owner=owner, queue=route.queue)
             self.store.create(record)
             self.enqueue(record)
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
-        record = JobRecord.new(generation, kind="interactive", owner=owner)
+        record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         self.store.create(record)
         relay = EventRelay(self.store, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
@@ -156,9 +160,9 @@ class ChatService:
             raise _job_not_found(job_id)
         return record
 
-    def _check_capacity(self, owner: str) -> None:
+    def _check_capacity(self, owner: str, queue: str) -> None:
         """429 with Retry-After, never a timeout: caps on the queue and on each key's unfinished jobs."""
-        depth = self.store.redis.llen(self.settings.interactive_queue)  # Celery's list for the queue
+        depth = self.store.redis.llen(queue)  # Celery's list for the queue
         if depth >= self.settings.max_queued_jobs:
             slots = sum(w.get("concurrency", 1) for w in self.store.live_workers()) or 1
             retry_after = min(120, max(1, 2 * math.ceil(depth / slots)))

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     # Context window the service enforces (prompt + max_tokens). Mistral-7B-Instruct-v0.2: 32k.
     max_model_len: int = 32768
 
+    # --- Worker pools: the model this worker serves, under which id (and aliases), from which queues.
+    served_model_name: str = SERVED_MODEL_ID
+    served_model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [HF_MODEL_ID])
+    # A model whose workers were last seen this long ago is forgotten (404); until then its jobs wait.
+    model_remember_s: float = 600.0
+
     # --- Worker / queue
     # Number of worker processes `make run` starts.
     workers: int = 1
@@ -99,7 +105,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "served_model_aliases", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):

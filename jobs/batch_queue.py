@@ -15,16 +15,22 @@ def connect(settings) -> Connection:
                       transport_options={"visibility_timeout": settings.visibility_timeout_s})
 
 
-def open_queue(connection: Connection, settings):
-    return connection.SimpleQueue(settings.batch_queue, serializer="json")
+def open_queue(connection: Connection, name: str):
+    return connection.SimpleQueue(name, serializer="json")
 
 
 class BatchQueueProducer:
-    """Puts line jobs on the batch queue (one connection; used from the one dispatcher thread)."""
+    """Puts line jobs on batch queues (one connection, used from one thread: the dispatcher's or the
+    reaper's). Each job goes to the queue in its record: its model's pool."""
 
     def __init__(self, settings):
         self._connection = connect(settings)
-        self._queue = open_queue(self._connection, settings)
+        self._queues: dict = {}
+
+    def put(self, job_id: str, queue: str) -> None:
+        if queue not in self._queues:
+            self._queues[queue] = open_queue(self._connection, queue)
+        self._queues[queue].put({"job_id": job_id})
 
     def __call__(self, record) -> None:
-        self._queue.put({"job_id": record.id})
+        self.put(record.id, record.queue)

@@ -14,6 +14,7 @@ Redis layout (every name starts with the configured prefix, since pub/sub ignore
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
   {prefix}:owner:{owner}:jobs zset  an API key's background jobs by creation time (for listing)
   {prefix}:worker:{name}     string a live worker's heartbeat (JSON), expires unless renewed
+  {prefix}:models            hash   model id -> its queues and when a worker last served it (jobs/models.py)
   {prefix}:file:{id}         hash   a file's metadata; {prefix}:file:{id}:lines  list  its lines
   {prefix}:owner:{owner}:files zset an API key's files by creation time
   {prefix}:batch:{id}        hash   a batch (OpenAI's fields, request counts, the cursor into its input)
@@ -87,6 +88,7 @@ class JobRecord(BaseModel):
     id: str
     status: JobStatus = JobStatus.QUEUED
     kind: JobKind = "interactive"
+    queue: str = "interactive"        # the queue it was sent to (the reaper sends it there again)
     owner: str = "anonymous"          # fingerprint of the API key that created it
     created_at: float
     started_at: Optional[float] = None
@@ -106,7 +108,7 @@ class JobRecord(BaseModel):
     def to_redis(self) -> dict[str, str]:
         """Flatten to a Redis hash: scalars as text, nested models as JSON, absent fields left out."""
         fields: dict[str, str] = {"id": self.id, "status": self.status.value, "kind": self.kind,
-                                  "owner": self.owner, "created_at": repr(self.created_at),
+                                  "queue": self.queue, "owner": self.owner, "created_at": repr(self.created_at),
                                   "request": self.request.model_dump_json()}
         for name in ("batch_id", "custom_id"):
             if getattr(self, name) is not None:
@@ -213,6 +215,9 @@ class Keys:
 
     def active_batches(self) -> str:
         return f"{self.prefix}:batches:active"
+
+    def models(self) -> str:
+        return f"{self.prefix}:models"
 
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"

@@ -77,7 +77,7 @@ return 1
 """
 
 # KEYS: leases. ARGV: now ms, key prefix, limit, now s. Jobs whose lease lapsed (their worker died) go back
-# to queued, exactly once (ZREM decides); returns [id, kind, id, kind, ...] to enqueue again.
+# to queued, exactly once (ZREM decides); returns [id, kind, queue, ...] to enqueue again.
 _REAP = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
@@ -90,6 +90,7 @@ for _, id in ipairs(ids) do
     redis.call('HSET', job, 'status', 'queued', 'requeued_at', ARGV[4])
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGET', job, 'kind') or 'interactive'
+    out[#out + 1] = redis.call('HGET', job, 'queue') or 'interactive'
   end
 end
 return out
@@ -176,10 +177,10 @@ class JobStore:
             results = pipe.execute()
         return [job_id for job_id, ok in zip(leases, results) if not ok]
 
-    def reap(self, limit: int = 100) -> list[tuple[str, str]]:
-        """Jobs whose attempt died (lease lapsed): set back to queued; [(job id, kind)] to enqueue again."""
+    def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """Jobs whose attempt died (lease lapsed): set back to queued; [(job id, kind, queue)] to enqueue."""
         flat = self._reap(keys=[self.keys.leases()], args=[_now_ms(), self.prefix, limit, repr(time.time())])
-        return list(zip(flat[::2], flat[1::2]))
+        return list(zip(flat[::3], flat[1::3], flat[2::3]))
 
     def finish(self, job_id: str, status: JobStatus, final_event: JobEvent,
                result: Optional[JobResult] = None, error: Optional[JobError] = None,
@@ -232,8 +233,13 @@ class JobStore:
         return self.redis.zscore(self.keys.owner_jobs(owner), job_id) is not None
 
     # --- worker heartbeats
-    def heartbeat(self, worker: str, info: dict, ttl_s: float) -> None:
-        self.redis.set(self.keys.worker(worker), json.dumps(info), px=int(ttl_s * 1000))
+    def heartbeat(self, worker: str, info: dict, ttl_s: float, model: Optional[dict] = None) -> None:
+        """A worker is alive; and (if given) the model it serves, in the model directory."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.keys.worker(worker), json.dumps(info), px=int(ttl_s * 1000))
+            if model is not None:
+                pipe.hset(self.keys.models(), model["id"], json.dumps({**model, "last_seen": time.time()}))
+            pipe.execute()
 
     def remove_heartbeat(self, worker: str) -> None:
         self.redis.delete(self.keys.worker(worker))

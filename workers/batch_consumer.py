@@ -33,7 +33,7 @@ class BatchConsumer:
         while not self._stop.is_set():
             try:
                 with connect(self.settings) as connection:
-                    jobs = open_queue(connection, self.settings)
+                    jobs = open_queue(connection, self.settings.batch_queue)
                     while not self._stop.is_set():
                         try:
                             message = jobs.get(block=True, timeout=1)

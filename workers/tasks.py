@@ -16,6 +16,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
 from jobs.records import JobError, JobEvent, JobStatus
+from jobs.models import model_entry
 from jobs.store import FENCED, JobNotFound, JobStore
 from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
 from workers.chat_format import raw_tokenizer
@@ -74,14 +75,15 @@ class WorkerRuntime:
             self._stop.wait(period)
 
     def _heartbeat(self) -> None:
-        info = {"name": self.name, "model": self.model_name, "queue": self.settings.interactive_queue,
+        info = {"name": self.name, "model": self.model_name, "model_id": self.settings.served_model_name,
+                "queue": self.settings.interactive_queue,
                 "started_at": self._started_at, "running_jobs": len(self.leases),
                 "concurrency": self.settings.worker_concurrency or self.settings.max_num_seqs,
                 "batch_slots": self.settings.effective_batch_slots}
         stats = getattr(self.engine, "stats", None)
         if stats:
             info.update(stats())
-        self.store.heartbeat(self.name, info, self.settings.heartbeat_ttl_s)
+        self.store.heartbeat(self.name, info, self.settings.heartbeat_ttl_s, model=model_entry(self.settings))
 
     def _renew_leases(self) -> None:
         with self._leases_lock:
@@ -92,12 +94,12 @@ class WorkerRuntime:
 
     def _reap(self) -> None:
         """Jobs whose worker died: back on their queue (exactly one reaper gets each)."""
-        for job_id, kind in self.store.reap():
+        for job_id, kind, queue in self.store.reap():
             log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
             if kind == "batch":
-                self._requeue_batch(_JobRef(job_id))
+                self._requeue_batch.put(job_id, queue)
             else:
-                celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=self.settings.interactive_queue)
+                celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)
 
     def stop(self) -> None:
         self._stop.set()
@@ -107,11 +109,6 @@ class WorkerRuntime:
         except Exception:
             pass
         self.engine.shutdown()
-
-
-class _JobRef:
-    def __init__(self, job_id: str):
-        self.id = job_id
 
 
 _runtime: WorkerRuntime | None = None

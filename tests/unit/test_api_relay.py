@@ -11,6 +11,7 @@ import pytest
 
 from app import create_app
 from config.settings import Settings
+from jobs.models import model_entry
 from jobs.records import JobError, JobResult, Usage
 from tests.conftest import REDIS_URL
 from workers.job_runner import JobEvents
@@ -35,6 +36,9 @@ def make_client(redis_client):
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
         holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
+        # Advertise the model, as a worker's heartbeat would, so requests are routed to "its" queue.
+        holder["app"].extensions["chat_service"].store.heartbeat(
+            "scripted-worker", {"model_id": settings.served_model_name}, ttl_s=60, model=model_entry(settings))
         return holder["app"].test_client()
 
     yield make
