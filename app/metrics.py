@@ -1,0 +1,414 @@
+"""Prometheus metrics of the API: `GET /metrics`, the functions the request path calls, and timing headers.
+
+Several gunicorn worker processes (`make run` starts 2) serve the API, and a scrape reaches only one of
+them, so what each process counts must be summed over all of them. Two kinds of metric:
+
+* Counted by the API processes (requests, errors, latencies, tokens): prometheus_client's multiprocess mode.
+  Each process writes its counters and histograms to its own memory-mapped files in one shared directory,
+  and a scrape sums every file there. The directory is `{METRICS_DIR}/parent-{pid}-{start}`: one per
+  gunicorn master (the workers' parent process), created empty when its first worker starts, so a restart
+  of the API begins at zero while a restarted worker (same master) keeps adding to the master's totals.
+  Directories of masters that are gone are deleted then too. No fixed directory is wiped, so two servers
+  (`make run` and the tests' API) never clean each other's files. PROMETHEUS_MULTIPROC_DIR, if set, is used
+  as is (whoever sets it cleans it); one that this code set itself and a child process inherited is not
+  (LLMQ_METRICS_DIR_IN_USE tells them apart). Only counters and histograms live in these files, no live
+  gauges, so nothing needs `mark_process_dead`.
+* State that lives elsewhere (queue depths, jobs by state, worker load): read from Redis at scrape time by a
+  custom collector: O(1)/O(log n) commands, pipelined (four round trips, whatever the load). Every API
+  process gives the same answer.
+
+`/metrics` needs no API key by default, like `/health` and `/ready` (it shows counts, never content or
+keys); set METRICS_REQUIRE_AUTH=true to require one of API_KEYS. METRICS_ENABLED=false removes the route and
+makes every function here a no-op.
+
+Wiring (see each function's docstring): `setup_metrics(app, settings, jobs)` in create_app counts every
+request and error response; serving calls `StreamTimer` (streams) and `observe_completion` (non-stream) for
+latencies and tokens, `observe_error` for errors sent inside a stream, and `timing_headers` for headers.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+
+from config.logging import unbind_job
+from jobs.telemetry import JOB_STATES, JobTelemetry, aggregate_workers, queue_depths
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("app.access")
+
+metrics_bp = Blueprint("metrics", __name__)
+
+# Seconds, 1 ms to 60 s.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                   10.0, 20.0, 30.0, 60.0)
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_LABEL_OK = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_QUIET_RULES = frozenset({"/metrics", "/health", "/ready"})  # probes: their access lines go at DEBUG
+
+
+# --- process-wide state: the metric objects exist once per process, after multiprocess mode is set up
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter("llmq_http_requests", "HTTP requests by route (URL rule), method and status.",
+                                ["endpoint", "method", "status"], registry=None)
+        self.errors = Counter("llmq_errors", "Errors sent to clients, by error code: error responses and "
+                                             "error events inside streams.", ["code"], registry=None)
+        self.ttft = Histogram("llmq_time_to_first_token_seconds", "Time from the request's arrival to its "
+                              "first content token.", buckets=LATENCY_BUCKETS, registry=None)
+        self.itl = Histogram("llmq_inter_token_latency_seconds", "Time between consecutive content deltas "
+                             "of a stream, as relayed by the API.", buckets=LATENCY_BUCKETS, registry=None)
+        self.e2e = Histogram("llmq_e2e_request_latency_seconds", "Time from a chat completion's arrival to "
+                             "its last byte (completed requests).", ["stream"], buckets=LATENCY_BUCKETS,
+                             registry=None)
+        for stream in ("true", "false"):  # both series exist (at 0) from the start
+            self.e2e.labels(stream)
+        self.prompt_tokens = Counter("llmq_prompt_tokens", "Prompt tokens of completed chat completions.",
+                                     registry=None)
+        self.completion_tokens = Counter("llmq_generation_tokens", "Tokens generated for completed chat "
+                                         "completions.", registry=None)
+
+
+_lock = threading.Lock()
+_OWN_DIR_ENV = "LLMQ_METRICS_DIR_IN_USE"  # marks a PROMETHEUS_MULTIPROC_DIR that init_multiprocess chose
+_metrics: Optional[_Metrics] = None
+_metrics_dir: Optional[str] = None
+
+
+def _proc_start_time(pid: int) -> str:
+    """A process's start time (clock ticks since boot, from /proc): with the pid, a unique process id."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start == "0" or _proc_start_time(pid) == start
+
+
+def _server_dir(base: Path) -> Path:
+    """This server's directory under `base` (created), after deleting those of servers that are gone."""
+    base.mkdir(parents=True, exist_ok=True)
+    parent = os.getppid()
+    mine = base / f"parent-{parent}-{_proc_start_time(parent)}"
+    with open(base / ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # workers of one master start together: one at a time here
+        for entry in base.iterdir():
+            match = re.fullmatch(r"parent-(\d+)-(\d+)", entry.name)
+            if entry != mine and entry.is_dir() and match and not _alive(int(match[1]), match[2]):
+                shutil.rmtree(entry, ignore_errors=True)
+        mine.mkdir(exist_ok=True)
+    return mine
+
+
+def init_multiprocess(metrics_dir: str) -> str:
+    """Put this process in prometheus_client's multiprocess mode (once) and create the metric objects;
+    returns the directory its files go to. Later calls return the first call's directory."""
+    global _metrics, _metrics_dir
+    with _lock:
+        if _metrics is not None:
+            return _metrics_dir
+        from prometheus_client import values
+
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path and path != os.environ.get(_OWN_DIR_ENV):  # set by the operator: used as is
+            Path(path).mkdir(parents=True, exist_ok=True)
+        else:  # unset, or inherited from a process that computed its own (e.g. a test run spawning servers)
+            try:
+                path = str(_server_dir(Path(metrics_dir).resolve()))
+            except OSError as exc:  # e.g. a read-only checkout: a per-user temporary directory instead
+                fallback = Path(tempfile.gettempdir()) / f"llmq-prometheus-{os.getuid()}"
+                log.warning("metrics: cannot use %s (%s); using %s", metrics_dir, exc, fallback)
+                path = str(_server_dir(fallback))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # read by prometheus_client when it opens files
+            os.environ[_OWN_DIR_ENV] = path
+        if not getattr(values.ValueClass, "_multiprocess", False):
+            values.ValueClass = values.MultiProcessValue()  # metrics created from now on are file-backed
+        _metrics_dir = path
+        _metrics = _Metrics()
+        return path
+
+
+def multiprocess_dir() -> Optional[str]:
+    return _metrics_dir
+
+
+# --- the functions the request path calls (all no-ops until setup_metrics ran, or when metrics are off)
+def _label(value, default: str = "other") -> str:
+    value = str(value) if value is not None else ""
+    return value if _LABEL_OK.match(value) else default
+
+
+def observe_request(endpoint: str, status: int, method: str = "GET") -> None:
+    """Count one HTTP request. The after_request hook calls it for every request: do not call it again."""
+    if _metrics is not None:
+        _metrics.requests.labels(endpoint, method if method in _METHODS else "other", str(int(status))).inc()
+
+
+def observe_error(code: Optional[str]) -> None:
+    """Count one error sent to a client. The after_request hook calls it for every error response (status
+    >= 400, the code read from its OpenAI-shaped body); call it yourself only for an error that is not an
+    error response: the `data: {"error": ...}` event of a stream (the code of that error, `job_cancelled`
+    for a cancellation)."""
+    if _metrics is not None:
+        _metrics.errors.labels(_label(code)).inc()
+
+
+def observe_ttft(seconds: float) -> None:
+    if _metrics is not None and seconds is not None:
+        _metrics.ttft.observe(max(0.0, seconds))
+
+
+def observe_itl(seconds: Iterable[float]) -> None:
+    if _metrics is not None:
+        for gap in seconds:
+            _metrics.itl.observe(max(0.0, gap))
+
+
+def observe_tokens(prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    if _metrics is not None:
+        if prompt_tokens:
+            _metrics.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            _metrics.completion_tokens.inc(completion_tokens)
+
+
+def observe_stream(ttft_s: Optional[float], itl_list_s: Iterable[float], e2e_s: Optional[float],
+                   prompt_tokens: int = 0, completion_tokens: int = 0, stream: bool = True) -> None:
+    """Record one finished chat completion at once: TTFT (None: unknown), the gaps between its deltas,
+    end-to-end latency, and its tokens. `StreamTimer` calls the same pieces as a stream goes along."""
+    if _metrics is None:
+        return
+    if ttft_s is not None:
+        observe_ttft(ttft_s)
+    observe_itl(itl_list_s or ())
+    if e2e_s is not None:
+        _metrics.e2e.labels("true" if stream else "false").observe(max(0.0, e2e_s))
+    observe_tokens(prompt_tokens, completion_tokens)
+
+
+def request_start() -> float:
+    """time.monotonic() when the current request arrived (set by the before_request hook); now outside one."""
+    if has_request_context():
+        return g.get("llmq_request_start") or time.monotonic()
+    return time.monotonic()
+
+
+class StreamTimer:
+    """Latencies of one streamed completion, as the API relays it:
+
+        timer = StreamTimer()          # in the view (the request's arrival time is taken from the hook)
+        timer.delta()                  # each content delta sent (TTFT at the first, ITL after)
+        timer.done(event.usage)        # the `done` event: end-to-end latency and tokens
+    """
+
+    def __init__(self, start: Optional[float] = None):
+        self.start = request_start() if start is None else start
+        self.last: Optional[float] = None
+        self.finished = False
+
+    def delta(self, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.last is None:
+            observe_ttft(now - self.start)
+        else:
+            observe_itl((now - self.last,))
+        self.last = now
+
+    def done(self, usage=None, now: Optional[float] = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        now = time.monotonic() if now is None else now
+        prompt = getattr(usage, "prompt_tokens", 0) if usage is not None else 0
+        completion = getattr(usage, "completion_tokens", 0) if usage is not None else 0
+        observe_stream(None, (), now - self.start, prompt, completion, stream=True)
+
+
+def observe_completion(record, start: Optional[float] = None) -> None:
+    """A finished non-stream completion, from its final job record: end-to-end latency (from the request's
+    arrival), TTFT when the worker stamped `first_token_at`, and tokens."""
+    if _metrics is None:
+        return
+    start = request_start() if start is None else start
+    first = getattr(record, "first_token_at", None)
+    ttft = first - record.created_at if first and record.created_at else None
+    usage = record.result.usage if getattr(record, "result", None) is not None else None
+    observe_stream(ttft, (), time.monotonic() - start, usage.prompt_tokens if usage else 0,
+                   usage.completion_tokens if usage else 0, stream=False)
+
+
+# --- timing headers
+def timing_headers(record) -> dict[str, str]:
+    """Headers from a job record: `x-queue-time-ms` (started_at - created_at), `x-time-to-first-token-ms`
+    (first_token_at - created_at, when the worker stamped it) and, for a finished job with a result,
+    `x-tokens-per-second` (completion tokens / (finished_at - started_at): the job's generation rate on its
+    worker, prefill included). Only what is known is included. A stream's headers leave before any of it is
+    known, so this is for non-stream responses (and job objects)."""
+    headers: dict[str, str] = {}
+    created, started = getattr(record, "created_at", None), getattr(record, "started_at", None)
+    first, finished = getattr(record, "first_token_at", None), getattr(record, "finished_at", None)
+    if created and started:
+        headers["x-queue-time-ms"] = f"{max(0.0, started - created) * 1000:.1f}"
+    if created and first:
+        headers["x-time-to-first-token-ms"] = f"{max(0.0, first - created) * 1000:.1f}"
+    result = getattr(record, "result", None)
+    if result is not None and started and finished and finished > started:
+        headers["x-tokens-per-second"] = f"{result.usage.completion_tokens / (finished - started):.2f}"
+    return headers
+
+
+# --- scrape-time state from Redis
+class RedisStateCollector:
+    """Queue depths, jobs by state and worker load, read from Redis when /metrics is scraped."""
+
+    def __init__(self, settings, store):
+        self.settings = settings
+        self.store = store
+        self.telemetry = JobTelemetry(store.redis, settings.redis_prefix, settings.job_ttl_s)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = 1
+        try:
+            queues = {"interactive": self.settings.interactive_queue, "batch": self.settings.batch_queue}
+            depths = queue_depths(self.store.redis, queues.values())
+            depth = GaugeMetricFamily("llmq_queue_depth", "Jobs waiting in each queue (Redis list length).",
+                                      labels=["queue", "name"])
+            for role, name in queues.items():
+                depth.add_metric([role, name], depths.get(name, 0))
+            yield depth
+
+            current, entered = self.telemetry.job_counts()
+            jobs = GaugeMetricFamily("llmq_jobs", "Jobs in each state now (terminal states: those whose "
+                                     "records have not expired, i.e. finished within JOB_TTL_S).",
+                                     labels=["state"])
+            transitions = CounterMetricFamily("llmq_job_state_transitions", "Jobs that entered each state.",
+                                              labels=["state"])
+            for state in JOB_STATES:
+                jobs.add_metric([state], current[state])
+                transitions.add_metric([state], entered[state])
+            yield jobs
+            yield transitions
+
+            load = aggregate_workers(self.store.live_workers())
+            for name, help_text, value in (
+                    ("llmq_workers", "Live model workers (fresh heartbeats).", load["workers"]),
+                    ("llmq_running_sequences", "Sequences being decoded, over all workers.", load["running"]),
+                    ("llmq_waiting_sequences", "Sequences waiting in the engines, over all workers.",
+                     load["waiting"]),
+                    ("llmq_kv_blocks_used", "KV-cache blocks in use, over all workers.", load["kv_blocks_used"]),
+                    ("llmq_kv_blocks_capacity", "KV-cache blocks, over all workers.", load["kv_blocks_total"])):
+                yield GaugeMetricFamily(name, help_text, value=value)
+            usage = load["kv_blocks_used"] / load["kv_blocks_total"] if load["kv_blocks_total"] else 0.0
+            yield GaugeMetricFamily("llmq_kv_cache_usage_ratio", "Used / total KV-cache blocks, over all "
+                                    "workers (0 to 1).", value=usage)
+        except Exception as exc:  # Redis away: the scrape still answers, with the process-local metrics
+            log.warning("metrics: reading Redis failed: %s", type(exc).__name__)
+            up = 0
+        yield GaugeMetricFamily("llmq_redis_up", "1 when the last scrape could read Redis.", value=up)
+
+
+# --- Flask: the route and the hooks
+@metrics_bp.get("/metrics")
+def metrics_endpoint():
+    from prometheus_client.exposition import choose_encoder
+
+    settings = current_app.config["SETTINGS"]
+    if settings.metrics_require_auth:
+        from app.auth import check_bearer
+        check_bearer(settings.api_keys)
+    # The classic text format (0.0.4) unless the scraper asks for OpenMetrics or a newer text version.
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encoder(current_app.extensions["metrics_registry"]), status=200, content_type=content_type)
+
+
+def setup_metrics(app: Flask, settings=None, store=None) -> None:
+    """Call once in create_app, after the JobStore exists. Registers the request hooks (request start time,
+    clearing a stale job id from the logging context, counting every request and error response, one access
+    log line) and, when METRICS_ENABLED, multiprocess mode and the `/metrics` route."""
+    settings = settings or app.config["SETTINGS"]
+    app.before_request(_before_request)
+    if not settings.metrics_enabled:
+        app.after_request(_access_log)
+        return
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if store is None:
+        from jobs.store import JobStore
+        store = JobStore.from_settings(settings)
+    path = init_multiprocess(settings.metrics_dir)
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=path)
+    registry.register(RedisStateCollector(settings, store))
+    app.extensions["metrics_registry"] = registry
+    app.register_blueprint(metrics_bp)
+    app.after_request(_count_request)
+    app.after_request(_access_log)
+
+
+def _before_request() -> None:
+    g.llmq_request_start = time.monotonic()
+    # A gevent worker serves a keep-alive connection's requests one after another in one greenlet: a job
+    # id bound by the previous request must not tag this one's log lines.
+    unbind_job()
+
+
+def _endpoint() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else "unmatched"  # the rule, never the raw path: bounded labels
+
+
+def _error_code(response) -> str:
+    code = None
+    if response.is_json and not response.is_streamed:
+        body = response.get_json(silent=True)
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            code = body["error"].get("code") or body["error"].get("type")
+    return _label(code, default=f"http_{response.status_code}")
+
+
+def _count_request(response):
+    try:
+        observe_request(_endpoint(), response.status_code, request.method)
+        if response.status_code >= 400:
+            observe_error(_error_code(response))
+    except Exception:
+        log.debug("metrics: counting a request failed", exc_info=True)
+    return response
+
+
+def _access_log(response):
+    try:
+        endpoint = _endpoint()
+        level = logging.DEBUG if endpoint in _QUIET_RULES else logging.INFO
+        if access_log.isEnabledFor(level):
+            started = g.get("llmq_request_start")
+            access_log.log(level, "%s %s %s", request.method, endpoint, response.status_code, extra={
+                "method": request.method, "endpoint": endpoint, "path": request.path,
+                "status": response.status_code,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1) if started else None})
+    except Exception:
+        pass
+    return response
