@@ -131,8 +131,9 @@ def run_job(engine: Engine, tokenizer, events: JobEvents, record: JobRecord, pub
         events.delta(assembler.finish(), [])
         return _complete(events, record, assembler, "length")
 
+    priority = 1 if record.kind == "batch" else 0  # batch work never delays interactive admission
     stream = engine.submit(EngineRequest(record.id, request.prompt_token_ids + published.token_ids,
-                                         sampling_params(record), remaining))
+                                         sampling_params(record), remaining, priority))
     cancel_requested = False
     finish_reason = None
     try:

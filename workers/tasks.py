@@ -29,6 +29,7 @@ class WorkerRuntime:
     and a housekeeping thread (heartbeat, lease renewal, and the reaper that requeues dead workers' jobs)."""
 
     def __init__(self):
+        from workers.engine.config import EngineConfig
         from workers.engine.engine import Engine
         from workers.model_loader import load_model
 
@@ -42,7 +43,11 @@ class WorkerRuntime:
         log.info("serving model %s on %s (%s); loaded in %.1f s", loaded.name, loaded.device, loaded.reason,
                  time.perf_counter() - started)
         self.model_name = loaded.name
-        self.engine = Engine(loaded.model, loaded.device, eos_token_id=self.tokenizer.eos_id)
+        self.engine = Engine(loaded.model, loaded.device, eos_token_id=self.tokenizer.eos_id,
+                             config=EngineConfig.from_settings(self.settings))
+        warmup_started = time.perf_counter()
+        self.engine.warmup()  # now, not on a user's request (CUDA graphs are captured here on a GPU)
+        log.info("engine warmed up in %.1f s", time.perf_counter() - warmup_started)
         self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()

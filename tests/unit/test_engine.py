@@ -1,15 +1,29 @@
-"""The engine on its own, with the real tiny model: greedy output equals Hugging Face `generate()`, seeds
-reproduce, EOS / max_tokens / cancel end a request with the right reason."""
+"""The engine on its own, with the real tiny model: greedy output equals Hugging Face `generate()` (alone and
+batched with staggered arrivals and chunked prompts), seeds reproduce whatever the batch, EOS / max_tokens /
+cancel end a request with the right reason, a small KV cache makes requests wait (or preempts) and they still
+finish right, a request larger than the cache gets an error."""
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
+from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine, EngineRequest
 from workers.engine.sampling import SamplingParams
 from workers.model_loader import build_tiny_random
 
 EOS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and far faster on a busy shared CPU (no spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +105,272 @@ def test_bad_request_reports_error_and_engine_survives(engine):
     tokens, reason = run(engine, [1, 10**6], 3, request_id="bad")  # token id outside the vocabulary
     assert reason == "error"
     assert run(engine, [1, 733], 2, request_id="good", temperature=0.0)[1] == "length"
+
+
+# --- continuous batching over the paged KV cache
+
+def start(engine, request_id, prompt, max_tokens, **sampling):
+    """Submit and collect the stream on a thread; returns (result dict, first-output event, thread)."""
+    stream = engine.submit(EngineRequest(request_id, prompt, SamplingParams(**sampling), max_tokens))
+    result = {"tokens": [], "reason": None, "error": None}
+    first = threading.Event()
+
+    def collect():
+        for output in stream:
+            result["tokens"] += output.token_ids
+            result["reason"], result["error"] = output.finish_reason, output.error
+            first.set()
+        first.set()
+
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    return result, first, thread
+
+
+def finish_all(threads, timeout=120):
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a request never finished"
+
+
+def expected_greedy(model, prompt, max_tokens, eos=EOS):
+    expected = hf_greedy(model, prompt, max_tokens)
+    if eos in expected:
+        expected = expected[:expected.index(eos) + 1]
+    return expected
+
+
+def prompts_of(lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 32000, (n - 1,), generator=gen).tolist() for n in lengths]
+
+
+def test_staggered_batch_matches_hf_generate(model):
+    """16 requests of 3..300 prompt tokens arrive one by one while the earlier ones decode; prompts are chunked
+    (64 tokens a step). Each one's greedy output equals generate() run alone."""
+    lengths = [3, 300, 17, 64, 65, 128, 5, 250, 33, 190, 7, 99, 150, 12, 280, 45]
+    prompts = prompts_of(lengths)
+    max_tokens = [20 + (i % 5) * 3 for i in range(len(prompts))]
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                    config=EngineConfig(prefill_chunk_tokens=64, max_num_seqs=16))
+    try:
+        runs = []
+        for i, prompt in enumerate(prompts):
+            runs.append(start(engine, f"s{i}", prompt, max_tokens[i], temperature=0.0))
+            runs[-1][1].wait(60)  # the next arrives once this one streams, while the others decode
+        finish_all([thread for _, _, thread in runs])
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    generated = 0
+    for (result, _, _), prompt, n in zip(runs, prompts, max_tokens):
+        expected = expected_greedy(model, prompt, n)
+        assert result["tokens"] == expected, f"prompt of {len(prompt)} tokens"
+        assert result["reason"] == ("stop" if expected[-1] == EOS else "length")
+        generated += len(expected)
+    # Batched: far fewer steps than tokens (one request at a time needs one step per token, plus chunks).
+    assert stats["steps"] < generated * 0.6
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def reference_sample(model, prompt, max_tokens, params: SamplingParams):
+    """Slow reference: the whole sequence through Hugging Face each step, then sampling.py on the last logits."""
+    from workers.engine.sampling import apply_penalties, make_generator, sample, sampling_tensors
+    temperature, top_p, frequency, presence = sampling_tensors([params], "cpu")
+    generator = make_generator(params.seed, "cpu")
+    counts = torch.zeros(1, model.config.vocab_size)
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([tokens])).logits[:, -1, :].float()
+            logits = apply_penalties(logits, counts, frequency, presence)
+            token = int(sample(logits, temperature, top_p, [generator])[0])
+            counts[0, token] += 1
+            tokens.append(token)
+            if token == EOS:
+                break
+    return tokens[len(prompt):]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, engine):
+    prompt = [1, 733, 16289, 28793, 22557]
+    params = dict(temperature=1.0, top_p=0.9, seed=7, frequency_penalty=0.5, presence_penalty=0.3)
+    alone_a, _ = run(engine, prompt, 25, request_id="alone-a", **params)
+    alone_b, _ = run(engine, prompt, 25, request_id="alone-b", **params)
+    others = [start(engine, f"o{i}", p, 30, temperature=0.8 * (i % 3), seed=i, presence_penalty=0.2 * (i % 2))
+              for i, p in enumerate(prompts_of([4, 90, 30, 200, 11, 60], seed=3))]
+    together = start(engine, "together", prompt, 25, **params)
+    finish_all([thread for _, _, thread in others] + [together[2]])
+    assert alone_a == alone_b == together[0]["tokens"]
+    assert alone_a == reference_sample(model, prompt, 25, SamplingParams(**params))
+
+
+def test_cancel_leaves_the_batch_and_frees_its_blocks(model):
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=64))
+    try:
+        prompt = prompts_of([40], seed=5)[0]
+        keep, _, keep_thread = start(engine, "keep", prompt, 40, temperature=0.0)
+        stream = engine.submit(EngineRequest("drop", prompts_of([70], seed=6)[0], SamplingParams(temperature=0.0),
+                                             100000))
+        first = next(iter(stream))
+        assert first.finish_reason is None
+        used = engine.stats()["kv_blocks_used"]
+        assert used >= 5  # 70 prompt tokens: 5 blocks of 16
+        engine.cancel("drop")
+        outputs = stream.next_outputs(timeout=30)
+        while outputs[-1].finish_reason is None:
+            outputs = stream.next_outputs(timeout=30)
+        assert outputs[-1].finish_reason == "cancelled"
+        finish_all([keep_thread])
+        stats = engine.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+    finally:
+        engine.shutdown()
+    assert keep["tokens"] == expected_greedy(model, prompt, 40)
+
+
+def test_small_cache_requests_wait_then_all_complete(model):
+    """10 blocks of 16 tokens hold about two requests at a time: the rest wait; decoding outgrows the cache, so
+    the newest running request is preempted and recomputed later. All finish and match generate()."""
+    lengths = [30, 45, 20, 60, 25, 50, 35, 40]
+    prompts = prompts_of(lengths, seed=9)
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                    config=EngineConfig(num_kv_blocks=10, prefill_chunk_tokens=48))
+    try:
+        runs = [start(engine, f"w{i}", p, 40, temperature=0.0) for i, p in enumerate(prompts)]
+        finish_all([thread for _, _, thread in runs])
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    for (result, _, _), prompt in zip(runs, prompts):
+        assert result["tokens"] == expected_greedy(model, prompt, 40)
+    assert engine.scheduler.num_preempted > 0
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_total"] == 10
+
+
+def test_request_larger_than_the_cache_gets_an_error(model):
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=4))
+    try:
+        tokens, reason = run(engine, prompts_of([64], seed=2)[0], 5, request_id="huge")  # 64 + 1 > 4 x 16
+        assert (tokens, reason) == ([], "error")
+        stream = engine.submit(EngineRequest("huge2", prompts_of([100])[0], SamplingParams(), 5))
+        final = list(stream)[-1]
+        assert final.finish_reason == "error" and "KV" in final.error
+        assert run(engine, [1, 733], 3, request_id="small", temperature=0.0)[1] == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_static_decode_path_matches_generate(model):
+    """The CUDA-graph decode path (padded batch, static buffers, null block) run eagerly on CPU."""
+    from workers.engine.model_runner import DecodeGraphs
+
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                    config=EngineConfig(max_model_len=1024, max_num_seqs=8))
+    try:
+        engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
+        prompts = prompts_of([5, 40, 17, 90, 3], seed=4)
+        runs = [start(engine, f"g{i}", p, 30, temperature=0.0) for i, p in enumerate(prompts)]
+        finish_all([thread for _, _, thread in runs])
+    finally:
+        engine.shutdown()
+    for (result, _, _), prompt in zip(runs, prompts):
+        assert result["tokens"] == expected_greedy(model, prompt, 30)
+
+
+def test_stats_and_config_from_settings():
+    from config.settings import Settings
+
+    config = EngineConfig.from_settings(Settings(max_num_seqs=8, kv_block_size=32, kv_cache_tokens=1000,
+                                                 prefill_chunk_tokens=128, max_model_len=4096))
+    assert (config.max_num_seqs, config.block_size, config.num_kv_blocks) == (8, 32, 32)
+    assert (config.prefill_chunk_tokens, config.max_model_len, config.max_blocks_per_seq) == (128, 4096, 128)
+    assert EngineConfig.from_settings(Settings(kv_cache_tokens=0)).num_kv_blocks is None
+    engine = Engine(build_tiny_random(), torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(kv_cpu_tokens=1000))
+    try:
+        engine.warmup()
+        assert engine.stats() == dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=63, steps=0)
+    finally:
+        engine.shutdown()
+
+
+def test_penalties_and_sampling_batched_with_preemption_match_reference():
+    """A 64-token vocabulary repeats tokens, so the penalties (per-slot output counts, rebuilt after preemption)
+    change the output; batched in a small cache that preempts, every request equals its slow reference."""
+    small = build_tiny_random(vocab_size=64)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (9, 30, 17, 41, 5, 24)]
+    params = [dict(temperature=0.0, frequency_penalty=1.5), dict(temperature=0.0, presence_penalty=2.0),
+              dict(temperature=0.9, top_p=0.8, seed=3, frequency_penalty=0.7, presence_penalty=0.4),
+              dict(temperature=1.2, seed=4), dict(temperature=0.0),
+              dict(temperature=0.7, seed=5, frequency_penalty=-0.5)]
+    engine = Engine(small, torch.device("cpu"), eos_token_id=EOS,
+                    config=EngineConfig(num_kv_blocks=9, block_size=8, prefill_chunk_tokens=16))
+    try:
+        runs = [start(engine, f"p{i}", p, 40, **kw) for i, (p, kw) in enumerate(zip(prompts, params))]
+        finish_all([thread for _, _, thread in runs])
+    finally:
+        engine.shutdown()
+    assert engine.scheduler.num_preempted > 0
+    for (result, _, _), prompt, kw in zip(runs, prompts, params):
+        assert result["tokens"] == reference_sample(small, prompt, 40, SamplingParams(**kw)), kw
+    unpenalized = reference_sample(small, prompts[0], 40, SamplingParams(temperature=0.0))
+    assert runs[0][0]["tokens"] != unpenalized  # the penalty mattered
+
+
+def test_argmax_rows_is_argmax():
+    from workers.engine.engine import argmax_rows
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 32000, generator=gen)
+    logits[1, 5000] = logits[1, 100] = 50.0          # ties: the first index wins, as with argmax
+    logits[2, 31999] = 60.0
+    logits[3, 127] = logits[3, 128] = 40.0           # a tie across the block boundary
+    logits[4, :] = -1.0                              # all equal
+    logits[5, 9] = float("inf")
+    assert argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert argmax_rows(logits).tolist()[1:5] == [100, 31999, 127, 0]
+    odd = torch.randn(3, 1000, generator=gen)        # not a multiple of the block: plain argmax
+    assert argmax_rows(odd).tolist() == odd.argmax(dim=-1).tolist()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=64))
+    try:
+        real_run, calls = engine.runner.run, []
+
+        def flaky_run(batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom")
+            return real_run(batch)
+
+        engine.runner.run = flaky_run
+        stream = engine.submit(EngineRequest("a", [1, 733], SamplingParams(temperature=0.0), 10))
+        outputs = list(stream)
+        assert [len(o.token_ids) for o in outputs] == [1, 1, 0] and outputs[-1].finish_reason == "error"
+        assert "boom" in outputs[-1].error and engine.stats()["kv_blocks_used"] == 0
+        assert run(engine, [1, 733], 4, request_id="b", temperature=0.0) == (expected_greedy(model, [1, 733], 4),
+                                                                             "length")
+
+        def broken_schedule():  # a bug in the bookkeeping: everyone fails, the engine starts afresh
+            raise RuntimeError("bookkeeping")
+
+        engine.scheduler.schedule = broken_schedule
+        tokens, reason = run(engine, [1, 733], 4, request_id="c", temperature=0.0)
+        assert (tokens, reason) == ([], "error")
+        assert run(engine, [1, 733], 4, request_id="d", temperature=0.0)[1] == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_every_request(model):
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=64))
+    stream = engine.submit(EngineRequest("forever", [1, 733], SamplingParams(temperature=0.0), 10**9))
+    next(iter(stream))
+    engine.shutdown()
+    assert [o.finish_reason for o in stream][-1] == "error"
+    late = engine.submit(EngineRequest("late", [1, 733], SamplingParams(), 3))
+    assert list(late)[-1].finish_reason == "error"
+    with pytest.raises(RuntimeError):
+        engine.warmup()

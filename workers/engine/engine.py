@@ -1,11 +1,12 @@
 """The engine: token ids in, token ids out, behind a small interface that the worker task uses.
 
-    stream = engine.submit(EngineRequest(...))   # returns at once
+    stream = engine.submit(EngineRequest(...))   # returns at once, from any thread
     for output in stream: ...                     # new token ids, then a finish reason
-    engine.cancel(request_id)                     # leaves at the next step
+    engine.cancel(request_id)                     # leaves the batch at the next step, its KV blocks freed
 
-One engine thread owns the model; callers only touch queues. This version runs one sequence at a time;
-text (detokenizing, stop strings) and Redis stay with the caller, off the decode loop.
+One engine thread owns the model and runs `step()` in a loop: continuous batching over a paged KV cache
+(scheduler.py decides who runs, model_runner.py runs them, sampling.py picks the tokens). Callers only touch
+queues; text (detokenizing, stop strings) and Redis stay with the caller, off the decode loop.
 """
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from workers.engine import model_runner
-from workers.engine.sampling import SamplingParams, apply_penalties, make_generator, sample, sampling_tensors
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.model_runner import ModelRunner
+from workers.engine.sampling import SamplingParams, apply_penalties, make_generator, sample
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "EngineOutput", "EngineRequest", "RequestStream"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     max_tokens: int
+    priority: int = 0  # lower is admitted first: interactive 0, batch 1
 
 
 @dataclass(frozen=True)
@@ -67,74 +75,241 @@ class RequestStream:
         return outputs
 
 
+def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
+    slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
+    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
+    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
+    return first * block + inside
+
+
 class Engine:
-    def __init__(self, model, device: torch.device, eos_token_id: int):
+    def __init__(self, model, device: torch.device, eos_token_id: int, config: Optional[EngineConfig] = None):
         self.model = model
-        self.device = device
+        self.device = torch.device(device)
         self.eos_token_id = eos_token_id
+        self.config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
-        self._waiting: "queue.Queue[Optional[RequestStream]]" = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
+        self.runner = ModelRunner(model, self.device, self.config)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        # Penalty bookkeeping: counts of each generated token id, one row per batch slot.
+        self.output_counts = torch.zeros(self.config.max_num_seqs, self.vocab_size, device=self.device)  # [slots, V]
+        self._steps = 0
+        # Shared with other threads, under _cond.
+        self._cond = threading.Condition()
+        self._new: list[Sequence] = []
+        self._cancels: list[str] = []
+        self._calls: list[tuple[Callable[[], None], "queue.Queue[Optional[BaseException]]"]] = []
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    # --- the interface
+    # --- the interface (any thread)
     def submit(self, request: EngineRequest) -> RequestStream:
         stream = RequestStream(request)
-        self._waiting.put(stream)
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling, request.max_tokens, stream,
+                       priority=request.priority)
+        with self._cond:
+            if self._stopping:
+                stream.put(EngineOutput([], "error", error="the engine is shut down"))
+                return stream
+            self._new.append(seq)
+            self._cond.notify()
         return stream
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
+        with self._cond:
+            self._cancels.append(request_id)
+            self._cond.notify()
+
+    def warmup(self) -> None:
+        """Start-up work on the engine thread (a dummy step; CUDA-graph capture on GPU). Call it once, before
+        serving: it blocks until done."""
+        self._call_in_engine_thread(self.runner.warmup)
+
+    def stats(self) -> dict:
+        """A read-only snapshot for metrics (racy by a step at most)."""
+        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._new),
+                    kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks, steps=self._steps)
 
     def shutdown(self) -> None:
-        self._waiting.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
         self._thread.join(timeout=10)
 
-    # --- inside
-    def _take_cancel(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id in self._cancelled:
-                self._cancelled.discard(request_id)
-                return True
-            return False
-
+    # --- the engine thread
     def _loop(self) -> None:
-        while (stream := self._waiting.get()) is not None:
+        while True:
+            with self._cond:
+                while not (self._new or self._cancels or self._calls or self._stopping
+                           or self.scheduler.has_unfinished()):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls, self._calls = self._calls, []
+            for fn, done in calls:
+                self._run_call(fn, done)
             try:
-                self._generate(stream)
-            except Exception as exc:  # one bad request must not kill the engine
-                log.exception("generation failed for %s", stream.request.request_id)
-                stream.put(EngineOutput([], "error", error=f"{type(exc).__name__}: {exc}"))
-            with self._lock:  # a cancel that arrived after the end must not linger
-                self._cancelled.discard(stream.request.request_id)
+                if not self.step() and self.scheduler.has_unfinished():
+                    with self._cond:  # nothing could run (should not happen): do not spin
+                        self._cond.wait(0.01)
+            except Exception as exc:  # a bug outside the model call: fail everyone rather than loop on it
+                log.exception("engine step failed; failing every request and starting afresh")
+                self._reset(exc)
+        self._close()
 
-    def _generate(self, stream: RequestStream) -> None:
-        request = stream.request
-        if self._take_cancel(request.request_id):
-            stream.put(EngineOutput([], "cancelled"))
-            return
-        temperature, top_p, frequency, presence = sampling_tensors([request.sampling], self.device)
-        generators = [make_generator(request.sampling.seed, self.device)]
-        output_counts = torch.zeros(1, self.vocab_size, device=self.device)  # [1, V]
-        cache = model_runner.new_cache()
-        prompt = torch.tensor([request.prompt_token_ids], device=self.device)  # [1, T]
-        logits = model_runner.prefill(self.model, prompt, cache)              # [1, V]
-        for step in range(request.max_tokens):
-            logits = apply_penalties(logits, output_counts, frequency, presence)
-            token = sample(logits, temperature, top_p, generators)             # [1]
-            token_id = int(token.item())
-            output_counts[0, token_id] += 1
-            if token_id == self.eos_token_id:
-                stream.put(EngineOutput([token_id], "stop"))
-                return
-            if step + 1 == request.max_tokens:
-                stream.put(EngineOutput([token_id], "length"))
-                return
-            if self._take_cancel(request.request_id):
-                stream.put(EngineOutput([token_id], "cancelled"))
-                return
-            stream.put(EngineOutput([token_id]))
-            logits = model_runner.decode_one_token(self.model, token.view(1, 1), cache)
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to run."""
+        self._intake()
+        batch = self.scheduler.schedule()
+        self._end(batch.ended)
+        if batch.is_empty:
+            return False
+        sampled = batch.sampled()
+        try:
+            self._reset_slots(batch.admitted)
+            tokens = self._sample(sampled, self.runner.run(batch))
+        except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
+            log.exception("engine step failed for %d sequences", len(batch.decode) + len(batch.prefill))
+            self._fail(batch.decode + batch.prefill, exc)
+            return True
+        self._postprocess(batch, sampled, tokens)
+        self._steps += 1
+        return True
+
+    def _intake(self) -> None:
+        with self._cond:
+            new, self._new = self._new, []
+            cancels, self._cancels = self._cancels, []
+        for seq in new:
+            error = self._invalid(seq) or self.scheduler.check(seq)
+            if error:
+                seq.stream.put(EngineOutput([], "error", error=error))
+            elif seq.max_tokens <= 0:
+                seq.stream.put(EngineOutput([], "length"))
+            else:
+                self.scheduler.add(seq)
+        for request_id in cancels:
+            for seq in self.scheduler.abort(request_id):
+                seq.stream.put(EngineOutput([], "cancelled"))
+
+    def _invalid(self, seq: Sequence) -> Optional[str]:
+        ids = seq.token_ids
+        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            return f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})"
+        return None
+
+    def _reset_slots(self, admitted: list[Sequence]) -> None:
+        """Fresh per-slot state for (re)admitted sequences: penalty counts of the outputs so far."""
+        for seq in admitted:
+            if seq.penalized:
+                row = self.output_counts[seq.slot]
+                row.zero_()
+                if seq.num_output_tokens:  # back from preemption
+                    ids = torch.tensor(seq.output_token_ids, device=self.device)
+                    row.index_add_(0, ids, torch.ones(len(ids), device=self.device))
+
+    def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row of logits [S, V]; greedy rows by argmax, the others each from its own generator."""
+        if not sampled:
+            return []
+        penalized = [i for i, s in enumerate(sampled) if s.penalized]
+        if penalized:
+            penalized_rows = torch.tensor(penalized, device=self.device)
+            slots = torch.tensor([sampled[i].slot for i in penalized], device=self.device)
+            frequency = torch.tensor([sampled[i].sampling.frequency_penalty for i in penalized], device=self.device)
+            presence = torch.tensor([sampled[i].sampling.presence_penalty for i in penalized], device=self.device)
+            logits = logits.clone()
+            logits[penalized_rows] = apply_penalties(logits[penalized_rows], self.output_counts[slots], frequency,
+                                                     presence)
+        tokens = argmax_rows(logits)                                       # [S]
+        random = [i for i, s in enumerate(sampled) if not s.greedy]
+        if random:
+            seqs = [sampled[i] for i in random]
+            for seq in seqs:
+                if seq.generator is None:
+                    seq.generator = make_generator(seq.sampling.seed, self.device)
+            rows = torch.tensor(random, device=self.device)
+            temperature = torch.tensor([s.sampling.temperature for s in seqs], device=self.device)
+            top_p = torch.tensor([s.sampling.top_p for s in seqs], device=self.device)
+            tokens[rows] = sample(logits[rows], temperature, top_p, [s.generator for s in seqs])
+        if penalized:
+            self.output_counts.index_put_((slots, tokens[penalized_rows]),
+                                          torch.ones(len(penalized), device=self.device), accumulate=True)
+        return tokens.tolist()
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence], tokens: list[int]) -> None:
+        for seq in batch.decode:
+            seq.num_computed_tokens += 1
+        for seq, n in zip(batch.prefill, batch.prefill_lens):
+            seq.num_computed_tokens += n
+        max_len = self.config.max_model_len
+        for seq, token in zip(sampled, tokens):
+            seq.token_ids.append(token)
+            if token == self.eos_token_id:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
+                reason = "length"
+            else:
+                reason = None
+            if reason is not None:
+                self.scheduler.finish(seq)
+            seq.stream.put(EngineOutput([token], reason))
+
+    def _end(self, ended: list[tuple[Sequence, str, Optional[str]]]) -> None:
+        for seq, reason, error in ended:
+            if reason == "length":
+                log.warning("%s alone fills the KV cache (%d tokens): ended with 'length'", seq.request_id,
+                            seq.num_tokens)
+            seq.stream.put(EngineOutput([], reason, error=error))
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            seq.stream.put(EngineOutput([], "error", error=message))
+
+    def _reset(self, exc: BaseException) -> None:
+        """After an unexpected error the bookkeeping cannot be trusted: fail every request, start with an empty
+        scheduler and block manager."""
+        seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        for seq in seqs:
+            seq.stream.put(EngineOutput([], "error", error=f"{type(exc).__name__}: {exc}"))
+
+    def _call_in_engine_thread(self, fn: Callable[[], None]) -> None:
+        done: "queue.Queue[Optional[BaseException]]" = queue.Queue()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            self._calls.append((fn, done))
+            self._cond.notify()
+        error = done.get()
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _run_call(fn: Callable[[], None], done: "queue.Queue[Optional[BaseException]]") -> None:
+        try:
+            fn()
+            done.put(None)
+        except BaseException as exc:  # handed to the caller
+            done.put(exc)
+
+    def _close(self) -> None:
+        """Shutting down: every request still here ends with an error, pending calls are released."""
+        with self._cond:
+            new, self._new = self._new, []
+            calls, self._calls = self._calls, []
+        error = RuntimeError("the engine is shut down")
+        self._fail(list(self.scheduler.running) + list(self.scheduler.waiting) + new, error)
+        for _, done in calls:
+            done.put(error)

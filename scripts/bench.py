@@ -1,0 +1,911 @@
+"""Serving benchmark: what `vllm bench serve` reports (TTFT, TPOT, ITL as mean/p50/p99, output tokens/s,
+requests/s), over a sweep of concurrency levels, for four ways of generating with the same model:
+
+  hf_generate        Hugging Face `model.generate()`, one request at a time (the baseline): for concurrency c,
+                     c requests back to back (at most --hf-max-requests: 8 on CPU, 4 on CUDA); tokens
+                     timestamped by a streamer.
+  hf_generate_batch  transformers' own continuous batching, `model.generate_batch()` with all c requests at once.
+  engine             our engine in this process (workers/engine): a closed loop that keeps c requests in flight
+                     until N = max(c, --num-prompts) are done.
+  service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
+                     tiny model), started with scripts/stack.py and driven by the official `openai` AsyncOpenAI
+                     client with c concurrent streams, N requests in all.
+
+    python -m scripts.bench                        # CPU: tiny model, 128 in / 128 out, concurrency 1,8,32
+    python -m scripts.bench --quick                # a smoke run (small sizes)
+    python -m scripts.bench --device cuda          # GPU: random-weight Mistral-7B v0.2 shape in NF4, 1..256
+    python -m scripts.bench --model tiny7b --modes hf_generate,engine --quick   # the GPU code path, tiny, on CPU
+
+Output lengths are forced so every path does the same work: `min_new_tokens` for generate, EOS disabled for
+generate_batch and the engine (eos_token_id=-1). The service cannot be told to ignore EOS: a random-weight model
+rarely emits it, but if it does the request ends early; its output tokens are counted from the usage the
+stream reports (stream_options.include_usage), and the number of short requests is reported.
+
+Metrics follow vLLM's definitions: TTFT = first output - request start; TPOT = (latency - TTFT) / (tokens - 1)
+per request; ITL = time between consecutive outputs of a request (an SSE chunk or an engine output, which may
+carry more than one token); throughputs = totals / (last request end - first request start). Every throughput
+is also given as a ratio to hf_generate's tokens/s in the same run, and the service's to the engine's at the
+same concurrency. A table is printed and JSON written (default bench-results/bench-<device>-<time>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import queue
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("hf_generate", "hf_generate_batch", "engine", "service")
+GPU_DEFAULT_MODES = ("hf_generate", "hf_generate_batch", "engine")  # the service serves the tiny model on CPU only
+MODELS = ("tiny", "mistral7b", "tiny7b")
+
+# Mistral-7B-Instruct-v0.2's shape (random weights: its cost per token is the real model's), and a tiny stand-in
+# built by the same code, so the GPU path can be tried on a CPU.
+MISTRAL_7B_V02_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                            rope_theta=1e6, sliding_window=None, bos_token_id=1, eos_token_id=2,
+                            tie_word_embeddings=False)
+TINY_7B_SHAPE = dict(MISTRAL_7B_V02_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+PROMPT_SEED = 1234
+# Plain words for the service's text prompts (most are one token each for the Mistral tokenizer).
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will can more other time "
+         "some what only into could may then first any new these two like do over such our man me even most "
+         "made after also did many before must through back years where much your way well down should because "
+         "each just those people how too little state good very make world still own see men work long get here "
+         "between both life being under never day same another know while last might us great old year off come "
+         "since against go came right used take three").split()
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# --- one request's timeline, and the statistics over a level
+
+@dataclass
+class Req:
+    start: float                                      # perf_counter when the request was sent / submitted
+    times: list[float] = field(default_factory=list)  # arrival of each output carrying tokens
+    end: Optional[float] = None                       # the request's stream ended
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """numpy's default (linear interpolation between closest ranks)."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def stats_ms(values_s: list[float]) -> dict:
+    ms = [v * 1000 for v in values_s]
+    if not ms:
+        return dict(mean=None, p50=None, p99=None, n=0)
+    return dict(mean=sum(ms) / len(ms), p50=percentile(ms, 50), p99=percentile(ms, 99), n=len(ms))
+
+
+def summarize(mode: str, concurrency: int, reqs: list[Req], target_output: int, extra: Optional[dict] = None) -> dict:
+    done = [r for r in reqs if r.error is None and r.end is not None]
+    failed = [r for r in reqs if r not in done]
+    row = dict(mode=mode, concurrency=concurrency, status="ok", num_requests=len(reqs), completed=len(done),
+               failed=len(failed))
+    if failed:
+        row["errors"] = sorted({r.error or "no end" for r in failed})[:5]
+    if not done:
+        row.update(status="error", error=(row.get("errors") or ["no request completed"])[0])
+        return row
+    start = min(r.start for r in reqs)
+    end = max(r.end for r in done)
+    duration = max(end - start, 1e-9)
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_tokens for r in done)
+    ttft = [r.times[0] - r.start for r in done if r.times]
+    tpot = [(r.end - r.times[0]) / (r.output_tokens - 1) for r in done if r.times and r.output_tokens > 1]
+    itl = [b - a for r in done for a, b in zip(r.times, r.times[1:])]
+    e2el = [r.end - r.start for r in done]
+    reasons: dict[str, int] = {}
+    for r in done:
+        reasons[str(r.finish_reason)] = reasons.get(str(r.finish_reason), 0) + 1
+    row.update(duration_s=duration, input_tokens=in_tokens, output_tokens=out_tokens,
+               output_tok_s=out_tokens / duration, request_s=len(done) / duration,
+               total_tok_s=(in_tokens + out_tokens) / duration,
+               ttft_ms=stats_ms(ttft), tpot_ms=stats_ms(tpot), itl_ms=stats_ms(itl), e2el_ms=stats_ms(e2el),
+               finish_reasons=reasons, short_requests=sum(1 for r in done if r.output_tokens < target_output))
+    row.update(extra or {})
+    return row
+
+
+# --- environment
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-") or "cuda"
+
+
+def versions() -> dict:
+    out = dict(python=platform.python_version(), torch=torch.__version__)
+    for name in ("transformers", "bitsandbytes", "openai", "httpx"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(device=str(device), device_name=device_name(device), cpu_count=os.cpu_count(),
+               cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               torch_threads=torch.get_num_threads(), platform=platform.platform(), versions=versions())
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_memory_GiB=round(props.total_memory / 2**30, 1), gpu_sm_count=props.multi_processor_count)
+    return env
+
+
+def bnb_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# --- the model
+
+def quantize_nf4(model, device: torch.device) -> None:
+    """Replace every linear of the decoder layers by a bitsandbytes NF4 Linear4bit (bf16 compute, double-quantized
+    statistics), as transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant) would; lm_head stays bf16."""
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, module=q).to(device)
+                if linear.bias is not None:
+                    q.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+                setattr(parent, name, q)
+                del linear
+    free_memory(device)
+
+
+def build_model(kind: str, device: torch.device):
+    """(model, description). tiny: the service's tiny-random model (float32). mistral7b: random weights in
+    Mistral-7B-v0.2's shape, bf16 built on the device, then NF4 where CUDA and bitsandbytes are present. tiny7b:
+    the mistral7b code path with a tiny shape."""
+    started = time.perf_counter()
+    if kind == "tiny":
+        from workers.model_loader import build_tiny_random
+        model = build_tiny_random(device=str(device))
+        return model, dict(model="tiny-random (workers.model_loader.build_tiny_random)", dtype="float32",
+                           weights="float32", build_s=round(time.perf_counter() - started, 2))
+    from transformers import MistralConfig, MistralForCausalLM
+
+    shape = MISTRAL_7B_V02_SHAPE if kind == "mistral7b" else TINY_7B_SHAPE
+    config = MistralConfig(**shape)
+    default_dtype = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.eval()
+    sync(device)
+    info = dict(model=f"random-weight Mistral ({kind}: hidden {shape['hidden_size']}, "
+                      f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads, "
+                      f"{shape['num_key_value_heads']} KV heads, MLP {shape['intermediate_size']})",
+                dtype="bfloat16", init_s=round(time.perf_counter() - started, 2),
+                params_B=round(sum(p.numel() for p in model.parameters()) / 1e9, 4))
+    if device.type == "cuda" and bnb_available():
+        started = time.perf_counter()
+        quantize_nf4(model, device)
+        info.update(weights="bitsandbytes NF4 (compress_statistics, bf16 compute)",
+                    quantize_s=round(time.perf_counter() - started, 2),
+                    weights_GiB=round(torch.cuda.memory_allocated(device) / 2**30, 2))
+    else:
+        why = "not on CUDA" if device.type != "cuda" else "bitsandbytes is not importable"
+        info.update(weights=f"bf16 (no NF4: {why})")
+        if device.type == "cuda":
+            say(f"WARNING: {why}: the model stays bf16, not NF4")
+    return model, info
+
+
+def token_prompts(count: int, length: int) -> list[list[int]]:
+    """Deterministic random token ids in [100, 32000)."""
+    generator = torch.Generator().manual_seed(PROMPT_SEED)
+    return torch.randint(100, 32000, (count, length), generator=generator).tolist()
+
+
+def text_prompts(count: int, length: int) -> list[str]:
+    """Deterministic texts whose chat-formatted prompt (the API's tokenization) is about `length` tokens."""
+    from workers.chat_format import Message, encode_conversation
+
+    def tokens(words: list[str]) -> int:
+        return len(encode_conversation([Message("user", " ".join(words))]))
+
+    texts = []
+    for i in range(count):
+        rng = random.Random(PROMPT_SEED + i)
+        pool = [f"Request {i}:"] + [rng.choice(WORDS) for _ in range(2 * length + 16)]
+        n = max(1, length - 8)
+        for _ in range(12):  # a few corrections by the difference converge (words are ~1 token each)
+            diff = length - tokens(pool[:n])
+            if diff == 0:
+                break
+            n = min(len(pool), max(1, n + diff))
+        texts.append(" ".join(pool[:n]))
+    return texts
+
+
+# --- mode 1: model.generate(), one request at a time
+
+class TokenClock:
+    """A streamer for generate(): put() gets the prompt first, then each new token; we timestamp the tokens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.tokens = 0
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        now = time.perf_counter()
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(now)
+        self.tokens += 1
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def hf_generate_one(model, device, prompt: list[int], out_len: int) -> Req:
+    ids = torch.tensor([prompt], device=device)
+    clock = TokenClock()
+    req = Req(start=time.perf_counter(), prompt_tokens=len(prompt))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
+                         min_new_tokens=out_len, do_sample=False, pad_token_id=0, streamer=clock)
+    sync(device)
+    req.end = time.perf_counter()
+    req.times = clock.times
+    req.output_tokens = int(out.shape[1] - ids.shape[1])
+    req.finish_reason = "length" if req.output_tokens >= out_len else "stop"
+    return req
+
+
+def run_hf_generate(model, device, args, levels, prompts, record) -> None:
+    try:
+        for _ in range(2):  # warm-up: first calls pay one-time costs
+            hf_generate_one(model, device, prompts[0], min(8, args.output_len))
+    except Exception as exc:
+        for c in levels:
+            record(dict(mode="hf_generate", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+        return
+    for c in levels:
+        n = min(c, args.hf_max_requests) if args.hf_max_requests else c
+        reqs = []
+        for i in range(n):
+            try:
+                reqs.append(hf_generate_one(model, device, prompts[i], args.output_len))
+            except Exception as exc:
+                reqs.append(Req(start=time.perf_counter(), error=f"{type(exc).__name__}: {exc}"))
+        record(summarize("hf_generate", c, reqs, args.output_len, dict(note=f"{n} requests one after another")))
+
+
+# --- mode 2: transformers' continuous batching, generate_batch()
+
+def hf_batch_cache_config(args, c: int):
+    """With --hf-batch-cache sized (the CPU default): a paged cache of just the blocks these c requests need.
+    transformers' default sizes it from free memory, which on a CPU means allocating many GiB and ~10-40 s of
+    set-up per call (outside the timed window either way). None: transformers' defaults (the CUDA default, as in
+    the GPU anchor numbers)."""
+    if args.hf_batch_cache != "sized":
+        return None
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError:
+        return None
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} \
+        if dataclasses.is_dataclass(ContinuousBatchingConfig) else set()
+    if "num_blocks" not in names:
+        return None
+    page = getattr(ContinuousBatchingConfig(), "page_size", None) or 256
+    return ContinuousBatchingConfig(num_blocks=c * -(-(args.input_len + args.output_len) // page) + 4)
+
+
+def run_hf_generate_batch(model, device, args, levels, prompts, record) -> None:
+    from transformers import GenerationConfig
+
+    for c in levels:
+        inputs = prompts[:c]
+        try:
+            config = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, pad_token_id=0,
+                                      eos_token_id=-1)  # -1: EOS disabled, every request runs output_len tokens
+            kwargs = dict(generation_config=config)
+            cache = hf_batch_cache_config(args, c)
+            if cache is not None:
+                kwargs["continuous_batching_config"] = cache
+            call_start = time.perf_counter()
+            try:
+                outs = model.generate_batch(inputs=inputs, record_timestamps=True, **kwargs)
+                timestamps = True
+            except TypeError as exc:  # older transformers: no per-token timestamps
+                if "record_timestamps" not in str(exc):
+                    raise
+                call_start = time.perf_counter()
+                outs = model.generate_batch(inputs=inputs, **kwargs)
+                timestamps = False
+            sync(device)
+            call_end = time.perf_counter()
+        except Exception as exc:
+            record(dict(mode="hf_generate_batch", concurrency=c, status="unavailable",
+                        error=f"{type(exc).__name__}: {str(exc)[:500]}"))
+            continue
+        reqs = []
+        for out, prompt in zip(outs.values(), inputs):
+            created = getattr(out, "created_time", None)
+            times = list(getattr(out, "timestamps", None) or []) if timestamps else []
+            lifespan = getattr(out, "lifespan", (-1, -1))
+            req = Req(start=created if created is not None else call_start, times=times,
+                      prompt_tokens=len(prompt), output_tokens=len(out.generated_tokens))
+            req.end = times[-1] if times else (lifespan[1] if lifespan and lifespan[1] > 0 else call_end)
+            status = getattr(out, "status", None)
+            req.finish_reason = getattr(status, "name", str(status)).lower() if status is not None else None
+            if getattr(out, "error", None):
+                req.error = str(out.error)
+            reqs.append(req)
+        missing = len(inputs) - len(reqs)
+        reqs += [Req(start=call_start, error="no result (generate_batch ended early)") for _ in range(missing)]
+        tokens = sum(r.output_tokens for r in reqs)
+        extra = dict(call_s=call_end - call_start, call_output_tok_s=tokens / (call_end - call_start),
+                     paged_cache=args.hf_batch_cache,
+                     note="times from each request's creation (after the manager's set-up and warm-up); "
+                          "call_s includes them" + ("" if timestamps else "; no per-token timestamps here"))
+        record(summarize("hf_generate_batch", c, reqs, args.output_len, extra))
+        free_memory(device)
+
+
+# --- mode 3: our engine, in process
+
+def engine_config(args, max_num_seqs: int):
+    """EngineConfig(max_num_seqs=..., max_model_len=...) where workers/engine/config.py exists, else None."""
+    if importlib.util.find_spec("workers.engine.config") is None:
+        return None
+    from workers.engine.config import EngineConfig
+    names = {f.name for f in dataclasses.fields(EngineConfig)} if dataclasses.is_dataclass(EngineConfig) else set()
+    wanted = dict(max_num_seqs=max_num_seqs, max_model_len=args.max_model_len)
+    kwargs = {k: v for k, v in wanted.items() if not names or k in names}
+    if args.kv_cache_tokens and "num_kv_blocks" in names:
+        block = getattr(EngineConfig(), "block_size", 16)
+        kwargs["num_kv_blocks"] = -(-args.kv_cache_tokens // block)
+    return EngineConfig(**kwargs)
+
+
+def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: float) -> list[Req]:
+    """c client threads, each submitting its next request when the previous one ends, until n are done."""
+    from workers.engine.engine import EngineRequest
+    from workers.engine.sampling import SamplingParams
+
+    counter = itertools.count()
+    lock = threading.Lock()
+    reqs: list[Optional[Req]] = [None] * n
+    greedy = SamplingParams(temperature=0.0)
+    tag = uuid.uuid4().hex[:6]
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= n:
+                return
+            prompt = prompts[i % len(prompts)]
+            req = Req(start=time.perf_counter(), prompt_tokens=len(prompt))
+            reqs[i] = req
+            try:
+                stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), greedy, out_len))
+                finished = False
+                if hasattr(stream, "next_outputs"):
+                    while not finished:
+                        outputs = stream.next_outputs(timeout=timeout)
+                        now = time.perf_counter()
+                        finished = _take(req, outputs, now)
+                else:
+                    for output in stream:
+                        if _take(req, [output], time.perf_counter()):
+                            break
+                req.end = time.perf_counter()
+            except queue.Empty:
+                req.error = f"no output within {timeout} s"
+                engine.cancel(f"bench-{tag}-{c}-{i}")
+            except Exception as exc:
+                req.error = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=client, name=f"bench-client-{k}", daemon=True) for k in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for r in reqs if r is not None]
+
+
+def _take(req: Req, outputs, now: float) -> bool:
+    tokens = sum(len(o.token_ids) for o in outputs)
+    if tokens:
+        req.times.append(now)
+        req.output_tokens += tokens
+    last = outputs[-1]
+    if last.finish_reason is not None:
+        req.finish_reason = last.finish_reason
+        if last.finish_reason in ("error", "cancelled"):
+            req.error = f"{last.finish_reason}: {getattr(last, 'error', None)}"
+        return True
+    return False
+
+
+def run_engine(model, device, args, levels, prompts, record, meta) -> None:
+    from workers.engine.engine import Engine
+
+    config = engine_config(args, max(levels))
+    started = time.perf_counter()
+    try:
+        engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+        if hasattr(engine, "warmup"):
+            engine.warmup()
+        engine_closed_loop(engine, min(4, max(levels)), min(4, max(levels)), prompts, 8, args.request_timeout)
+    except Exception as exc:
+        traceback.print_exc()
+        for c in levels:
+            record(dict(mode="engine", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+        return
+    meta["engine"] = dict(config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
+                          eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
+                          warmup=hasattr(engine, "warmup"))
+    try:
+        for c in levels:
+            n = max(c, args.num_prompts)
+            reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout)
+            extra = {}
+            if hasattr(engine, "stats"):
+                try:
+                    extra["engine_stats"] = engine.stats()
+                except Exception:
+                    pass
+            record(summarize("engine", c, reqs, args.output_len, extra))
+    finally:
+        engine.shutdown()
+        del engine
+        free_memory(device)
+
+
+# --- mode 4: the whole service over HTTP
+
+def find_redis(url: str) -> str:
+    """The URL of a Redis that answers: `url`, or the one scripts/ensure_redis.sh starts (local only)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        return url
+    except Exception:
+        pass
+    say(f"service: no Redis answers at {url}; asking scripts/ensure_redis.sh for one")
+    done = subprocess.run([str(ROOT / "scripts" / "ensure_redis.sh"), "--print-url", "--fallback-port"],
+                          env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"no Redis: {done.stderr.strip()[-500:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: int,
+                              timeout: float) -> list[Req]:
+    import httpx
+    from openai import AsyncOpenAI
+
+    from config.settings import SERVED_MODEL_ID
+
+    # No keep-alive: a connection per request (cheap on loopback) never races gunicorn closing an idle one
+    # (its keep-alive is 2 s), which the client would see as a connection error.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=c + 8, max_keepalive_connections=0),
+                             timeout=httpx.Timeout(timeout, connect=30))
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, http_client=http)
+    counter = itertools.count()
+    reqs: list[Optional[Req]] = [None] * n
+
+    async def one(i: int) -> None:
+        req = Req(start=time.perf_counter())
+        reqs[i] = req
+        try:
+            stream = await client.chat.completions.create(
+                model=SERVED_MODEL_ID, messages=[{"role": "user", "content": texts[i % len(texts)]}],
+                max_tokens=out_len, temperature=0, stream=True, stream_options={"include_usage": True})
+            usage = None
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    if choice.delta is not None and choice.delta.content:
+                        req.times.append(now)
+                    if choice.finish_reason:
+                        req.finish_reason = choice.finish_reason
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            req.end = time.perf_counter()
+            if usage is None:
+                req.error = "the stream carried no usage chunk"
+            else:
+                req.output_tokens = usage.completion_tokens
+                req.prompt_tokens = usage.prompt_tokens
+        except Exception as exc:
+            cause = exc.__cause__ or exc.__context__
+            req.error = f"{type(exc).__name__}: {str(exc)[:300]}" + (
+                f" ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else "")
+
+    async def client_loop() -> None:
+        while (i := next(counter)) < n:
+            await one(i)
+
+    try:
+        await asyncio.gather(*(client_loop() for _ in range(c)))
+    finally:
+        await client.close()
+        await http.aclose()
+    return [r for r in reqs if r is not None]
+
+
+def run_service(model_kind, device, args, levels, record, meta) -> None:
+    def unavailable(reason: str) -> None:
+        say(f"service: unavailable: {reason}")
+        for c in levels:
+            record(dict(mode="service", concurrency=c, status="unavailable", error=reason))
+
+    if model_kind != "tiny" or device.type != "cpu":
+        return unavailable("the service mode runs the worker's tiny-random model on CPU (MODEL_SOURCE=tiny-random): "
+                           "use --model tiny --device cpu")
+    try:
+        from scripts.stack import DEFAULT_REDIS_URL, Stack, stack_env
+        redis_url = find_redis(DEFAULT_REDIS_URL)
+        texts = text_prompts(max(max(levels), args.num_prompts), args.input_len)
+    except Exception as exc:
+        return unavailable(f"{type(exc).__name__}: {exc}")
+    max_c = max(levels)
+    env = stack_env(redis_url=redis_url, max_model_len=args.max_model_len, MAX_NUM_SEQS=str(max_c),
+                    WORKER_CONCURRENCY=str(max_c), SSE_KEEPALIVE_S="5")
+    if args.kv_cache_tokens:
+        env["KV_CACHE_TOKENS"] = str(args.kv_cache_tokens)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    stack = Stack(env, log_dir)
+    meta["service"] = dict(MODEL_SOURCE=env["MODEL_SOURCE"], MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
+                           MAX_MODEL_LEN=args.max_model_len, workers=1, api="gunicorn, 1 gevent worker",
+                           redis_url=redis_url, logs=str(log_dir))
+    started = time.perf_counter()
+    try:
+        stack.start_worker(concurrency=max_c, extra_env={"MAX_NUM_SEQS": str(max_c)})
+        stack.start_api()
+        stack.wait_ready(timeout=args.service_start_timeout)
+        meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
+        say(f"service: ready in {meta['service']['start_s']} s at {stack.base_url} (logs in {log_dir})")
+        warm = asyncio.run(service_closed_loop(stack.base_url, texts, min(4, max_c), min(4, max_c), 8,
+                                               args.request_timeout))
+        bad = [r.error for r in warm if r.error]
+        if bad:
+            raise RuntimeError(f"warm-up requests failed: {bad[0]}")
+        prompt_lens = []
+        for c in levels:
+            n = max(c, args.num_prompts)
+            reqs = asyncio.run(service_closed_loop(stack.base_url, texts, c, n, args.output_len,
+                                                   args.request_timeout))
+            prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
+            record(summarize("service", c, reqs, args.output_len,
+                             dict(note="output tokens from usage; ITL per SSE chunk")))
+        if prompt_lens:
+            meta["service"]["prompt_tokens_mean"] = round(sum(prompt_lens) / len(prompt_lens), 1)
+    except Exception as exc:
+        traceback.print_exc()
+        for name in ("worker", "api"):
+            path = log_dir / f"{name}.log"
+            if path.exists():
+                say(f"--- tail of {path}\n" + "".join(path.read_text(errors="replace").splitlines(True)[-15:]))
+        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service"}
+        for c in levels:
+            if c not in done:
+                record(dict(mode="service", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+    finally:
+        stack.stop_all()
+        try:
+            stack.cleanup_redis()
+        except Exception:
+            pass
+
+
+# --- report
+
+RESULTS: list[dict] = []
+
+
+def add_ratios(results: list[dict]) -> dict:
+    """x hf_generate for every row; x engine (same concurrency) for service rows. Returns the baseline."""
+    hf = [r for r in results if r["mode"] == "hf_generate" and r.get("status") == "ok"]
+    tokens = sum(r["output_tokens"] for r in hf)
+    seconds = sum(r["duration_s"] for r in hf)
+    baseline = tokens / seconds if seconds else None
+    engine = {r["concurrency"]: r for r in results if r["mode"] == "engine" and r.get("status") == "ok"}
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        r["vs_hf_generate"] = r["output_tok_s"] / baseline if baseline else None
+        if r["mode"] == "service" and r["concurrency"] in engine:
+            r["vs_engine"] = r["output_tok_s"] / engine[r["concurrency"]]["output_tok_s"]
+    return dict(hf_generate_tok_s=baseline, note="all hf_generate requests of this run: tokens / seconds")
+
+
+def targets(results: list[dict], device: torch.device) -> list[dict]:
+    by = {(r["mode"], r["concurrency"]): r for r in results if r.get("status") == "ok"}
+    out = []
+    engine, service = by.get(("engine", 32)), by.get(("service", 32))
+    if engine and engine.get("vs_hf_generate") is not None:
+        out.append(dict(what="engine tokens/s vs hf_generate at 32 concurrent", value=engine["vs_hf_generate"],
+                        target=5.0, met=engine["vs_hf_generate"] >= 5.0, applies=device.type == "cpu"))
+    if service and service.get("vs_engine") is not None:
+        out.append(dict(what="service tokens/s vs engine at 32 concurrent", value=service["vs_engine"],
+                        target=0.85, met=service["vs_engine"] >= 0.85, applies=device.type == "cpu"))
+    return out
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 10000 else f"{value:.0f}"
+    return str(value)
+
+
+def table(results: list[dict]) -> str:
+    head = ["mode", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
+            "ITL ms mean/p50/p99", "x hf_gen", "x engine"]
+    rows: list[list[str]] = []
+    for r in results:
+        if r.get("status") != "ok":  # one message in place of the numbers
+            rows.append([r["mode"], str(r["concurrency"]), f"{r.get('status')}: {str(r.get('error'))[:160]}"])
+            continue
+        triple = lambda m: "/".join(fmt(r[m][k]) for k in ("mean", "p50", "p99"))  # noqa: E731
+        reqs = f"{r['completed']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        if r.get("short_requests"):
+            reqs += f" ({r['short_requests']} short)"
+        rows.append([r["mode"], str(r["concurrency"]), reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
+                     triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms"), fmt(r.get("vs_hf_generate"), 2),
+                     fmt(r.get("vs_engine"), 2)])
+    widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head)]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() if len(row) == len(head)
+                     else "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+
+
+# --- main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--model", choices=MODELS, help="tiny (CPU default), mistral7b (CUDA default: random-weight "
+                   "Mistral-7B v0.2 shape, NF4), tiny7b (the mistral7b code path, tiny)")
+    p.add_argument("--modes", help=f"comma-separated of {','.join(MODES)} (default: all on CPU; "
+                   f"{','.join(GPU_DEFAULT_MODES)} on CUDA)")
+    p.add_argument("--concurrency", help="comma-separated levels (default 1,8,32 on CPU, 1,8,32,64,256 on CUDA)")
+    p.add_argument("--num-prompts", type=int, help="requests per level for engine/service: max(c, this) "
+                   "(default 32 on CPU, 16 on CUDA)")
+    p.add_argument("--input-len", type=int, help="prompt tokens (default 128)")
+    p.add_argument("--output-len", type=int, help="new tokens per request (default 128)")
+    p.add_argument("--hf-max-requests", type=int, help="most sequential hf_generate requests per level "
+                   "(0 = c; default 8 on CPU, 4 on CUDA): one at a time, its speed does not depend on c")
+    p.add_argument("--hf-batch-cache", choices=("sized", "default"), help="generate_batch's paged cache: sized "
+                   "for the requests (CPU default) or transformers' default (CUDA default)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="engine and service context (default 4096)")
+    p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--service-start-timeout", type=float, default=180.0)
+    p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "
+                   "gets that file name inside it")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run: 32 in, 16 out, "
+                   "concurrency 1,4, 4 prompts, 2 hf_generate requests")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    if args.quick:
+        defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2)
+    elif cuda:
+        defaults = dict(concurrency="1,8,32,64,256", num_prompts=16, input_len=128, output_len=128,
+                        hf_max_requests=4)
+    else:
+        defaults = dict(concurrency="1,8,32", num_prompts=32, input_len=128, output_len=128, hf_max_requests=8)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.model is None:
+        args.model = "mistral7b" if cuda else "tiny"
+    if args.hf_batch_cache is None:
+        args.hf_batch_cache = "default" if cuda else "sized"
+    args.modes = [m.strip() for m in (args.modes or ",".join(GPU_DEFAULT_MODES if cuda else MODES)).split(",")
+                  if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {','.join(MODES)}")
+    args.levels = sorted({int(c) for c in str(args.concurrency).split(",") if c.strip()})
+    if not args.levels or min(args.levels) < 1:
+        raise SystemExit("--concurrency: positive integers, comma-separated")
+    if args.input_len + args.output_len > args.max_model_len:
+        raise SystemExit("--input-len + --output-len must fit in --max-model-len")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    resolve(args, device)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else ROOT / "bench-results"
+    if args.out is None or out.is_dir() or str(args.out).endswith("/"):
+        out = out / f"bench-{device_slug(device)}-{stamp}.json"
+
+    meta = dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), environment=environment(device),
+                config=dict(model=args.model, modes=args.modes, concurrency=args.levels, num_prompts=args.num_prompts,
+                            requests_per_level="engine/service: max(c, num_prompts); hf_generate: "
+                                               + (f"min(c, {args.hf_max_requests})" if args.hf_max_requests else "c")
+                                               + "; hf_generate_batch: c",
+                            input_len=args.input_len, output_len=args.output_len,
+                            hf_max_requests=args.hf_max_requests, hf_batch_cache=args.hf_batch_cache,
+                            max_model_len=args.max_model_len,
+                            kv_cache_tokens=args.kv_cache_tokens, sampling="greedy (temperature 0)",
+                            quick=args.quick, argv=sys.argv[1:]))
+    env = meta["environment"]
+    say(f"bench: {env['device_name']} ({device}), {env['cpus_usable']} CPUs, torch {env['versions']['torch']}, "
+        f"transformers {env['versions']['transformers']}, bitsandbytes {env['versions']['bitsandbytes']}")
+    say(f"bench: modes {','.join(args.modes)}; concurrency {args.levels}; {args.input_len} in / {args.output_len} "
+        f"out; {meta['config']['requests_per_level']}")
+
+    def report() -> dict:
+        baseline = add_ratios(RESULTS)
+        return dict(meta, baseline=baseline, targets=targets(RESULTS, device), results=RESULTS)
+
+    def record(row: dict) -> None:
+        RESULTS.append(row)
+        if row.get("status") == "ok":
+            say(f"  {row['mode']:<17} c={row['concurrency']:<4} {row['completed']} reqs  "
+                f"{row['output_tok_s']:.1f} out tok/s  TTFT mean {fmt(row['ttft_ms']['mean'])} ms  "
+                f"TPOT mean {fmt(row['tpot_ms']['mean'])} ms  ({row['duration_s']:.1f} s)")
+        else:
+            say(f"  {row['mode']:<17} c={row['concurrency']:<4} {row.get('status')}: {row.get('error')}")
+        write_json(out, report())
+
+    model = None
+    needs_model = [m for m in args.modes if m != "service"]
+    if needs_model:
+        model, info = build_model(args.model, device)
+        meta["model"] = info
+        say(f"bench: model {info['model']}, weights {info['weights']}")
+    elif "service" in args.modes:
+        meta["model"] = dict(model="tiny-random (served by the worker process)")
+    max_n = max(max(args.levels), args.num_prompts)
+    prompts = token_prompts(max_n, args.input_len)
+
+    for mode in args.modes:
+        say(f"== {mode}")
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if mode == "hf_generate":
+            run_hf_generate(model, device, args, args.levels, prompts, record)
+        elif mode == "hf_generate_batch":
+            run_hf_generate_batch(model, device, args, args.levels, prompts, record)
+        elif mode == "engine":
+            run_engine(model, device, args, args.levels, prompts, record, meta)
+        elif mode == "service":
+            run_service(args.model, device, args, args.levels, record, meta)
+        meta.setdefault("mode_seconds", {})[mode] = round(time.perf_counter() - started, 1)
+        if device.type == "cuda":
+            meta.setdefault("peak_gpu_memory_GiB", {})[mode] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        free_memory(device)
+
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    final = report()
+    write_json(out, final)
+    say("")
+    say(f"{env['device_name']} ({device}); model {args.model} "
+        f"({final.get('model', {}).get('weights', 'served by the worker')}); "
+        f"{args.input_len} in / {args.output_len} out; greedy")
+    say(table(RESULTS))
+    base = final["baseline"]["hf_generate_tok_s"]
+    if base:
+        say(f"baseline: hf_generate {base:.1f} output tok/s (x hf_gen divides by it)")
+    for t in final["targets"]:
+        say(f"target: {t['what']}: {t['value']:.2f} (target >= {t['target']}"
+            f"{'' if t['applies'] else ', a CPU target'}): {'met' if t['met'] else 'NOT met'}")
+    say(f"json: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

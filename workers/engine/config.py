@@ -1,0 +1,40 @@
+"""Engine settings: batch size, KV-cache layout and size, prefill chunking, CUDA graphs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64               # most sequences in one step (the batch)
+    block_size: int = 16                 # tokens per KV-cache block
+    num_kv_blocks: Optional[int] = None  # None: derive (CUDA: kv_memory_fraction of free memory; CPU: kv_cpu_tokens)
+    kv_memory_fraction: float = 0.85     # share of the free GPU memory (after the weights) the KV cache takes
+    kv_cpu_tokens: int = 65536           # KV-cache size in tokens on CPU
+    prefill_chunk_tokens: int = 512      # most prompt tokens computed in one step
+    max_model_len: int = 32768           # longest sequence (prompt + output) the engine runs
+    use_cuda_graphs: bool = True         # capture the decode step (CUDA only)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "block_size", "kv_cpu_tokens", "prefill_chunk_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be > 0 or None, got {self.num_kv_blocks}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @classmethod
+    def from_settings(cls, settings) -> "EngineConfig":
+        """From config.settings.Settings: kv_cache_tokens > 0 fixes the cache size, 0 derives it."""
+        block_size = settings.kv_block_size
+        tokens = settings.kv_cache_tokens
+        return cls(max_num_seqs=settings.max_num_seqs, block_size=block_size,
+                   num_kv_blocks=-(-tokens // block_size) if tokens > 0 else None,
+                   kv_memory_fraction=settings.kv_memory_fraction, kv_cpu_tokens=settings.kv_cpu_tokens,
+                   prefill_chunk_tokens=settings.prefill_chunk_tokens, max_model_len=settings.max_model_len)

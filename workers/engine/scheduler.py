@@ -1,0 +1,165 @@
+"""Which sequences run in the next step, and on how many of their tokens.
+
+- `waiting` is FIFO (a preempted sequence goes back to its front); `running` is in admission order.
+- Each step every running sequence that is decoding computes its one newest token. Prompts are computed in
+  chunks: at most `prefill_chunk_tokens` prompt tokens per step, shared oldest first, so a long prompt is
+  split across steps and never stalls the running streams.
+- A waiting sequence is admitted (FIFO, never skipping the head) while there is a batch slot, prefill budget
+  and free KV blocks for its whole prompt. Decoding takes one more block every `block_size` tokens; when none
+  is free the newest running sequence is preempted: its blocks are freed and it waits to be recomputed.
+- A request that could never fit (prompt + one token larger than the whole cache, or than max_model_len) is
+  refused by `check`; a sequence that alone fills the whole cache ends with "length".
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decode: list[Sequence] = field(default_factory=list)      # one token each: the newest
+    prefill: list[Sequence] = field(default_factory=list)     # a chunk each, prefill_lens[i] tokens
+    prefill_lens: list[int] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)    # (re)admitted this step: fresh batch slots
+    ended: list[tuple[Sequence, str, Optional[str]]] = field(default_factory=list)  # (seq, reason, error)
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(self.prefill_lens)
+
+    def sampled(self) -> list[Sequence]:
+        """Sequences whose last token is computed this step, so they sample a next token: the logits rows."""
+        done = [s for s, n in zip(self.prefill, self.prefill_lens) if s.num_computed_tokens + n == s.num_tokens]
+        return self.decode + done
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.prefill_chunk_tokens = config.prefill_chunk_tokens
+        self.max_model_len = config.max_model_len
+        self.blocks = block_manager
+        # Kept free when admitting beside running sequences, so their decoding does not at once preempt.
+        self.watermark = max(1, block_manager.num_blocks // 100)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.num_preempted = 0  # since start, for logs and tests
+
+    # --- intake and exits
+    def check(self, seq: Sequence) -> Optional[str]:
+        """Why `seq` can never run (an error message), or None."""
+        n = seq.num_tokens
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.max_model_len:
+            return (f"the prompt has {n} tokens; the engine's max_model_len is {self.max_model_len} "
+                    f"(prompt and at least one output token must fit)")
+        need = self.blocks.blocks_for(n + 1)
+        if need > self.blocks.num_blocks:
+            return (f"the prompt has {n} tokens: with its first output token it needs {need} KV-cache blocks of "
+                    f"{self.blocks.block_size} tokens, and the whole KV cache has {self.blocks.num_blocks}")
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        """Queue `seq` behind every waiting sequence of its priority or a more urgent one (so interactive
+        requests wait only for each other, never behind batch work)."""
+        seq.status = SequenceStatus.WAITING
+        position = len(self.waiting)
+        while position > 0 and self.waiting[position - 1].priority > seq.priority:
+            position -= 1
+        self.waiting.insert(position, seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take `seq` out (finished, failed or cancelled) and free its blocks and slot."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Take out every sequence of `request_id` (waiting or running); returns them."""
+        found = [s for s in self.running if s.request_id == request_id]
+        found += [s for s in self.waiting if s.request_id == request_id]
+        for seq in found:
+            self.finish(seq)
+        return found
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the step
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.prefill_chunk_tokens
+        i = 0
+        while i < len(self.running):  # oldest first; preemption takes from the end
+            seq = self.running[i]
+            n = seq.num_uncomputed_tokens
+            if n == 1:
+                if not self._make_room(seq, batch):
+                    break  # seq itself was the newest and left: nothing after it remains
+                batch.decode.append(seq)
+            elif budget > 0:
+                chunk = min(n, budget)
+                budget -= chunk
+                batch.prefill.append(seq)
+                batch.prefill_lens.append(chunk)
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            reserve = self.watermark if self.running else 0
+            if not self.blocks.allocate(seq.block_table, seq.num_tokens, reserve):
+                break  # FIFO: the head waits for blocks, nobody overtakes it
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.slot = self._free_slots.pop()
+            self.running.append(seq)
+            chunk = min(seq.num_uncomputed_tokens, budget)
+            budget -= chunk
+            batch.admitted.append(seq)
+            batch.prefill.append(seq)
+            batch.prefill_lens.append(chunk)
+        return batch
+
+    def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Blocks for seq's newest token, preempting the newest running sequences as needed. False when seq
+        itself had to go (preempted, or ended for filling the whole cache alone)."""
+        while not self.blocks.allocate(seq.block_table, seq.num_tokens):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                self.finish(seq)
+                batch.ended.append((seq, "length", None))  # it alone fills the KV cache
+                return False
+            self._preempt(victim)
+            batch.num_preempted += 1
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preempted += 1
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0  # recomputed (prompt + outputs so far) when it is admitted again
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        self._free_slots.append(seq.slot)
+        seq.slot = -1

@@ -1,0 +1,71 @@
+"""One request's state inside the engine: its tokens, how many of them are in the KV cache, its blocks."""
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Any, Optional
+
+import torch
+
+from workers.engine.sampling import SamplingParams
+
+_arrival = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # queued (new, or preempted: its KV was dropped and is recomputed on return)
+    RUNNING = "running"    # holds KV blocks and a batch slot
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens are prompt + generated. The first `num_computed_tokens` have their K/V in the cache; a step
+    computes the next ones (a prefill chunk, or the one newest token when decoding) and, once every token is
+    computed, samples the next token."""
+
+    __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
+                 "sampling", "max_tokens", "generator", "slot", "status", "stream", "arrival", "priority")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
+                 stream: Any = None, priority: int = 0):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []          # KV blocks, in order; block i holds tokens [i*bs, (i+1)*bs)
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.generator: Optional[torch.Generator] = None  # made on first sampled (temperature > 0) token
+        self.slot = -1                            # row of the engine's per-sequence device tensors while running
+        self.status = SequenceStatus.WAITING
+        self.stream = stream                      # where outputs go (RequestStream)
+        self.arrival = next(_arrival)
+        self.priority = priority                  # lower is admitted first (interactive 0, batch 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.temperature <= 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.sampling.frequency_penalty != 0 or self.sampling.presence_penalty != 0
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_table)}, {self.status.value})")
