@@ -37,12 +37,18 @@ return attempt
 """
 
 # KEYS: lease, log, leases, cancel. ARGV: token, lease ms, now ms, channel, job id, log ttl s, then
-# (event id, event json) pairs. Returns 1 if the job was asked to cancel, 0 if not, FENCED.
+# (event id, event json) pairs; events already in the log are skipped, so a retried write is harmless.
+# Returns 1 if the job was asked to cancel, 0 if not, FENCED.
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local last_seq = -1
+if last[1] then last_seq = tonumber(string.sub(last[1][1], 3)) - 1 end
 for i = 7, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], ARGV[i], 'e', ARGV[i + 1])
-  redis.call('PUBLISH', ARGV[4], ARGV[i + 1])
+  if tonumber(string.sub(ARGV[i], 3)) - 1 > last_seq then  -- a retried write skips what is already in
+    redis.call('XADD', KEYS[2], ARGV[i], 'e', ARGV[i + 1])
+    redis.call('PUBLISH', ARGV[4], ARGV[i + 1])
+  end
 end
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -184,7 +190,7 @@ class JobStore:
 
     def finish(self, job_id: str, status: JobStatus, final_event: JobEvent,
                result: Optional[JobResult] = None, error: Optional[JobError] = None,
-               only_from: Iterable[JobStatus] = NOT_FINISHED, token: str = "") -> int:
+               only_from: Iterable[JobStatus] = NOT_FINISHED, token: str = "", client=None) -> int:
         """Record the terminal state and publish the final event, atomically. 1: done; 0: the job was not in
         one of the `only_from` states (e.g. already finished); FENCED: `token` no longer holds the lease."""
         fields = ["status", status.value, "finished_at", repr(time.time())]
@@ -193,20 +199,23 @@ class JobStore:
         if error is not None:
             fields += ["error", error.model_dump_json()]
         event_json = final_event.model_dump_json(exclude_none=True)
-        return int(self._finish(
+        answer = self._finish(
             keys=[self.keys.job(job_id), self.keys.event_log(job_id), self.keys.lease(job_id), self.keys.leases()],
             args=[_statuses(only_from), self.keys.events(job_id), self.ttl_s, final_event.log_id, event_json,
-                  token, job_id, self.prefix, *fields]))
+                  token, job_id, self.prefix, *fields], client=client)
+        return answer if client is not None else int(answer)  # in a pipeline: the answer comes at execute()
 
     # --- events and cancellation
-    def publish_deltas(self, job_id: str, token: str, events: list[JobEvent]) -> int:
-        """Log and publish delta events, renewing the lease, in one round trip.
-        Returns 1 when the job was asked to cancel, 0 if not, FENCED if this attempt lost its lease."""
+    def publish_deltas(self, job_id: str, token: str, events: list[JobEvent], client=None) -> int:
+        """Log and publish delta events, renewing the lease, in one round trip (or as part of `client`, a
+        pipeline). Returns 1 when the job was asked to cancel, 0 if not, FENCED if this attempt lost its
+        lease."""
         args = [token, self.lease_ms, _now_ms(), self.keys.events(job_id), job_id, self.ttl_s]
         for event in events:
             args += [event.log_id, event.model_dump_json(exclude_none=True)]
-        return int(self._publish(keys=[self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.leases(),
-                                       self.keys.cancel(job_id)], args=args))
+        answer = self._publish(keys=[self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.leases(),
+                                     self.keys.cancel(job_id)], args=args, client=client)
+        return answer if client is not None else int(answer)
 
     def read_log(self, job_id: str, after_seq: int = -1, count: Optional[int] = None) -> list[JobEvent]:
         """Logged events with seq > after_seq, in order."""

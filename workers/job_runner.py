@@ -1,34 +1,32 @@
-"""Runs one attempt of a job on the engine: token ids from the engine -> text deltas -> events in Redis.
+"""One attempt of a job: engine outputs -> text deltas -> events to write (the worker side of the relay).
 
-This is the worker side of the relay. It lives in the task's thread, not the engine's: detokenizing,
-stop matching and Redis writes stay off the decode loop. Each burst of tokens is one Redis round trip,
-which also renews the attempt's lease and tells us whether the client asked to cancel.
+A `JobRun` holds what turns the engine's token ids into the client's text (detokenizer, stop matcher) and
+the events still to write. It does no I/O itself: the worker's `Publisher` (workers/publisher.py) advances
+every run of the process and writes all their events in one Redis pipeline per cycle, off the decode loop.
 
-Attempts after the first (the previous worker died) resume: the tokens behind the deltas already
-published are fed back as part of the prompt, and the text assembler replays them, so the stream goes on
-from its last published delta, with nothing lost or repeated.
+Attempts after the first (the previous worker died) resume: the tokens behind the deltas already published
+are fed back as part of the prompt, and the text assembler replays them, so the stream goes on from its
+last published delta, with nothing lost or repeated.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import redis
 
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
-from jobs.store import FENCED, JobStore
-from workers.engine.engine import Engine, EngineRequest
+from jobs.store import JobStore
+from workers.engine.engine import Engine, EngineRequest, RequestStream
 from workers.engine.sampling import SamplingParams
 from workers.text.output import TextAssembler
 
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-
-
-class Fenced(Exception):
-    """This attempt lost its lease (another attempt owns the job now): stop, write nothing."""
 
 
 def sampling_params(record: JobRecord) -> SamplingParams:
@@ -73,101 +71,112 @@ def retry_redis(call, retry_s: float):
             pause = min(pause * 2, 2.0)
 
 
-class JobEvents:
-    """Publishes one attempt's events with consecutive sequence numbers, under its lease."""
-
-    def __init__(self, store: JobStore, job_id: str, token: str, retry_s: float, next_seq: int = 0):
-        self.store = store
-        self.job_id = job_id
-        self.token = token
-        self.retry_s = retry_s
-        self.seq = next_seq
-        self._unpublished_tokens: list[int] = []  # consumed, but their text is still held back
-
-    def delta(self, text: str, token_ids: list[int]) -> bool:
-        """Publish a delta (if any text); returns True when the client asked to cancel."""
-        self._unpublished_tokens += token_ids
-        events = [JobEvent(seq=self.seq, type="delta", text=text, token_ids=self._unpublished_tokens)] if text else []
-        answer = retry_redis(lambda: self.store.publish_deltas(self.job_id, self.token, events), self.retry_s)
-        if answer == FENCED:
-            raise Fenced(self.job_id)
-        if events:
-            self.seq += 1
-            self._unpublished_tokens = []
-        return answer == 1
-
-    def _finish(self, status: JobStatus, event: JobEvent, **fields) -> JobStatus:
-        answer = retry_redis(lambda: self.store.finish(self.job_id, status, event, token=self.token, **fields),
-                             self.retry_s)
-        if answer == FENCED:
-            raise Fenced(self.job_id)
-        return status
-
-    def completed(self, result: JobResult) -> JobStatus:
-        event = JobEvent(seq=self.seq, type="done", finish_reason=result.finish_reason, usage=result.usage)
-        return self._finish(JobStatus.COMPLETED, event, result=result)
-
-    def failed(self, error: JobError) -> JobStatus:
-        return self._finish(JobStatus.FAILED, JobEvent(seq=self.seq, type="error", error=error), error=error)
-
-    def cancelled(self) -> JobStatus:
-        return self._finish(JobStatus.CANCELLED, JobEvent(seq=self.seq, type="cancelled"))
-
-
 def deadline_error(deadline_s: float) -> JobError:
     return JobError(message=f"The job did not finish within its deadline of {deadline_s:g} s.",
                     type="timeout", code="deadline_exceeded")
 
 
-def run_job(engine: Engine, tokenizer, events: JobEvents, record: JobRecord, published: Published,
-            deadline_at: float, deadline_s: float) -> JobStatus:
-    request = record.request
-    assembler = TextAssembler(tokenizer, request.stop)
-    replayed = assembler.feed(published.token_ids)  # rebuilds held-back state; this text is out already
-    if replayed != published.text:
-        log.warning("job %s: replayed text differs from the published text", record.id)
-    remaining = request.max_tokens - len(published.token_ids)
-    if assembler.done or remaining <= 0:  # the last attempt died between its last delta and its end
-        events.delta(assembler.finish(), [])
-        return _complete(events, record, assembler, "length")
+@dataclass
+class Final:
+    """The terminal write of a run: its status, final event and record fields."""
+    status: JobStatus
+    event: JobEvent
+    result: Optional[JobResult] = None
+    error: Optional[JobError] = None
 
-    priority = 1 if record.kind == "batch" else 0  # batch work never delays interactive admission
-    stream = engine.submit(EngineRequest(record.id, request.prompt_token_ids + published.token_ids,
-                                         sampling_params(record), remaining, priority))
-    cancel_requested = False
-    finish_reason = None
-    try:
-        while finish_reason is None:
-            outputs = stream.next_outputs()
+
+class JobRun:
+    def __init__(self, record: JobRecord, token: str, tokenizer, published: Published, deadline_at: float,
+                 deadline_s: float):
+        self.record = record
+        self.token = token
+        self.deadline_at = deadline_at
+        self.deadline_s = deadline_s
+        self.assembler = TextAssembler(tokenizer, record.request.stop)
+        replayed = self.assembler.feed(published.token_ids)  # rebuilds held-back state; this text is out already
+        if replayed != published.text:
+            log.warning("job %s: replayed text differs from the published text", record.id)
+        self.resumed_tokens = published.token_ids
+        self.seq = published.next_seq
+        self.outbox: list[JobEvent] = []           # events made, not yet written
+        self._unpublished_tokens: list[int] = []   # consumed, but their text is still held back
+        self.final: Optional[Final] = None
+        self.stream: Optional[RequestStream] = None
+        self.cancel_requested = False
+        self.last_checked = time.monotonic()       # when Redis last told us about a cancel
+        self.status: Optional[str] = None          # set when the run is over
+        self.over = threading.Event()
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    # --- driving the engine
+    def start(self, engine: Engine) -> None:
+        request = self.record.request
+        remaining = request.max_tokens - len(self.resumed_tokens)
+        if self.assembler.done or remaining <= 0:  # the last attempt died between its last delta and its end
+            self._emit(self.assembler.finish(), [])
+            self._complete("length")
+            return
+        priority = 1 if self.record.kind == "batch" else 0  # batch work never delays interactive admission
+        self.stream = engine.submit(EngineRequest(self.id, request.prompt_token_ids + self.resumed_tokens,
+                                                  sampling_params(self.record), remaining, priority))
+
+    def absorb(self, engine: Engine) -> None:
+        """Take whatever the engine produced for this run: text into the outbox, and the end if it came."""
+        if self.final is not None or self.stream is None:
+            return
+        outputs = self.stream.drain()
+        if outputs:
             finish_reason = outputs[-1].finish_reason
             if finish_reason == "error":
-                return events.failed(JobError(message=f"The model worker failed while generating: "
-                                                      f"{outputs[-1].error}", code="generation_failed"))
-            was_done = assembler.done
+                self._fail(JobError(message=f"The model worker failed while generating: {outputs[-1].error}",
+                                    code="generation_failed"))
+                return
+            was_done = self.assembler.done
             token_ids = [t for output in outputs for t in output.token_ids]
-            piece = assembler.feed(token_ids)
+            piece = self.assembler.feed(token_ids)
             if finish_reason is not None:
-                piece += assembler.finish()
-            if events.delta(piece, token_ids) and not cancel_requested:
-                cancel_requested = True
-                engine.cancel(record.id)
-            elif assembler.done and not was_done and finish_reason is None:
-                engine.cancel(record.id)  # a stop sequence matched: the engine can drop the sequence now
-            if finish_reason is None and time.time() > deadline_at:
-                engine.cancel(record.id)
-                return events.failed(deadline_error(deadline_s))
-    except BaseException:
-        engine.cancel(record.id)  # fenced, Redis gone for good, or a bug: free the sequence
-        raise
+                piece += self.assembler.finish()
+            self._emit(piece, token_ids)
+            if finish_reason is not None:
+                if self.cancel_requested and self.assembler.finish_reason is None:
+                    self.final = Final(JobStatus.CANCELLED, JobEvent(seq=self.seq, type="cancelled"))
+                else:
+                    self._complete("length" if finish_reason == "length" else "stop")
+                return
+            if self.assembler.done and not was_done:
+                engine.cancel(self.id)  # a stop sequence matched: the engine can drop the sequence now
+        if time.time() > self.deadline_at:
+            engine.cancel(self.id)
+            self._fail(deadline_error(self.deadline_s))
 
-    if cancel_requested and assembler.finish_reason is None:
-        return events.cancelled()
-    return _complete(events, record, assembler, "length" if finish_reason == "length" else "stop")
+    def cancel_requested_by_client(self, engine: Engine) -> None:
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            engine.cancel(self.id)
 
+    def end(self, status: str) -> None:
+        self.status = status
+        self.over.set()
 
-def _complete(events: JobEvents, record: JobRecord, assembler: TextAssembler, engine_reason: str) -> JobStatus:
-    reason = assembler.finish_reason or engine_reason
-    prompt_tokens = len(record.request.prompt_token_ids)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=assembler.token_count,
-                  total_tokens=prompt_tokens + assembler.token_count)
-    return events.completed(JobResult(text=assembler.text, finish_reason=reason, usage=usage))
+    # --- events
+    def _emit(self, text: str, token_ids: list[int]) -> None:
+        self._unpublished_tokens += token_ids
+        if text:
+            self.outbox.append(JobEvent(seq=self.seq, type="delta", text=text, token_ids=self._unpublished_tokens))
+            self.seq += 1
+            self._unpublished_tokens = []
+
+    def _complete(self, engine_reason: str) -> None:
+        reason = self.assembler.finish_reason or engine_reason
+        prompt_tokens = len(self.record.request.prompt_token_ids)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.assembler.token_count,
+                      total_tokens=prompt_tokens + self.assembler.token_count)
+        result = JobResult(text=self.assembler.text, finish_reason=reason, usage=usage)
+        self.final = Final(JobStatus.COMPLETED, JobEvent(seq=self.seq, type="done", finish_reason=reason,
+                                                         usage=usage), result=result)
+
+    def _fail(self, error: JobError) -> None:
+        self.final = Final(JobStatus.FAILED, JobEvent(seq=self.seq, type="error", error=error), error=error)

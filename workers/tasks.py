@@ -15,7 +15,7 @@ import time
 from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
-from jobs.records import JobError, JobEvent, JobStatus
+from jobs.records import JobEvent, JobStatus
 from jobs.models import model_entry
 from jobs.store import FENCED, JobNotFound, JobStore
 from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
@@ -48,6 +48,8 @@ class WorkerRuntime:
         warmup_started = time.perf_counter()
         self.engine.warmup()  # now, not on a user's request (CUDA graphs are captured here on a GPU)
         log.info("engine warmed up in %.1f s", time.perf_counter() - warmup_started)
+        from workers.publisher import Publisher
+        self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s)
         self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,7 +153,7 @@ def run_chat_completion(job_id: str) -> str:
 def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     """Run one attempt of a job by id (from Celery's interactive queue or the batch queue); returns what
     became of it. A job delivered again after it finished, or still running elsewhere, is skipped."""
-    from workers.job_runner import Fenced, JobEvents, Published, deadline_error, retry_redis, run_job
+    from workers.job_runner import JobRun, Published, deadline_error, retry_redis
 
     settings, store = runtime.settings, runtime.store
     retry_s = settings.redis_retry_s
@@ -180,24 +182,13 @@ def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
         return "skipped"
     runtime.hold(job_id, token)
     started = time.perf_counter()
-    published = Published.read(store, job_id)
-    if attempt > 1:
-        log.warning("job %s: attempt %d resumes after %d published tokens", job_id, attempt,
-                    len(published.token_ids))
-    events = JobEvents(store, job_id, token, retry_s, next_seq=published.next_seq)
     try:
-        status = run_job(runtime.engine, runtime.tokenizer, events, record, published, deadline_at,
-                         settings.job_deadline_s).value
-    except Fenced:
-        log.warning("job %s: attempt %d lost its lease to another attempt; stopped", job_id, attempt)
-        status = "fenced"
-    except Exception as exc:  # the client must hear about it, and the record must say why
-        log.exception("job %s failed", job_id)
-        try:
-            status = events.failed(JobError(message=f"The model worker failed: {type(exc).__name__}: {exc}",
-                                            code="worker_error")).value
-        except Exception:
-            status = "abandoned"  # Redis gone for good: the lease lapses and the reaper requeues the job
+        published = retry_redis(lambda: Published.read(store, job_id), retry_s)
+        if attempt > 1:
+            log.warning("job %s: attempt %d resumes after %d published tokens", job_id, attempt,
+                        len(published.token_ids))
+        run = JobRun(record, token, runtime.tokenizer, published, deadline_at, settings.job_deadline_s)
+        status = runtime.publisher.run(run)
     finally:
         runtime.release(job_id)
     log.info("job %s: %s in %.2f s (attempt %d)", job_id, status, time.perf_counter() - started, attempt)

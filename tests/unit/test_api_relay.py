@@ -1,5 +1,5 @@
 """The API layer alone: the Flask app with a scripted stand-in for the worker (it publishes events through
-the real JobEvents/JobStore on a real Redis). Covers worker failures reaching the client in OpenAI's shape,
+the real JobStore on a real Redis, as the worker's publisher does). Covers worker failures reaching the client in OpenAI's shape,
 mid-stream and not, which the real tiny-model worker cannot be made to produce on demand."""
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 from app import create_app
 from config.settings import Settings
 from jobs.models import model_entry
-from jobs.records import JobError, JobResult, Usage
+from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
 from tests.conftest import REDIS_URL
-from workers.job_runner import JobEvents
 
 BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
 
@@ -32,7 +31,7 @@ def make_client(redis_client):
         def enqueue(record):  # the "worker": runs the script in a thread, as a real worker would
             store = holder["app"].extensions["chat_service"].store
             _, token = store.acquire(record.id, "scripted-worker")
-            events = JobEvents(store, record.id, token, retry_s=5)
+            events = ScriptedEvents(store, record.id, token)
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
         holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
@@ -47,8 +46,27 @@ def make_client(redis_client):
             redis_client.delete(key)
 
 
-def fails_after_one_delta(events: JobEvents):
-    events.delta("Hel", [])
+class ScriptedEvents:
+    """Writes a job's events the way the worker does (lease-checked Lua scripts), one call at a time."""
+
+    def __init__(self, store, job_id, token):
+        self.store, self.job_id, self.token, self.seq = store, job_id, token, 0
+
+    def delta(self, text):
+        self.store.publish_deltas(self.job_id, self.token, [JobEvent(seq=self.seq, type="delta", text=text)])
+        self.seq += 1
+
+    def failed(self, error):
+        self.store.finish(self.job_id, JobStatus.FAILED, JobEvent(seq=self.seq, type="error", error=error),
+                          error=error, token=self.token)
+
+    def completed(self, result):
+        event = JobEvent(seq=self.seq, type="done", finish_reason=result.finish_reason, usage=result.usage)
+        self.store.finish(self.job_id, JobStatus.COMPLETED, event, result=result, token=self.token)
+
+
+def fails_after_one_delta(events: ScriptedEvents):
+    events.delta("Hel")
     events.failed(JobError(message="CUDA error: out of memory", code="generation_failed"))
 
 
@@ -72,11 +90,11 @@ def test_worker_error_non_stream_is_500_in_openai_shape_not_retried(make_client)
 
 
 def test_keepalive_comments_while_waiting(make_client):
-    def slow(events: JobEvents):
+    def slow(events: ScriptedEvents):
         import time
         time.sleep(0.7)
         usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
-        events.delta("x", [])
+        events.delta("x")
         events.completed(JobResult(text="x", finish_reason="stop", usage=usage))
 
     response = make_client(slow).post("/v1/chat/completions", json={**BODY, "stream": True})

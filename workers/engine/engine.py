@@ -52,9 +52,22 @@ class RequestStream:
     def __init__(self, request: EngineRequest):
         self.request = request
         self._outputs: "queue.Queue[EngineOutput]" = queue.Queue()
+        self.notify: Optional[threading.Event] = None  # set on every output (a consumer of many streams)
 
     def put(self, output: EngineOutput) -> None:
         self._outputs.put(output)
+        if self.notify is not None:
+            self.notify.set()
+
+    def drain(self) -> list[EngineOutput]:
+        """Everything produced since the last call, without waiting (maybe nothing)."""
+        outputs = []
+        while not (outputs and outputs[-1].finish_reason is not None):
+            try:
+                outputs.append(self._outputs.get_nowait())
+            except queue.Empty:
+                break
+        return outputs
 
     def __iter__(self) -> Iterator[EngineOutput]:
         while True:

@@ -1,0 +1,122 @@
+"""The worker's publisher: one thread that advances every job run of the process and writes all their events
+in one Redis pipeline per cycle.
+
+Each cycle: wait until the engine produced something (or a short tick), let every run absorb its outputs
+(detokenize, match stops: all off the engine's thread), then one pipeline carries every run's deltas and
+final writes. Each write also renews the run's lease and reports a client's cancel; a write refused because
+the lease is gone (FENCED) stops that run. While Redis is away, events wait in the runs' outboxes and the
+same writes are retried (they are idempotent), for up to `redis_retry_s`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from jobs.store import FENCED, JobStore
+from workers.engine.engine import Engine
+from workers.job_runner import REDIS_DOWN, JobRun
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, store: JobStore, engine: Engine, retry_s: float, cancel_poll_s: float = 0.25):
+        self.store = store
+        self.engine = engine
+        self.retry_s = retry_s
+        self.cancel_poll_s = cancel_poll_s
+        self._runs: dict[str, JobRun] = {}
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._outage_since: float | None = None
+        threading.Thread(target=self._loop, name="publisher", daemon=True).start()
+
+    def run(self, job_run: JobRun) -> str:
+        """Run a job to its end (called from the job's own thread, which waits here); returns its status."""
+        job_run.start(self.engine)
+        if job_run.stream is not None:
+            job_run.stream.notify = self._wakeup
+        with self._lock:
+            self._runs[job_run.id] = job_run
+        self._wakeup.set()
+        job_run.over.wait()
+        return job_run.status
+
+    def _loop(self) -> None:
+        while True:
+            self._wakeup.wait(self.cancel_poll_s)
+            self._wakeup.clear()
+            with self._lock:
+                runs = list(self._runs.values())
+            if not runs:
+                continue
+            try:
+                self._cycle(runs)
+            except Exception:  # a bug must not stop every job of the worker: fail loudly, go on
+                log.exception("publisher cycle failed")
+                time.sleep(0.1)
+
+    def _cycle(self, runs: list[JobRun]) -> None:
+        now = time.monotonic()
+        for run in runs:
+            run.absorb(self.engine)
+        due = [run for run in runs
+               if run.outbox or run.final is not None or now - run.last_checked >= self.cancel_poll_s]
+        if not due:
+            return
+        try:
+            answers = self._write(due)
+        except REDIS_DOWN as exc:
+            self._outage_since = self._outage_since or now
+            if now - self._outage_since > self.retry_s:
+                log.error("Redis unavailable for %.0f s; giving up the running attempts", now - self._outage_since)
+                for run in due:
+                    self._close(run, "abandoned")  # their leases lapse; the reaper requeues them
+            else:
+                log.warning("Redis unavailable (%s); keeping %d runs' events to retry", exc, len(due))
+                time.sleep(0.2)
+            return
+        self._outage_since = None
+        for run, (delta_answer, final_answer) in zip(due, answers):
+            run.last_checked = now
+            if delta_answer == FENCED or final_answer == FENCED:
+                log.warning("job %s: this attempt lost its lease to another attempt; stopped", run.id)
+                self._close(run, "fenced")
+                continue
+            run.outbox = []
+            if delta_answer == 1:
+                run.cancel_requested_by_client(self.engine)
+            if final_answer is not None:
+                self._close(run, run.final.status.value if final_answer == 1 else "skipped")
+
+    def _write(self, runs: list[JobRun]) -> list[tuple]:
+        """One pipeline: each run's deltas (with lease renewal and cancel check), then its final write."""
+        slots = []
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                self.store.publish_deltas(run.id, run.token, run.outbox, client=pipe)
+                has_final = run.final is not None
+                if has_final:
+                    final = run.final
+                    self.store.finish(run.id, final.status, final.event, result=final.result, error=final.error,
+                                      token=run.token, client=pipe)
+                slots.append(has_final)
+            results = pipe.execute(raise_on_error=False)
+        answers, i = [], 0
+        for has_final in slots:
+            delta = results[i]
+            final = results[i + 1] if has_final else None
+            i += 2 if has_final else 1
+            for result in (delta, final):
+                if isinstance(result, Exception):  # Redis away (retried next cycle), or a bug (logged)
+                    raise result
+            answers.append((int(delta), None if final is None else int(final)))
+        return answers
+
+    def _close(self, run: JobRun, status: str) -> None:
+        if status in ("fenced", "abandoned"):
+            self.engine.cancel(run.id)
+        with self._lock:
+            self._runs.pop(run.id, None)
+        run.end(status)
