@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = 0
     kv_memory_fraction: float = 0.85
     kv_cpu_tokens: int = 65536
+    # CPU threads torch uses in a worker (0 = torch's default: one per core). On a CPU-only machine that
+    # also runs the API and Redis, fewer threads than cores avoids oversubscription (OpenMP spin-waits).
+    torch_threads: int = 0
+    # A worker writes its jobs' new text to Redis at most this often: with many streams, each event then
+    # carries a few tokens, which every later hop (Redis, API, client) handles once (vLLM: stream_interval).
+    stream_interval_s: float = 0.02
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
     # Queue of batch line jobs, and how many of them one worker process runs at once: batch work never

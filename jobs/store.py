@@ -37,17 +37,18 @@ return attempt
 """
 
 # KEYS: lease, log, leases, cancel. ARGV: token, lease ms, now ms, channel, job id, log ttl s, then
-# (event id, event json) pairs; events already in the log are skipped, so a retried write is harmless.
+# (event id, event json for the log, event json for the live channel) triples; events already in the log
+# are skipped, so a retried write is harmless.
 # Returns 1 if the job was asked to cancel, 0 if not, FENCED.
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local last_seq = -1
 if last[1] then last_seq = tonumber(string.sub(last[1][1], 3)) - 1 end
-for i = 7, #ARGV, 2 do
+for i = 7, #ARGV, 3 do
   if tonumber(string.sub(ARGV[i], 3)) - 1 > last_seq then  -- a retried write skips what is already in
     redis.call('XADD', KEYS[2], ARGV[i], 'e', ARGV[i + 1])
-    redis.call('PUBLISH', ARGV[4], ARGV[i + 1])
+    redis.call('PUBLISH', ARGV[4], ARGV[i + 2])
   end
 end
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -211,8 +212,9 @@ class JobStore:
         pipeline). Returns 1 when the job was asked to cancel, 0 if not, FENCED if this attempt lost its
         lease."""
         args = [token, self.lease_ms, _now_ms(), self.keys.events(job_id), job_id, self.ttl_s]
-        for event in events:
-            args += [event.log_id, event.model_dump_json(exclude_none=True)]
+        for event in events:  # the log keeps the token ids (for a resume); live listeners need only the text
+            args += [event.log_id, event.model_dump_json(exclude_none=True),
+                     event.model_dump_json(exclude_none=True, exclude={"token_ids"})]
         answer = self._publish(keys=[self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.leases(),
                                      self.keys.cancel(job_id)], args=args, client=client)
         return answer if client is not None else int(answer)

@@ -570,7 +570,7 @@ def find_redis(url: str) -> str:
 
 
 async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: int,
-                              timeout: float) -> list[Req]:
+                              timeout: float, client_kind: str = "httpx") -> list[Req]:
     import httpx
     from openai import AsyncOpenAI
 
@@ -584,7 +584,45 @@ async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, o
     counter = itertools.count()
     reqs: list[Optional[Req]] = [None] * n
 
+    async def one_httpx(i: int) -> None:
+        """The same request with plain httpx and json: the client's own CPU (it shares the machine with
+        the service) stays small, so the service's cost is what is measured."""
+        req = Req(start=time.perf_counter())
+        reqs[i] = req
+        body = {"model": SERVED_MODEL_ID, "messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                "max_tokens": out_len, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            usage = None
+            async with http.stream("POST", base_url + "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now = time.perf_counter()
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(str(chunk["error"])[:300])
+                    if chunk["choices"]:
+                        choice = chunk["choices"][0]
+                        if choice["delta"].get("content"):
+                            req.times.append(now)
+                        if choice.get("finish_reason"):
+                            req.finish_reason = choice["finish_reason"]
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+            req.end = time.perf_counter()
+            if usage is None:
+                req.error = "the stream carried no usage chunk"
+            else:
+                req.output_tokens = usage["completion_tokens"]
+                req.prompt_tokens = usage["prompt_tokens"]
+        except Exception as exc:
+            req.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+
     async def one(i: int) -> None:
+        if client_kind == "httpx":
+            return await one_httpx(i)
         req = Req(start=time.perf_counter())
         reqs[i] = req
         try:
@@ -652,13 +690,13 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
                            redis_url=redis_url, logs=str(log_dir))
     started = time.perf_counter()
     try:
-        stack.start_worker(concurrency=max_c, extra_env={"MAX_NUM_SEQS": str(max_c)})
+        stack.start_worker(concurrency=max_c, extra_env={"MAX_NUM_SEQS": str(max_c), **({"TORCH_THREADS": str(args.service_torch_threads)} if args.service_torch_threads else {})})
         stack.start_api()
         stack.wait_ready(timeout=args.service_start_timeout)
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
         say(f"service: ready in {meta['service']['start_s']} s at {stack.base_url} (logs in {log_dir})")
         warm = asyncio.run(service_closed_loop(stack.base_url, texts, min(4, max_c), min(4, max_c), 8,
-                                               args.request_timeout))
+                                               args.request_timeout, args.service_client))
         bad = [r.error for r in warm if r.error]
         if bad:
             raise RuntimeError(f"warm-up requests failed: {bad[0]}")
@@ -666,10 +704,10 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
         for c in levels:
             n = max(c, args.num_prompts)
             reqs = asyncio.run(service_closed_loop(stack.base_url, texts, c, n, args.output_len,
-                                                   args.request_timeout))
+                                                   args.request_timeout, args.service_client))
             prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
             record(summarize("service", c, reqs, args.output_len,
-                             dict(note="output tokens from usage; ITL per SSE chunk")))
+                             dict(note=f"output tokens from usage; ITL per SSE chunk; client {args.service_client}")))
         if prompt_lens:
             meta["service"]["prompt_tokens_mean"] = round(sum(prompt_lens) / len(prompt_lens), 1)
     except Exception as exc:
@@ -783,6 +821,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for the requests (CPU default) or transformers' default (CUDA default)")
     p.add_argument("--max-model-len", type=int, default=4096, help="engine and service context (default 4096)")
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
+    p.add_argument("--service-client", choices=("httpx", "openai"), default="httpx",
+                   help="the service mode's client: plain httpx (light) or the official openai SDK")
+    p.add_argument("--service-torch-threads", type=int, default=0,
+                   help="TORCH_THREADS for the service's worker (0 = its setting's default)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "

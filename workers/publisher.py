@@ -21,11 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, store: JobStore, engine: Engine, retry_s: float, cancel_poll_s: float = 0.25):
+    def __init__(self, store: JobStore, engine: Engine, retry_s: float, cancel_poll_s: float = 0.25,
+                 min_interval_s: float = 0.0):
         self.store = store
         self.engine = engine
         self.retry_s = retry_s
         self.cancel_poll_s = cancel_poll_s
+        # At most one cycle per interval: under load, a cycle then carries several tokens per job, so every
+        # hop after it (Redis, the API, the client) handles fewer, larger events (vLLM's stream_interval).
+        self.min_interval_s = min_interval_s
         self._runs: dict[str, JobRun] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -44,8 +48,13 @@ class Publisher:
         return job_run.status
 
     def _loop(self) -> None:
+        last_cycle = 0.0
         while True:
             self._wakeup.wait(self.cancel_poll_s)
+            pause = self.min_interval_s - (time.monotonic() - last_cycle)
+            if pause > 0:
+                time.sleep(pause)
+            last_cycle = time.monotonic()
             self._wakeup.clear()
             with self._lock:
                 runs = list(self._runs.values())

@@ -38,6 +38,9 @@ class WorkerRuntime:
         self.name = f"{os.environ.get('HONCHO_PROCESS_NAME', 'worker')}@{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_settings(self.settings)
         self.tokenizer = raw_tokenizer()
+        if self.settings.torch_threads:
+            import torch
+            torch.set_num_threads(self.settings.torch_threads)
         started = time.perf_counter()
         loaded = load_model(self.settings)
         log.info("serving model %s on %s (%s); loaded in %.1f s", loaded.name, loaded.device, loaded.reason,
@@ -49,7 +52,8 @@ class WorkerRuntime:
         self.engine.warmup()  # now, not on a user's request (CUDA graphs are captured here on a GPU)
         log.info("engine warmed up in %.1f s", time.perf_counter() - warmup_started)
         from workers.publisher import Publisher
-        self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s)
+        self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s,
+                                   min_interval_s=self.settings.stream_interval_s)
         self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()
