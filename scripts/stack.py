@@ -54,10 +54,12 @@ class Stack:
                **(extra_env or {})}
         self._spawn(name, cmd, env)
 
-    def start_api(self):
-        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", "1", "--no-control-socket",
-               "--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "app:create_app()"]
-        self._spawn("api", cmd)
+    def start_api(self, name: str = "api", port: int | None = None, processes: int = 1):
+        """An API server (gunicorn, gevent) on `port` (default: the stack's port)."""
+        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(processes),
+               "--no-control-socket", "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "5",
+               "app:create_app()"]
+        self._spawn(name, cmd)
 
     def _spawn(self, name, cmd, extra_env=None):
         log = open(self.log_dir / f"{name}.log", "ab")
