@@ -56,3 +56,35 @@ def test_load_spreads_over_both_workers_and_survives_one_stopping(two_by_two):
     assert set(workers_after) == {"worker-a"}
     models = httpx.get(api_urls[1] + "/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL]
+
+
+def test_pools_per_model(tmp_path):
+    """A second pool serves another model from its own queues; /v1/models lists models with live workers,
+    requests are routed to their model's pool, and a model nobody serves is a 404."""
+    stack = Stack(stack_env(HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_TTL_S="2"), tmp_path)
+    other = {"SERVED_MODEL_NAME": "acme/tiny-chat", "SERVED_MODEL_ALIASES": "",
+             "INTERACTIVE_QUEUE": stack.env["INTERACTIVE_QUEUE"] + "-tiny-chat",
+             "BATCH_QUEUE": stack.env["BATCH_QUEUE"] + "-tiny-chat"}
+    stack.start_worker("mistral-pool")
+    stack.start_worker("tiny-chat-pool", extra_env=other)
+    stack.start_api()
+    try:
+        stack.wait_ready()
+        stack.wait_workers(2)
+        listed = sorted(m["id"] for m in httpx.get(stack.base_url + "/v1/models").json()["data"])
+        assert listed == ["acme/tiny-chat", MODEL]
+        for model, pool in ((MODEL, "mistral-pool"), ("ACME/Tiny-Chat", "tiny-chat-pool")):
+            response = httpx.post(stack.base_url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+            assert response.status_code == 200
+            assert stack.job(response.json()["id"])["worker"].startswith(pool + "-")
+        unknown = httpx.post(stack.base_url + "/v1/chat/completions", timeout=60, json={
+            "model": "acme/none", "messages": [{"role": "user", "content": "hi"}]})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        stack.stop("tiny-chat-pool")
+        from scripts.stack import wait_until
+        wait_until(lambda: [m["id"] for m in httpx.get(stack.base_url + "/v1/models").json()["data"]] == [MODEL],
+                   15, "the stopped pool to leave /v1/models")
+    finally:
+        stack.stop_all()
+        stack.cleanup_redis()
