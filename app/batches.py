@@ -25,6 +25,7 @@ from app.serving import build_generation_request, parse_request, resolve_model, 
 from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
+from workers.chat_format import is_valid_unicode
 from jobs.records import JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 
@@ -46,11 +47,11 @@ class BatchService:
             raise APIError(400, f"Unrecognized request argument supplied: {sorted(unknown)[0]}",
                            param=sorted(unknown)[0], code="invalid_value")
         endpoint = data.get("endpoint")
-        if endpoint not in SUPPORTED_ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in SUPPORTED_ENDPOINTS:
             raise APIError(400, f"endpoint must be one of {list(SUPPORTED_ENDPOINTS)}.", param="endpoint",
                            code="invalid_value")
         window = data.get("completion_window")
-        if window not in COMPLETION_WINDOWS:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
             raise APIError(400, f"completion_window must be one of {list(COMPLETION_WINDOWS)}.",
                            param="completion_window", code="invalid_value")
         metadata = data.get("metadata")
@@ -140,8 +141,11 @@ class BatchDispatcher:
 
     def tick(self) -> None:
         for batch_id in self.batches.active():
-            if self.batches.take_lease(batch_id, self.holder, ttl_ms=int(self.settings.batch_lease_s * 1000)):
-                self.drive(batch_id)
+            try:  # one batch's trouble must not hold up the others
+                if self.batches.take_lease(batch_id, self.holder, ttl_ms=int(self.settings.batch_lease_s * 1000)):
+                    self.drive(batch_id)
+            except Exception:
+                log.exception("batch %s: step failed", batch_id)
 
     # --- one batch, one step
     def drive(self, batch_id: str) -> None:
@@ -216,15 +220,24 @@ class BatchDispatcher:
             self.enqueue(record)
 
     def _line_to_job(self, batch: dict, index: int, line: str):
-        """A JobRecord for a valid line, or the error line for a bad one."""
+        """A JobRecord for a valid line, or the error line for a bad one (never an exception: a line that
+        cannot be processed is that line's failure, not the batch's)."""
+        try:
+            return self._parse_line(batch, index, line)
+        except Exception as exc:
+            log.warning("batch %s: line %d could not be processed: %s", batch["id"], index + 1, type(exc).__name__)
+            return error_line(None, index, f"Line {index + 1} could not be processed ({type(exc).__name__}).",
+                              "invalid_line")
+
+    def _parse_line(self, batch: dict, index: int, line: str):
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return error_line(None, index, f"Line {index + 1} is not valid JSON.", "invalid_json_line")
         if not isinstance(data, dict):
             return error_line(None, index, f"Line {index + 1} must be a JSON object.", "invalid_json_line")
         custom_id = data.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
+        if not isinstance(custom_id, str) or not custom_id or not is_valid_unicode(custom_id):
             return error_line(None, index, "custom_id must be a non-empty string.", "invalid_custom_id",
                               "custom_id")
         if data.get("method") != "POST":

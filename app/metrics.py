@@ -41,7 +41,8 @@ from typing import Iterable, Optional
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 
 from config.logging import unbind_job
-from jobs.telemetry import JOB_STATES, JobTelemetry, aggregate_workers, queue_depths
+from jobs.telemetry import (JOB_STATES, JobTelemetry, aggregate_workers_by_model, model_directory,
+                            queue_depths)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -286,17 +287,35 @@ class RedisStateCollector:
         self.store = store
         self.telemetry = JobTelemetry(store.redis, settings.redis_prefix, settings.job_ttl_s)
 
+    def queues(self) -> dict[str, tuple[str, str]]:
+        """queue name -> (model, kind) for every queue to report: the queues of each model pool in the model
+        directory (seen within MODEL_REMEMBER_S), and this process's configured ones."""
+        s = self.settings
+        model = getattr(s, "served_model_name", "")
+        queues = {s.interactive_queue: (model, "interactive"), s.batch_queue: (model, "batch")}
+        models_key = getattr(self.store.keys, "models", None)
+        if models_key is not None:
+            remember_s = getattr(s, "model_remember_s", float("inf"))
+            for model_id, entry in model_directory(self.store.redis, models_key()).items():
+                if time.time() - float(entry.get("last_seen", 0) or 0) > remember_s:
+                    continue
+                for kind, field in (("interactive", "queue"), ("batch", "batch_queue")):
+                    if entry.get(field):
+                        queues[entry[field]] = (model_id, kind)
+        return queues
+
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         up = 1
         try:
-            queues = {"interactive": self.settings.interactive_queue, "batch": self.settings.batch_queue}
-            depths = queue_depths(self.store.redis, queues.values())
-            depth = GaugeMetricFamily("llmq_queue_depth", "Jobs waiting in each queue (Redis list length).",
-                                      labels=["queue", "name"])
-            for role, name in queues.items():
-                depth.add_metric([role, name], depths.get(name, 0))
+            queues = self.queues()
+            depths = queue_depths(self.store.redis, queues)
+            depth = GaugeMetricFamily("llmq_queue_depth", "Jobs waiting in each queue (its Redis list length), "
+                                      "by model pool and kind (interactive: Celery's; batch: kombu's).",
+                                      labels=["model", "kind", "queue"])
+            for name, (model, kind) in sorted(queues.items()):
+                depth.add_metric([model, kind, name], depths.get(name, 0))
             yield depth
 
             current, entered = self.telemetry.job_counts()
@@ -311,18 +330,22 @@ class RedisStateCollector:
             yield jobs
             yield transitions
 
-            load = aggregate_workers(self.store.live_workers())
-            for name, help_text, value in (
-                    ("llmq_workers", "Live model workers (fresh heartbeats).", load["workers"]),
-                    ("llmq_running_sequences", "Sequences being decoded, over all workers.", load["running"]),
-                    ("llmq_waiting_sequences", "Sequences waiting in the engines, over all workers.",
-                     load["waiting"]),
-                    ("llmq_kv_blocks_used", "KV-cache blocks in use, over all workers.", load["kv_blocks_used"]),
-                    ("llmq_kv_blocks_capacity", "KV-cache blocks, over all workers.", load["kv_blocks_total"])):
-                yield GaugeMetricFamily(name, help_text, value=value)
-            usage = load["kv_blocks_used"] / load["kv_blocks_total"] if load["kv_blocks_total"] else 0.0
-            yield GaugeMetricFamily("llmq_kv_cache_usage_ratio", "Used / total KV-cache blocks, over all "
-                                    "workers (0 to 1).", value=usage)
+            by_model = aggregate_workers_by_model(self.store.live_workers())
+            families = {key: GaugeMetricFamily(name, help_text, labels=["model"]) for key, name, help_text in (
+                ("workers", "llmq_workers", "Live model workers (fresh heartbeats), per served model."),
+                ("running", "llmq_running_sequences", "Sequences being decoded, over a model's workers."),
+                ("waiting", "llmq_waiting_sequences", "Sequences waiting in the engines, over a model's workers."),
+                ("kv_blocks_used", "llmq_kv_blocks_used", "KV-cache blocks in use, over a model's workers."),
+                ("kv_blocks_total", "llmq_kv_blocks_capacity", "KV-cache blocks, over a model's workers."))}
+            ratio = GaugeMetricFamily("llmq_kv_cache_usage_ratio", "Used / total KV-cache blocks over a model's "
+                                      "workers (0 to 1).", labels=["model"])
+            for model, load in sorted(by_model.items()):
+                for key, family in families.items():
+                    family.add_metric([model], load[key])
+                total_blocks = load["kv_blocks_total"]
+                ratio.add_metric([model], load["kv_blocks_used"] / total_blocks if total_blocks else 0.0)
+            yield from families.values()
+            yield ratio
         except Exception as exc:  # Redis away: the scrape still answers, with the process-local metrics
             log.warning("metrics: reading Redis failed: %s", type(exc).__name__)
             up = 0
@@ -344,11 +367,12 @@ def metrics_endpoint():
 
 
 def setup_metrics(app: Flask, settings=None, store=None) -> None:
-    """Call once in create_app, after the JobStore exists. Registers the request hooks (request start time,
-    clearing a stale job id from the logging context, counting every request and error response, one access
-    log line) and, when METRICS_ENABLED, multiprocess mode and the `/metrics` route."""
+    """Call once in create_app, after the JobStore exists. Registers the request hooks (request start time;
+    no job id bound in the logging context before a request nor after it; counting every request and error
+    response; one access log line) and, when METRICS_ENABLED, multiprocess mode and the `/metrics` route."""
     settings = settings or app.config["SETTINGS"]
     app.before_request(_before_request)
+    app.teardown_request(_teardown_request)
     if not settings.metrics_enabled:
         app.after_request(_access_log)
         return
@@ -372,6 +396,12 @@ def _before_request() -> None:
     g.llmq_request_start = time.monotonic()
     # A gevent worker serves a keep-alive connection's requests one after another in one greenlet: a job
     # id bound by the previous request must not tag this one's log lines.
+    unbind_job()
+
+
+def _teardown_request(_exc=None) -> None:
+    # The request is over (a stream: its last chunk is sent): its job id must not tag later lines of this
+    # thread or greenlet.
     unbind_job()
 
 

@@ -6,7 +6,7 @@ field types, so that a client (or a fuzzer) generating "valid" requests from thi
 requests: `null` means "the default" for every optional field (a `model_validator` does that), roles are
 system/user/assistant (`workers/chat_format.py`), contents and stop sequences are not empty, at most four
 stop sequences of at most 256 characters. Rules that no JSON Schema can say (alternating roles, prompt +
-max_tokens within the context window, the served model's name) are in the descriptions; breaking them is
+max_tokens within the context window, which models are served) are in the descriptions; breaking them is
 a 400 (404 for the model).
 
 Responses are described as the code builds them (`app/protocol.py`, `jobs/files.py`, `jobs/batches.py`), and
@@ -51,7 +51,7 @@ def chat_request_schemas() -> dict:
             props[name] = _nullable(props[name])
 
     props["model"]["description"] = (
-        f"The served model, '{SERVED_MODEL_ID}' (case-insensitive; the Hugging Face id works too). "
+        f"A served model (GET /v1/models), by its id or an alias, case-insensitive; default '{SERVED_MODEL_ID}'. "
         "Any other name is a 404 model_not_found.")
     props["messages"].update(minItems=1, description=(
         "After optional system messages, user and assistant turns alternate, ending with a user turn. "
@@ -199,10 +199,13 @@ def _errors(*codes: str) -> dict:
 
 
 _COMMON = ("400", "401", "404", "405", "429", "503")
-_SSE = {"text/event-stream": {"schema": {"type": "string"}, "description": (
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                     "id": {"type": "string"}},
+    "description": (
     "`data: {chat.completion.chunk}` events, then `data: [DONE]`; or one `data: {\"error\": {...}}` event "
     "if the job fails or is cancelled. `: keep-alive` comments while idle. Each job event has an `id:` "
-    "(its sequence number) for Last-Event-ID.")}}
+    "(its sequence number) for Last-Event-ID. Each event, as a client parses it, is described here.")}}}
 
 LIMIT = {"name": "limit", "in": "query", "required": False, "description": "Page size (1 to 100, default 20).",
          "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}
@@ -349,12 +352,12 @@ def build_document() -> dict:
                         tags=["batches"], parameters=[BATCH_ID]),
         },
         "/v1/models": {
-            "get": _op("listModels", "The served model.",
+            "get": _op("listModels", "The models that have live workers now.",
                        {"200": _json("The models.", _ref("ModelList")), **_errors("401", "405", "429", "503")},
                        tags=["models"]),
         },
         "/v1/models/{model_id}": {
-            "get": _op("retrieveModel", "The served model, by its id or its Hugging Face id.",
+            "get": _op("retrieveModel", "A served model, by its id or an alias (case-insensitive).",
                        {"200": _json("The model.", _ref("Model")), **_errors("401", "404", "405", "429", "503")},
                        tags=["models"], parameters=[_path_param("model_id", "A model id (it may contain '/').")]),
         },

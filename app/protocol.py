@@ -11,8 +11,11 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import SERVED_MODEL_ID
+from workers.chat_format import is_valid_unicode
 
 DEFAULT_MAX_TOKENS = 1024
+MAX_MESSAGES = 10000        # checked before validation, so a huge bad array cannot stall the server
+MAX_CONTENT_PARTS = 256
 MAX_STOP_SEQUENCES = 4      # OpenAI's limit
 MAX_STOP_LENGTH = 256       # characters per stop sequence
 INT64_MAX = 2**63 - 1
@@ -81,6 +84,8 @@ class ChatCompletionRequest(StrictModel):
         for stop in stops:
             if not stop:
                 raise ValueError("stop sequences must not be empty")
+            if not is_valid_unicode(stop):
+                raise ValueError("stop sequences must be valid Unicode (no lone surrogates)")
             if len(stop) > MAX_STOP_LENGTH:
                 raise ValueError(f"a stop sequence must be at most {MAX_STOP_LENGTH} characters")
         return value

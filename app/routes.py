@@ -1,6 +1,8 @@
 """HTTP routes: the OpenAI-compatible API (`/v1`) and the operational probes."""
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, current_app, g, request
 
 from app import protocol
@@ -37,7 +39,7 @@ def chat_completions():
 # --- background jobs (submit with "background": true, then poll)
 def _limit() -> int:
     raw = request.args.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= 100:
         raise APIError(400, "limit must be an integer between 1 and 100.", param="limit", code="invalid_value")
     return int(raw)
 
@@ -60,13 +62,12 @@ def cancel_job(job_id: str):
 @api.get("/chat/completions/<job_id>/events")
 def job_events(job_id: str):
     """The job's stream from the start, or after `starting_after` / the Last-Event-ID header (a seq)."""
-    raw = request.args.get("starting_after", request.headers.get("Last-Event-ID", "-1"))
-    try:
-        after = int(raw)
-    except ValueError:
+    raw = request.args.get("starting_after", request.headers.get("Last-Event-ID", "-1")).strip()
+    if not re.fullmatch(r"-[0-9]+|[0-9]+", raw):
         raise APIError(400, "starting_after (or Last-Event-ID) must be an event id (an integer).",
                        param="starting_after", code="invalid_value")
-    return _service().job_events(job_id, g.owner, max(after, -1))
+    # Any negative id means "from the start"; ids past any real job's end are clamped (nothing follows them).
+    return _service().job_events(job_id, g.owner, max(-1, min(int(raw), 10**15)))
 
 
 # --- files and batches (OpenAI's Batch API)

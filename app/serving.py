@@ -22,7 +22,7 @@ from app.errors import APIError, from_validation_error
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
-from workers.chat_format import ConversationError, Message, encode_conversation
+from workers.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ def parse_request(data) -> protocol.ChatCompletionRequest:
     """A decoded JSON body -> a validated request (APIError 400 naming the field otherwise)."""
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > protocol.MAX_MESSAGES:
+        raise APIError(400, f"'messages' has {len(messages)} items; at most {protocol.MAX_MESSAGES} are allowed.",
+                       param="messages", code="invalid_value")
+    for index, message in enumerate(messages if isinstance(messages, list) else []):
+        parts = message.get("content") if isinstance(message, dict) else None
+        if isinstance(parts, list) and len(parts) > protocol.MAX_CONTENT_PARTS:
+            raise APIError(400, f"messages[{index}].content has more than {protocol.MAX_CONTENT_PARTS} parts.",
+                           param=f"messages[{index}].content", code="invalid_value")
     try:
         return protocol.ChatCompletionRequest.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -53,7 +62,7 @@ def parse_request(data) -> protocol.ChatCompletionRequest:
 def decode_json_body(body: bytes):
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except (ValueError, UnicodeDecodeError, RecursionError, MemoryError):
         raise APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON.",
                        code="invalid_json")
 
@@ -63,11 +72,18 @@ def build_generation_request(request: protocol.ChatCompletionRequest, max_model_
     """Validate the conversation against the model and tokenize it: everything a worker needs."""
     model = route.id
     messages = [Message(m.role, m.text) for m in request.messages]
+    max_tokens = request.effective_max_tokens
+    at_least = min_tokens(messages)
+    if at_least + max_tokens > max_model_len:  # surely too long: refuse without spending time tokenizing
+        raise APIError(
+            400, f"This model's maximum context length is {max_model_len} tokens. However, your messages have at "
+                 f"least {at_least} tokens, with {max_tokens} in the completion. Please reduce the length of the "
+                 f"messages or completion.", param="messages", code="context_length_exceeded",
+            n_prompt_tokens=at_least, n_ctx=max_model_len)
     try:
         prompt_ids = encode_conversation(messages)
     except ConversationError as exc:
         raise APIError(400, exc.message, param=exc.param, code="invalid_conversation")
-    max_tokens = request.effective_max_tokens
     if len(prompt_ids) + max_tokens > max_model_len:
         raise APIError(
             400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -228,6 +244,8 @@ class ChatService:
                             "code": "job_cancelled", "param": None}
                         yield sse({"error": error}, event.seq)
                         return
+                finished = True  # resumed after the job's last event: nothing was left to send
+                yield "data: [DONE]\n\n"
             except StreamInterrupted:
                 yield sse({"error": {
                     "message": f"Lost the connection to the job queue. The job goes on: resume with GET "
@@ -304,6 +322,9 @@ class EventRelay:
                 if replay_needed:
                     batch = self.store.read_log(self.job_id, after_seq=last_seq)
                     replay_needed = False
+                    if not any(e.is_final for e in batch) and self._already_over():
+                        yield from (e for e in batch if e.seq > last_seq)
+                        return  # the client resumed at or after the end: nothing more will come
                 else:
                     message = self.pubsub.get_message(timeout=min(1.0, self.keepalive_s))
                     batch = [JobEvent.model_validate_json(message["data"])] if message else []
@@ -326,6 +347,12 @@ class EventRelay:
             if not batch and time.monotonic() - last_message >= self.keepalive_s:
                 last_message = time.monotonic()
                 yield None
+
+    def _already_over(self) -> bool:
+        try:
+            return self.store.get(self.job_id).status.is_terminal
+        except JobNotFound:
+            return True
 
     def close(self) -> None:
         pubsub, self.pubsub = self.pubsub, None

@@ -134,11 +134,12 @@ def _configured_secrets() -> list[str]:
 def setup_logging(service: str, level=None, stream=None, secrets: Optional[Iterable[str]] = None,
                   take_over_celery: bool = False) -> logging.Handler:
     """Make the root logger emit JSON lines tagged with `service` ("api", "worker", ...). Idempotent: a
-    second call replaces the handler the first installed; other root handlers are removed (one line per
-    record). `level` defaults to the LOG_LEVEL setting (INFO). `secrets` (default: the configured API keys)
-    are masked wherever they appear. Gunicorn's own loggers of this process, if set up, are switched to the
-    same handler. `take_over_celery=True` (the worker) connects Celery's `setup_logging` signal, so that the
-    Celery worker keeps this configuration instead of installing its own text handlers."""
+    second call replaces the handler the first installed, and plain console handlers (basicConfig's) are
+    removed (one line per record). `level` defaults to LOG_LEVEL (env or setting; INFO). `secrets` (default:
+    the configured API keys) are masked wherever they appear. Gunicorn's own loggers of this process, if set
+    up, are switched to the same handler. `take_over_celery=True` (the worker) connects Celery's
+    `setup_logging` signal, so that the Celery worker keeps this configuration instead of installing its own
+    text handlers (and does not redirect stdout/stderr into its logger)."""
     if level is None:
         level = os.environ.get("LOG_LEVEL") or _settings_level() or "INFO"
     if isinstance(level, str):
@@ -149,9 +150,13 @@ def setup_logging(service: str, level=None, stream=None, secrets: Optional[Itera
     handler.setFormatter(JsonFormatter(service, _configured_secrets() if secrets is None else secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        # Ours from an earlier call, and plain console handlers (basicConfig's): one line per record. Other
+        # handlers (a test runner's capture, a file handler someone added on purpose) stay.
+        if type(old) in (_JsonHandler, logging.StreamHandler):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a JSON line too (logger "py.warnings")
     for name in ("gunicorn.error", "gunicorn.access"):
         logger = logging.getLogger(name)
         if logger.handlers:  # inside a gunicorn worker: its logs become JSON lines too

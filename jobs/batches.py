@@ -51,6 +51,8 @@ class BatchStore:
         return fields
 
     def update(self, batch_id: str, **fields) -> None:
+        if not fields:
+            return
         self.redis.hset(self.keys.batch(batch_id), mapping={k: str(v) for k, v in fields.items()})
 
     def set_status(self, batch_id: str, status: str) -> None:

@@ -14,8 +14,14 @@ state the job leaves, and nothing drifts if a process dies between two writes. Z
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Iterable, Optional
+
+from jobs.records import Keys
+
+log = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
 
@@ -67,26 +73,57 @@ class JobTelemetry:
         return f"{self.prefix}:metrics:jobs_total"
 
     def job_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"  # as jobs.records.Keys.job
+        return Keys(self.prefix).job(job_id)
 
-    # --- writes (call after the state change succeeded; `pipe` puts the write into the caller's pipeline)
+    # --- writes. Call them after the state change succeeded. Without `pipe` they are best effort: a failure
+    # is logged, never raised (metrics must not fail a job), and the next state a job enters repairs its entry.
+    # With `pipe` the write joins the caller's pipeline, and its answer comes at the caller's execute().
     def job_state(self, job_id: str, state, pipe=None, now: Optional[float] = None) -> None:
         """Record that `job_id` is now in `state` (a JobStatus or its value). Idempotent."""
+        if pipe is not None:
+            self._job_state(pipe, job_id, state, now)
+        else:
+            self.record(states=[(job_id, state)], now=now)
+
+    def first_token(self, job_id: str, pipe=None, now: Optional[float] = None) -> None:
+        """Stamp the job record's `first_token_at` (HSETNX: only the first call counts): when the job's first
+        text was published."""
+        if pipe is not None:
+            self._first_token(pipe, job_id, now)
+        else:
+            self.record(first_tokens=[job_id], now=now)
+
+    def record(self, states: Iterable[tuple] = (), first_tokens: Iterable[str] = (),
+               now: Optional[float] = None) -> None:
+        """Several of the above in one round trip (nothing sent when both are empty); best effort."""
+        states, first_tokens = list(states), list(first_tokens)
+        if not states and not first_tokens:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in first_tokens:
+                    self._first_token(pipe, job_id, now)
+                for job_id, state in states:
+                    self._job_state(pipe, job_id, state, now)
+                pipe.execute()
+        except ValueError:
+            raise  # an unknown state: a bug in the caller
+        except Exception as exc:
+            log.warning("telemetry: recording %d job states failed: %s", len(states) + len(first_tokens), exc)
+
+    def _job_state(self, client, job_id: str, state, now: Optional[float]) -> None:
         name = _state_name(state)
         now = time.time() if now is None else now
         keys = [self.state_key(s) for s in JOB_STATES] + [self.totals_key]
         args = [job_id, JOB_STATES.index(name) + 1, name, repr(now), repr(now - self.ttl_s), 2 * self.ttl_s]
-        self._enter(keys=keys, args=args, client=pipe if pipe is not None else self.redis)
+        self._enter(keys=keys, args=args, client=client)
 
-    def first_token(self, job_id: str, pipe=None, now: Optional[float] = None) -> None:
-        """Stamp the job record's `first_token_at` (HSETNX: only the first call counts). Call it with the
-        first delta that carries text, e.g. inside JobStore.publish_deltas' pipeline."""
-        (pipe if pipe is not None else self.redis).hsetnx(
-            self.job_key(job_id), "first_token_at", repr(time.time() if now is None else now))
+    def _first_token(self, client, job_id: str, now: Optional[float]) -> None:
+        client.hsetnx(self.job_key(job_id), "first_token_at", repr(time.time() if now is None else now))
 
     # --- reads (scrape time)
     def job_counts(self, now: Optional[float] = None) -> tuple[dict[str, int], dict[str, int]]:
-        """({state: jobs in it now}, {state: jobs that ever entered it}). Two round trips at most: one."""
+        """({state: jobs in it now}, {state: jobs that ever entered it}), in one round trip."""
         horizon = (time.time() if now is None else now) - self.ttl_s
         with self.redis.pipeline(transaction=False) as pipe:
             for state in JOB_STATES:
@@ -111,6 +148,20 @@ def queue_depths(client, queues: Iterable[str]) -> dict[str, int]:
             for i, queue in enumerate(queues)}
 
 
+def model_directory(client, models_key: str) -> dict[str, dict]:
+    """The model directory the workers keep (jobs/models.py): model id -> {"queue", "batch_queue",
+    "last_seen", ...}. Unreadable entries are skipped."""
+    entries = {}
+    for model_id, raw in client.hgetall(models_key).items():
+        try:
+            entry = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entry, dict):
+            entries[_decode(model_id)] = entry
+    return entries
+
+
 def worker_load(engine_stats: Optional[dict]) -> dict[str, int]:
     """The heartbeat fields a worker adds from `engine.stats()` (missing ones count as 0)."""
     stats = engine_stats or {}
@@ -130,6 +181,15 @@ def aggregate_workers(heartbeats: Iterable[dict]) -> dict[str, int]:
                 pass
     total["workers"] = count
     return total
+
+
+def aggregate_workers_by_model(heartbeats: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """`aggregate_workers` per served model (the heartbeat's `model_id`; `model` or "unknown" without)."""
+    groups: dict[str, list[dict]] = {}
+    for beat in heartbeats:
+        model = str(beat.get("model_id") or beat.get("model") or "unknown")
+        groups.setdefault(model, []).append(beat)
+    return {model: aggregate_workers(beats) for model, beats in groups.items()}
 
 
 def _decode(value) -> str:

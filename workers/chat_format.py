@@ -44,6 +44,27 @@ def raw_tokenizer():
     return get_tokenizer().instruct_tokenizer.tokenizer
 
 
+def is_valid_unicode(text: str) -> bool:
+    """JSON can smuggle lone surrogates (\\ud800) into a str; they cannot be encoded, so refuse them."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@lru_cache
+def max_chars_per_token() -> int:
+    """The longest piece in the vocabulary: a text of n characters has at least n / this many tokens."""
+    tokenizer = raw_tokenizer()
+    return max(len(tokenizer.id_to_piece(i)) for i in range(tokenizer.n_words))
+
+
+def min_tokens(messages: list[Message]) -> int:
+    """A cheap lower bound on the prompt's token count, to refuse a huge prompt without tokenizing it."""
+    return sum(len(m.content) for m in messages) // max_chars_per_token()
+
+
 def validate_conversation(messages: list[Message]) -> None:
     """Mistral's rules, checked here so each failure names the message at fault.
 
@@ -59,6 +80,9 @@ def validate_conversation(messages: list[Message]) -> None:
                 f"{', '.join(SUPPORTED_ROLES)}.", f"messages[{index}].role")
         if message.content == "":
             raise ConversationError(f"messages[{index}].content must not be empty.", f"messages[{index}].content")
+        if not is_valid_unicode(message.content):
+            raise ConversationError(f"messages[{index}].content is not valid Unicode (it has a lone surrogate).",
+                                    f"messages[{index}].content")
         if message.role == "system":
             continue
         if message.role != expected:

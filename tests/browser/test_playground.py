@@ -7,7 +7,8 @@ import re
 import httpx
 
 from config.settings import SERVED_MODEL_ID
-from tests.conftest import API_KEYS, ROOT
+from scripts.stack import ROOT
+from tests.conftest import API_KEYS
 
 try:
     from playwright.sync_api import expect
