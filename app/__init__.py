@@ -14,6 +14,7 @@ from app.playground import playground
 from app.protocol import now
 from app.routes import api, ops
 from app.serving import ChatService
+from config.logging import setup_logging
 from config.settings import get_settings
 from jobs.batches import BatchStore
 from jobs.files import FileStore
@@ -25,7 +26,7 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     """`enqueue` / `enqueue_batch_job` put a job on its queue (Celery and the batch queue by default;
     unit tests of this layer pass stand-ins)."""
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("api", secrets=settings.api_keys)
     app = Flask(__name__)
     app.config.update(SETTINGS=settings, STARTED_AT=now(), MAX_CONTENT_LENGTH=settings.max_body_bytes)
     app.json.sort_keys = False

@@ -19,6 +19,8 @@ from pydantic import ValidationError
 
 from app import protocol
 from app.errors import APIError, from_validation_error
+from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
+from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
@@ -115,6 +117,7 @@ class ChatService:
             self.enqueue(record)
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
+        bind_job(record.id)
         self.store.create(record)
         relay = EventRelay(self.store, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
@@ -123,7 +126,8 @@ class ChatService:
             relay.close()
             raise
         if request.stream:
-            return self.stream_response(record, relay, request.include_usage, cancel_on_disconnect=True)
+            return self.stream_response(record, relay, request.include_usage, cancel_on_disconnect=True,
+                                        timer=StreamTimer())
         return self._complete(record, relay)
 
     # --- background jobs: GET, cancel, list, events
@@ -207,8 +211,10 @@ class ChatService:
                 if event.type == "cancelled":
                     raise APIError(409, "The job was cancelled.", code="job_cancelled",
                                    headers={"x-should-retry": "false"})
-                return protocol.completion_from_record(self.store.get(record.id),
-                                                       system_fingerprint(record.request.model))
+                final = self.store.get(record.id)
+                observe_completion(final)
+                return (protocol.completion_from_record(final, system_fingerprint(record.request.model)), 200,
+                        timing_headers(final))
             self._cancel_quietly(record.id)
             raise APIError(504, f"The job did not finish within {self.settings.request_timeout_s:g} s.",
                            code="timeout")
@@ -216,7 +222,7 @@ class ChatService:
             relay.close()
 
     def stream_response(self, record: JobRecord, relay: "EventRelay", include_usage: bool,
-                        cancel_on_disconnect: bool) -> Response:
+                        cancel_on_disconnect: bool, timer: Optional[StreamTimer] = None) -> Response:
         chunks = protocol.ChunkFormatter(record.id, int(record.created_at), record.request.model,
                                          system_fingerprint(record.request.model), include_usage)
 
@@ -229,9 +235,13 @@ class ChatService:
                     if event is None:
                         yield ": keep-alive\n\n"  # lets WSGI notice a client that went away
                     elif event.type == "delta":
+                        if timer is not None and event.text:
+                            timer.delta()
                         yield sse(chunks.delta(event.text), event.seq)
                     elif event.type == "done":
                         finished = True
+                        if timer is not None:
+                            timer.done(event.usage)
                         yield sse(chunks.finish(event.finish_reason), event.seq)
                         if include_usage:
                             yield sse(chunks.usage(event.usage))
@@ -242,11 +252,13 @@ class ChatService:
                         error = event.error.model_dump() if event.error else {
                             "message": "The job was cancelled.", "type": "invalid_request_error",
                             "code": "job_cancelled", "param": None}
+                        observe_error(error.get("code"))
                         yield sse({"error": error}, event.seq)
                         return
                 finished = True  # resumed after the job's last event: nothing was left to send
                 yield "data: [DONE]\n\n"
             except StreamInterrupted:
+                observe_error("stream_interrupted")
                 yield sse({"error": {
                     "message": f"Lost the connection to the job queue. The job goes on: resume with GET "
                                f"/v1/chat/completions/{record.id}/events and the Last-Event-ID header.",

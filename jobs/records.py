@@ -93,6 +93,7 @@ class JobRecord(BaseModel):
     created_at: float
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    first_token_at: Optional[float] = None  # when its first text was published (set once)
     request: GenerationRequest
     result: Optional[JobResult] = None
     error: Optional[JobError] = None
@@ -113,7 +114,7 @@ class JobRecord(BaseModel):
         for name in ("batch_id", "custom_id"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
-        for name in ("started_at", "finished_at"):
+        for name in ("started_at", "finished_at", "first_token_at"):
             if getattr(self, name) is not None:
                 fields[name] = repr(getattr(self, name))
         for name in ("result", "error"):

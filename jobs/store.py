@@ -19,6 +19,7 @@ import redis
 
 from jobs.paging import newest_first
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Keys, log_id
+from jobs.telemetry import JobTelemetry
 
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
 FENCED = -1  # what the scripts answer when the caller's lease is gone
@@ -128,6 +129,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
         self._reap = client.register_script(_REAP)
+        self.telemetry = JobTelemetry(client, prefix, ttl_s)
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
@@ -142,6 +144,7 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping=record.to_redis())
             pipe.expire(key, self.ttl_s)
+            self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
                 pipe.expire(self.keys.owner_unfinished(record.owner), self.ttl_s)
@@ -173,6 +176,8 @@ class JobStore:
         token = uuid.uuid4().hex
         attempt = self._acquire(keys=[self.keys.job(job_id), self.keys.lease(job_id), self.keys.leases()],
                                 args=[token, self.lease_ms, _now_ms(), worker, repr(time.time()), job_id])
+        if int(attempt) > 0:
+            self.telemetry.job_state(job_id, JobStatus.IN_PROGRESS)
         return int(attempt), token
 
     def renew(self, leases: dict[str, str]) -> list[str]:
@@ -187,6 +192,7 @@ class JobStore:
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
         """Jobs whose attempt died (lease lapsed): set back to queued; [(job id, kind, queue)] to enqueue."""
         flat = self._reap(keys=[self.keys.leases()], args=[_now_ms(), self.prefix, limit, repr(time.time())])
+        self.telemetry.record(states=[(job_id, JobStatus.QUEUED) for job_id in flat[::3]])
         return list(zip(flat[::3], flat[1::3], flat[2::3]))
 
     def finish(self, job_id: str, status: JobStatus, final_event: JobEvent,
@@ -204,7 +210,11 @@ class JobStore:
             keys=[self.keys.job(job_id), self.keys.event_log(job_id), self.keys.lease(job_id), self.keys.leases()],
             args=[_statuses(only_from), self.keys.events(job_id), self.ttl_s, final_event.log_id, event_json,
                   token, job_id, self.prefix, *fields], client=client)
-        return answer if client is not None else int(answer)  # in a pipeline: the answer comes at execute()
+        if client is not None:
+            return answer  # in a pipeline: the answer comes at execute() (the caller records the state)
+        if int(answer) == 1:
+            self.telemetry.job_state(job_id, status)
+        return int(answer)
 
     # --- events and cancellation
     def publish_deltas(self, job_id: str, token: str, events: list[JobEvent], client=None) -> int:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from config.logging import setup_logging
 from config.settings import get_settings
 
 log = logging.getLogger("workers.supervisor")
@@ -36,12 +37,13 @@ def worker_argv(settings, extra: list[str]) -> list[str]:
 
 
 def run_child(extra: list[str]) -> None:
+    setup_logging("worker", take_over_celery=True)
     from workers.celery_app import celery_app
     celery_app.worker_main(worker_argv(get_settings(), extra))
 
 
 def supervise(extra: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("worker")
     os.environ.setdefault("HONCHO_PROCESS_NAME", node_name())  # the child keeps our name
     stopping = False
     child: subprocess.Popen | None = None

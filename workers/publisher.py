@@ -87,6 +87,10 @@ class Publisher:
                 time.sleep(0.2)
             return
         self._outage_since = None
+        self.store.telemetry.record(  # metrics: first text published, jobs finished (best effort)
+            first_tokens=[run.id for run, (delta, _) in zip(due, answers)
+                          if delta != FENCED and run.outbox and run.outbox[0].seq == 0],
+            states=[(run.id, run.final.status) for run, (_, final) in zip(due, answers) if final == 1])
         for run, (delta_answer, final_answer) in zip(due, answers):
             run.last_checked = now
             if delta_answer == FENCED or final_answer == FENCED:

@@ -14,6 +14,7 @@ import time
 
 from celery.signals import worker_ready, worker_shutdown
 
+from config.logging import job_context
 from config.settings import get_settings
 from jobs.records import JobEvent, JobStatus
 from jobs.models import model_entry
@@ -155,6 +156,11 @@ def run_chat_completion(job_id: str) -> str:
 
 
 def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
+    with job_context(job_id):  # every log line of this job carries its id
+        return _execute_job(runtime, job_id)
+
+
+def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     """Run one attempt of a job by id (from Celery's interactive queue or the batch queue); returns what
     became of it. A job delivered again after it finished, or still running elsewhere, is skipped."""
     from workers.job_runner import JobRun, Published, deadline_error, retry_redis

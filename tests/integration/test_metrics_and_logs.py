@@ -21,7 +21,6 @@ from tests.conftest import API_KEYS, free_port, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 PROMPT = "Count the ZEBRA-CROSSING-2319 stripes"
-wiring_pending = pytest.mark.xfail(strict=False, reason="wiring pending")
 
 
 def scrape(base_url: str) -> dict:
@@ -89,7 +88,6 @@ def test_metrics_needs_no_key_and_counts_requests_by_route(stack, client):
         assert any(n == "llmq_queue_depth" and ("kind", kind) in ls and ("queue", queue) in ls for n, ls in after)
 
 
-@wiring_pending
 def test_latency_histograms_and_tokens_after_chat_requests(stack, client):
     before = scrape(stack.base_url)
     usages = [chat(client, stream=False).usage for _ in range(2)]
@@ -109,7 +107,6 @@ def test_latency_histograms_and_tokens_after_chat_requests(stack, client):
     assert delta("llmq_http_requests_total", endpoint="/v1/chat/completions", method="POST", status="200") == 4
 
 
-@wiring_pending
 def test_jobs_by_state_follow_the_jobs(stack, client):
     before = scrape(stack.base_url)
     chat(client, stream=False)
@@ -129,7 +126,6 @@ def test_worker_heartbeats_report_engine_load(stack):
     assert 0 <= total(samples, "llmq_kv_cache_usage_ratio") <= 1
 
 
-@wiring_pending
 def test_timing_headers_on_non_stream_responses(client):
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8)
@@ -139,7 +135,6 @@ def test_timing_headers_on_non_stream_responses(client):
     assert completion.usage.completion_tokens == 8
 
 
-@wiring_pending
 def test_logs_are_json_lines_with_the_job_id_and_no_secrets(stack, client):
     completion = chat(client, stream=False)
     chat(client, stream=True)
