@@ -92,6 +92,7 @@ def chaos_stack(tmp_path):
     server.stop()
 
 
+@pytest.mark.timeout(900)
 def test_chaos(chaos_stack):
     stack, redis_server = chaos_stack
     rng = random.Random(7)
