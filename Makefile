@@ -4,7 +4,10 @@
 #   make redis        make sure a Redis answers at REDIS_URL (starts the project's own if none)
 #   make run          Redis + API (gunicorn, PORT) + WORKERS Celery workers in the foreground
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
-#   make bench        scripts/bench.py
+#   make bench        scripts/bench.py (engine, service and HF baselines; see README)
+#   make fairness     interactive TTFT with and without a large batch running
+#   make worker       one more worker (e.g. on another machine, same REDIS_URL)
+#   make api          one more API server on PORT (e.g. behind a load balancer)
 #   make redis-stop   stop the Redis servers that scripts/ensure_redis.sh started (.run/redis)
 #   make clean        redis-stop, then remove the venv and .run/
 #
@@ -40,10 +43,10 @@ BENCH_ARGS ?=
 
 STAMP = $(VENV)/.installed
 
-.PHONY: help venv install redis redis-stop run test bench clean browser-deps
+.PHONY: help venv install redis redis-stop run worker api test bench fairness clean browser-deps
 
 help:
-	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- Install -----------------------------------------------------------------------------------
 
@@ -116,6 +119,15 @@ run: install
 	echo "run: API on port $(PORT), $(WORKERS) worker process(es); Ctrl-C stops them"
 	exec '$(VENV)/bin/honcho' start -f Procfile -p '$(PORT)' -c 'web=1,worker=$(WORKERS)'
 
+# One more worker (for instance on a second machine: REDIS_URL=redis://<redis host>:6379/0 make worker).
+worker: install
+	@exec '$(PY)' -m workers
+
+# One more API server (for instance behind a load balancer: PORT=8001 make api).
+api: install
+	@exec '$(VENV)/bin/gunicorn' --worker-class gevent --workers 2 --worker-connections 1000 \
+	    --bind 0.0.0.0:$(PORT) --timeout 60 --graceful-timeout 30 --no-control-socket 'app:create_app()'
+
 # --- Test --------------------------------------------------------------------------------------
 
 # Headless Chromium for tests/browser (Debian's package; `playwright install` is never used).
@@ -133,6 +145,10 @@ test: install browser-deps
 
 bench: install
 	@'$(PY)' -m scripts.bench $(BENCH_ARGS)
+
+# Interactive TTFT with and without a 2,000-request batch running (scripts/fairness.py).
+fairness: install
+	@'$(PY)' -m scripts.fairness $(FAIRNESS_ARGS)
 
 # --- Clean -------------------------------------------------------------------------------------
 

@@ -31,9 +31,21 @@ def _authenticate():
     g.owner = check_bearer(current_app.config["SETTINGS"].api_keys)
 
 
+def _body() -> bytes:
+    """The request body, at most MAX_BODY_BYTES (413 beyond). Werkzeug enforces the limit when the body has
+    a Content-Length; a chunked body has none, so it is read here up to one byte past the limit."""
+    if request.content_length is not None:
+        return request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    data = request.environ["wsgi.input"].read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+    return data
+
+
 @api.post("/chat/completions")
 def chat_completions():
-    return _service().create(request.get_data(cache=False), g.owner)
+    return _service().create(_body(), g.owner)
 
 
 # --- background jobs (submit with "background": true, then poll)
@@ -98,7 +110,7 @@ def delete_file(file_id: str):
 
 @api.post("/batches")
 def create_batch():
-    return _batches().create(decode_json_body(request.get_data(cache=False)), g.owner)
+    return _batches().create(decode_json_body(_body()), g.owner)
 
 
 @api.get("/batches")

@@ -823,8 +823,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
     p.add_argument("--service-client", choices=("httpx", "openai"), default="httpx",
                    help="the service mode's client: plain httpx (light) or the official openai SDK")
-    p.add_argument("--service-torch-threads", type=int, default=0,
-                   help="TORCH_THREADS for the service's worker (0 = its setting's default)")
+    p.add_argument("--service-torch-threads", type=int, default=1,
+                   help="TORCH_THREADS for the service's worker (0 = torch's default). 1 by default: on a small "
+                        "CPU machine the worker shares its cores with the API, Redis and this client")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "
