@@ -85,7 +85,7 @@ def main() -> None:
         asyncio.run(interactive_ttfts(base, 4, 2, 4))  # warm-up
         alone = asyncio.run(interactive_ttfts(base, args.requests, args.clients, args.max_tokens))
 
-        client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=3, timeout=300)
         lines = "\n".join(json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions",
                                       "body": {"model": MODEL, "max_tokens": args.batch_max_tokens,
                                                "messages": [{"role": "user", "content": f"Batch item {i}"}]}})

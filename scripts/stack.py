@@ -36,6 +36,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def terminate(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Stack:
     """The processes of one running service, and how to reach them."""
 
@@ -57,8 +68,8 @@ class Stack:
     def start_api(self, name: str = "api", port: int | None = None, processes: int = 1):
         """An API server (gunicorn, gevent) on `port` (default: the stack's port)."""
         cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(processes),
-               "--no-control-socket", "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "5",
-               "app:create_app()"]
+               "--no-control-socket", "--keep-alive", "30", "--bind", f"127.0.0.1:{port or self.port}",
+               "--graceful-timeout", "5", "app:create_app()"]
         self._spawn(name, cmd)
 
     def _spawn(self, name, cmd, extra_env=None):
@@ -96,13 +107,8 @@ class Stack:
 
     def stop(self, name: str):
         proc = self.processes.pop(name, None)
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc:
+            terminate(proc)
 
     def stop_all(self):
         for name in list(self.processes):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.stack import terminate
 from tests.conftest import API_KEYS, free_port, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
@@ -204,9 +205,4 @@ def test_counts_add_up_across_several_gunicorn_workers(stack, tmp_path):
             seen.add(counts)
         assert len(seen) == 1, seen  # every process answers with the same sums
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
