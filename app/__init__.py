@@ -1,8 +1,6 @@
 """Flask app factory: `gunicorn 'app:create_app()'`."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from app.batches import BatchDispatcher, BatchService

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     # again within about job_lease_s + reaper_interval_s.
     job_lease_s: float = 10.0
     reaper_interval_s: float = 2.0
+    # A job started this many times without finishing (each attempt's worker died) fails.
+    max_attempts: int = 5
     # A job not finished this long after it was created ends with a `deadline_exceeded` error.
     job_deadline_s: float = 3600.0
     # How long a worker keeps retrying Redis (buffering its job's output) before giving the attempt up.

@@ -16,7 +16,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config.logging import job_context
 from config.settings import get_settings
-from jobs.records import JobEvent, JobStatus
+from jobs.records import JobError, JobEvent, JobStatus
 from jobs.models import model_entry
 from jobs.store import FENCED, JobNotFound, JobStore
 from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
@@ -194,6 +194,12 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     started = time.perf_counter()
     try:
         published = retry_redis(lambda: Published.read(store, job_id), retry_s)
+        if attempt > settings.max_attempts:  # it keeps killing its workers: stop trying
+            error = JobError(message=f"The job was started {attempt - 1} times without finishing.",
+                             code="too_many_attempts")
+            store.finish(job_id, JobStatus.FAILED, JobEvent(seq=published.next_seq, type="error", error=error),
+                         error=error, token=token)
+            return JobStatus.FAILED.value
         if attempt > 1:
             log.warning("job %s: attempt %d resumes after %d published tokens", job_id, attempt,
                         len(published.token_ids))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 
 from tests.conftest import API_KEYS, wait_until
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 from openai import AsyncOpenAI
 
 from tests.conftest import API_KEYS

@@ -13,7 +13,6 @@ is a "null" block that is never handed out: padding rows of a batch read and wri
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
