@@ -34,8 +34,10 @@ def _chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: Playwright's sync API keeps an asyncio loop running in this thread until it stops, and
+    later tests (asyncio.run) need that loop gone."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
