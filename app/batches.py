@@ -210,6 +210,7 @@ class BatchDispatcher:
             for record in new_jobs:
                 pipe.hset(keys.job(record.id), mapping=record.to_redis())
                 pipe.expire(keys.job(record.id), self.jobs.ttl_s)
+                pipe.zadd(keys.queued(), {record.id: record.created_at})
                 pipe.sadd(keys.batch_inflight(batch_id), record.id)
             if bad_lines:
                 pipe.rpush(keys.file_lines(batch["error_list"]), *bad_lines)

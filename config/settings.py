@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # again within about job_lease_s + reaper_interval_s.
     job_lease_s: float = 10.0
     reaper_interval_s: float = 2.0
+    # A job still queued this long after it was sent, while its queue is empty, lost its message (a worker
+    # took it and died before starting it): the reaper sends it again.
+    lost_delivery_s: float = 30.0
     # A job started this many times without finishing (each attempt's worker died) fails.
     max_attempts: int = 5
     # A job not finished this long after it was created ends with a `deadline_exceeded` error.

@@ -9,6 +9,8 @@ Redis layout (every name starts with the configured prefix, since pub/sub ignore
   {prefix}:job:{id}:cancel   string set when the client asked to cancel (or went away)
   {prefix}:job:{id}:lease    string the running attempt's token; renewed while it runs, fences stale attempts
   {prefix}:leases            zset   running jobs by lease expiry (ms): the reaper requeues expired ones
+  {prefix}:queued            zset   jobs sent to a queue and not yet started, by send time: the reaper
+                                    re-sends one whose message was lost (taken by a worker that then died)
   {prefix}:owner:{owner}:unfinished zset an API key's queued and running jobs (for its cap)
   {prefix}:job:{id}:log      stream every event of the job, entry id `0-{seq+1}`: replayable, resumable
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
@@ -177,6 +179,9 @@ class Keys:
 
     def leases(self) -> str:
         return f"{self.prefix}:leases"
+
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
 
     def owner_unfinished(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:unfinished"

@@ -24,13 +24,14 @@ from jobs.telemetry import JobTelemetry
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
 FENCED = -1  # what the scripts answer when the caller's lease is gone
 
-# KEYS: job, lease, leases. ARGV: token, lease ms, now ms, worker, now s, job id.
+# KEYS: job, lease, leases, queued. ARGV: token, lease ms, now ms, worker, now s, job id.
 # Returns the attempt number, 0 if the job is not queued/running, FENCED if another attempt holds it.
 _ACQUIRE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'in_progress' then return 0 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[6])
+redis.call('ZREM', KEYS[4], ARGV[6])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[4], 'attempt_started_at', ARGV[5])
 if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then redis.call('HSET', KEYS[1], 'started_at', ARGV[5]) end
@@ -70,6 +71,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[7])
+redis.call('ZREM', ARGV[8] .. ':queued', ARGV[7])
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner then redis.call('ZREM', ARGV[8] .. ':owner:' .. owner .. ':unfinished', ARGV[7]) end
 redis.call('PUBLISH', ARGV[2], ARGV[5])
@@ -105,6 +107,31 @@ return out
 """
 
 
+# KEYS: queued. ARGV: cutoff s (sent before it), key prefix, limit, now s. A job still queued long after it was
+# sent, while its queue is empty, was taken by a worker that died before starting it (its message waits in
+# that worker's unacked set until the visibility timeout): send it again. Returns [id, kind, queue, ...].
+_REAP_LOST = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local job = ARGV[2] .. ':job:' .. id
+  local status = redis.call('HGET', job, 'status')
+  if status ~= 'queued' then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local queue = redis.call('HGET', job, 'queue') or 'interactive'
+    if redis.call('LLEN', queue) == 0 then
+      redis.call('ZADD', KEYS[1], ARGV[4], id)
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', job, 'kind') or 'interactive'
+      out[#out + 1] = queue
+    end
+  end
+end
+return out
+"""
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -129,6 +156,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
         self._reap = client.register_script(_REAP)
+        self._reap_lost = client.register_script(_REAP_LOST)
         self.telemetry = JobTelemetry(client, prefix, ttl_s)
 
     @classmethod
@@ -174,7 +202,8 @@ class JobStore:
         """Start an attempt: (attempt number, lease token). Attempt 0: not runnable (finished or gone);
         FENCED: another live attempt holds it."""
         token = uuid.uuid4().hex
-        attempt = self._acquire(keys=[self.keys.job(job_id), self.keys.lease(job_id), self.keys.leases()],
+        attempt = self._acquire(keys=[self.keys.job(job_id), self.keys.lease(job_id), self.keys.leases(),
+                                      self.keys.queued()],
                                 args=[token, self.lease_ms, _now_ms(), worker, repr(time.time()), job_id])
         if int(attempt) > 0:
             self.telemetry.job_state(job_id, JobStatus.IN_PROGRESS)
@@ -193,6 +222,12 @@ class JobStore:
         """Jobs whose attempt died (lease lapsed): set back to queued; [(job id, kind, queue)] to enqueue."""
         flat = self._reap(keys=[self.keys.leases()], args=[_now_ms(), self.prefix, limit, repr(time.time())])
         self.telemetry.record(states=[(job_id, JobStatus.QUEUED) for job_id in flat[::3]])
+        return list(zip(flat[::3], flat[1::3], flat[2::3]))
+
+    def reap_lost(self, stall_s: float, limit: int = 100) -> list[tuple[str, str, str]]:
+        """Queued jobs whose message was lost with a dead worker: [(job id, kind, queue)] to send again."""
+        now = time.time()
+        flat = self._reap_lost(keys=[self.keys.queued()], args=[now - stall_s, self.prefix, limit, now])
         return list(zip(flat[::3], flat[1::3], flat[2::3]))
 
     def finish(self, job_id: str, status: JobStatus, final_event: JobEvent,

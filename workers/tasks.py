@@ -106,8 +106,11 @@ class WorkerRuntime:
 
     def _reap(self) -> None:
         """Jobs whose worker died: back on their queue (exactly one reaper gets each)."""
-        for job_id, kind, queue in self.store.reap():
-            log.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
+        lost = self.store.reap_lost(self.settings.lost_delivery_s)
+        for job_id, _, _ in lost:
+            log.warning("job %s: queued, its queue empty, never started: its message was lost; sent again", job_id)
+        for job_id, kind, queue in self.store.reap() + lost:
+            log.warning("job %s: back on queue %s", job_id, queue)
             if kind == "batch":
                 self._requeue_batch.put(job_id, queue)
             else:

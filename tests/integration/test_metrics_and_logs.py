@@ -146,7 +146,8 @@ def test_logs_are_json_lines_with_the_job_id_and_no_secrets(stack, client):
     for name, text in logs.items():
         assert API_KEYS[0] not in text and "ZEBRA-CROSSING" not in text, name
     # Gunicorn's master and Celery's banner print plain text; every log line of our processes is JSON.
-    entries = {name: [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    # JSON lines end at "\n" only (str.splitlines would also split at U+2028 and other separators).
+    entries = {name: [json.loads(line) for line in text.split("\n") if line.startswith("{")]
                for name, text in logs.items()}
     assert any(e["service"] == "api" and e["logger"] == "app.access" for e in entries["api"])
     worker_lines = [e for e in entries["worker"] if e.get("job_id") == completion.id]
