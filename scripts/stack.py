@@ -37,12 +37,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 def terminate(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `grace_s`."""
+    """SIGTERM, then SIGKILL to its whole process group (a worker's child too) if it has not exited within
+    `grace_s`."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: its group is its pid
+            except ProcessLookupError:
+                pass
             proc.kill()
             proc.wait()
 
