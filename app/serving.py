@@ -22,7 +22,7 @@ from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
 from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
-from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
+from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 from workers.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
@@ -114,14 +114,14 @@ class ChatService:
         if request.background:
             record = JobRecord.new(generation, kind="background", owner=owner, queue=route.queue)
             self.store.create(record)
-            self.enqueue(record)
+            self._enqueue_or_withdraw(record)
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         bind_job(record.id)
         self.store.create(record)
         relay = EventRelay(self.store, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
-            self.enqueue(record)
+            self._enqueue_or_withdraw(record)
         except Exception:
             relay.close()
             raise
@@ -192,6 +192,22 @@ class ChatService:
         if unfinished >= self.settings.max_unfinished_per_key:
             raise APIError(429, f"This API key has {unfinished} unfinished jobs, the most allowed. Wait for "
                                 f"some to finish.", code="too_many_jobs", headers={"Retry-After": "5"})
+
+    def _enqueue_or_withdraw(self, record: JobRecord) -> None:
+        """Send the job to its queue. If that fails (Redis went away between the record and the send), the
+        client gets a 503 and will retry: withdraw the record so that it never runs behind the client's back.
+        If even that fails, the lost-delivery reaper sends it later (it is in `{prefix}:queued`)."""
+        try:
+            self.enqueue(record)
+        except Exception:
+            error = JobError(message="The job could not be queued; it was not run.", type="service_unavailable",
+                             code="queue_unavailable")
+            try:
+                self.store.finish(record.id, JobStatus.FAILED, JobEvent(seq=0, type="error", error=error),
+                                  error=error, only_from=[JobStatus.QUEUED])
+            except REDIS_DOWN:
+                log.warning("job %s: neither queued nor withdrawn, Redis is unavailable", record.id)
+            raise
 
     def _cancel_quietly(self, job_id: str) -> None:
         try:

@@ -98,6 +98,7 @@ for _, id in ipairs(ids) do
     redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + pttl, id)
   elseif redis.call('ZREM', KEYS[1], id) == 1 and redis.call('HGET', job, 'status') == 'in_progress' then
     redis.call('HSET', job, 'status', 'queued', 'requeued_at', ARGV[4])
+    redis.call('ZADD', ARGV[2] .. ':queued', ARGV[4], id)  -- sent again: watched until it starts
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGET', job, 'kind') or 'interactive'
     out[#out + 1] = redis.call('HGET', job, 'queue') or 'interactive'
@@ -173,6 +174,7 @@ class JobStore:
             pipe.hset(key, mapping=record.to_redis())
             pipe.expire(key, self.ttl_s)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
+            pipe.zadd(self.keys.queued(), {record.id: record.created_at})  # until a worker starts it
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
                 pipe.expire(self.keys.owner_unfinished(record.owner), self.ttl_s)

@@ -108,3 +108,31 @@ def test_non_stream_timeout_is_504_and_cancels(make_client, redis_client):
     assert response.status_code == 504 and response.json["error"]["code"] == "timeout"
     job_id = [k for k in redis_client.scan_iter(match="unit-*:job:*:cancel")]
     assert job_id, "the abandoned job was not cancelled"
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_job_that_could_not_be_sent_is_a_503_and_never_runs(redis_client, background):
+    """Redis went away between the job record and the send: the client gets a 503 (and retries), and the
+    record is withdrawn, so neither the lost-delivery reaper nor anyone else runs it behind its back."""
+    from kombu.exceptions import OperationalError
+
+    def enqueue(record):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    settings = Settings(redis_url=REDIS_URL, redis_prefix=f"unit-{uuid.uuid4().hex[:8]}", api_keys=[])
+    app = create_app(settings, enqueue=enqueue, drive_batches=False)
+    store = app.extensions["chat_service"].store
+    store.heartbeat("w", {"model_id": settings.served_model_name}, ttl_s=60, model=model_entry(settings))
+    try:
+        response = app.test_client().post("/v1/chat/completions", json={**BODY, "background": background})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json["error"]["code"] == "queue_unavailable"
+        job_ids = [key.split(":")[2] for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:job:*")
+                   if key.count(":") == 2]  # the record itself, not its event log
+        assert len(job_ids) == 1
+        record = store.get(job_ids[0])
+        assert record.status == JobStatus.FAILED and record.error.code == "queue_unavailable"
+        assert redis_client.zcard(store.keys.queued()) == 0  # nothing left for the lost-delivery reaper
+    finally:
+        for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+            redis_client.delete(key)

@@ -1,0 +1,64 @@
+"""The job store's delivery bookkeeping on a real Redis: a job is watched (`{prefix}:queued`) from the moment
+it is recorded, or put back by the reaper, until an attempt starts it; so a send that never arrives, or
+never happened, is found and sent again."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
+from jobs.store import JobStore
+from tests.conftest import REDIS_URL  # noqa: F401  (the redis_client fixture uses it)
+
+REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
+                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+
+
+@pytest.fixture
+def store(redis_client):
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=0.2)
+    for key in redis_client.scan_iter(match=f"{prefix}:*"):
+        redis_client.delete(key)
+
+
+def new_job(store, queue="q-empty") -> str:
+    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-{queue}")
+    store.create(record)
+    return record.id
+
+
+def test_a_recorded_job_is_watched_until_an_attempt_starts_it(store):
+    job_id = new_job(store)
+    assert store.reap_lost(stall_s=0) == [(job_id, "background", f"{store.prefix}-q-empty")]
+    attempt, _ = store.acquire(job_id, "w")
+    assert attempt == 1
+    assert store.reap_lost(stall_s=0) == []
+
+
+def test_a_job_is_not_sent_again_while_its_queue_still_holds_messages(store, redis_client):
+    job_id = new_job(store, queue="q-busy")
+    redis_client.rpush(f"{store.prefix}-q-busy", "a message")
+    assert store.reap_lost(stall_s=0) == []
+    redis_client.delete(f"{store.prefix}-q-busy")
+    assert [j for j, _, _ in store.reap_lost(stall_s=0)] == [job_id]
+
+
+def test_a_reaped_job_is_watched_again_so_a_failed_resend_is_retried(store):
+    """The reaper put the job back to queued, then its send failed (Redis restarting): the lost-delivery
+    pass must find it, or it would stay queued forever."""
+    job_id = new_job(store)
+    store.acquire(job_id, "w")
+    time.sleep(0.3)  # the lease lapses: the worker died
+    assert [j for j, _, _ in store.reap()] == [job_id]
+    assert store.get(job_id).status == JobStatus.QUEUED
+    assert [j for j, _, _ in store.reap_lost(stall_s=0)] == [job_id]
+
+
+def test_a_job_cancelled_while_queued_is_no_longer_watched(store):
+    job_id = new_job(store)
+    assert store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
+                        only_from=[JobStatus.QUEUED]) == 1
+    assert store.reap_lost(stall_s=0) == []
