@@ -45,3 +45,19 @@ def client(stack):
     from openai import OpenAI
     return OpenAI(base_url=stack.base_url + "/v1", api_key=API_KEYS[0], max_retries=0, timeout=120)
 
+
+
+@pytest.fixture(scope="session")
+def terminal_report(request):
+    """Write lines to pytest's terminal even when output is captured: the figures a test measured (chaos,
+    fuzzing) belong in `make test`'s output, pass or fail."""
+    def write(lines: list[str]) -> None:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None:
+            print("\n".join(lines))
+            return
+        with capture.global_and_fixture_disabled():
+            for line in lines:
+                reporter.write_line(line)
+    return write

@@ -293,7 +293,7 @@ def api_schema(stack):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fuzz_report(request, stack):
+def fuzz_report(stack, terminal_report):
     """Prints (and writes to the stack's log dir) what the fuzzer sent and got, per operation."""
     yield
     if not STATS:
@@ -306,12 +306,7 @@ def fuzz_report(request, stack):
         lines.append(f"  {operation_id:28} {counter['examples']:4d} ex  {counter['ms'] / 1000:6.1f} s   {codes}")
     lines.append(f"  total: {total} examples")
     (stack.log_dir / "fuzz-stats.txt").write_text("\n".join(lines) + "\n")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            for line in lines:
-                reporter.write_line(line)
+    terminal_report(lines)
 
 
 # -------------------------------------------------------------------------------------------------- fuzzing

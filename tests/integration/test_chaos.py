@@ -93,7 +93,7 @@ def chaos_stack(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_chaos(chaos_stack):
+def test_chaos(chaos_stack, terminal_report):
     stack, redis_server = chaos_stack
     rng = random.Random(7)
     deadline = time.monotonic() + 240
@@ -190,12 +190,11 @@ def test_chaos(chaos_stack):
         stack.job(s["id"])["result"])["text"] or s["ids"] != list(range(len(s["ids"]))))
     recoveries.sort()
     p99 = recoveries[min(len(recoveries) - 1, int(0.99 * len(recoveries)))] if recoveries else 0.0
-    print(f"\nchaos: jobs={len(all_ids)} (background {len(accepted)}, streamed {len(streams)}), "
-          f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
-          f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, "
-          f"p99 recovery={p99:.2f} s")
-    for failure, count in failures.most_common(5):
-        print("failure:", count, failure)
+    terminal_report([
+        "", f"chaos: jobs={len(all_ids)} (background {len(accepted)}, streamed {len(streams)}), "
+            f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
+            f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s",
+        *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5))])
     assert len(accepted) == N_JOBS and len(streams) == N_STREAMS
     assert kills and redis_restarts == 1
     assert lost == 0 and duplicated == 0 and stream_mismatch == 0

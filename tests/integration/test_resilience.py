@@ -84,7 +84,7 @@ def rstack(private_redis, tmp_path_factory):
     stack.stop_all()
 
 
-def test_worker_killed_mid_stream_resumes_without_loss_or_repeat(rstack):
+def test_worker_killed_mid_stream_resumes_without_loss_or_repeat(rstack, terminal_report):
     with start_stream(rstack, max_tokens=1500) as response:
         reader = SSEReader(response)
         while len(reader.ids) < 10:
@@ -105,8 +105,8 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_repeat(rstack):
     recovery = float(record["attempt_started_at"]) - killed_at
     arrivals = [t for _, _, t in reader.events]
     longest_gap = max(b - a for a, b in zip(arrivals, arrivals[1:]))
-    print(f"\nworker SIGKILL -> second attempt started after {recovery:.2f} s; longest gap in the stream "
-          f"{longest_gap:.2f} s")
+    terminal_report(["", f"worker SIGKILL -> second attempt started after {recovery:.2f} s; longest gap in the "
+                         f"stream {longest_gap:.2f} s"])
     assert 0 < recovery < 2 + 0.5 + 5  # lease + reaper period + pickup
     rstack.start_worker(victim, concurrency=4)  # back to two workers for the next tests
     rstack.wait_workers(2)
@@ -163,7 +163,7 @@ def test_api_killed_mid_stream_client_resumes_with_last_event_id(rstack):
     assert reader.text + rest.text == json.loads(record["result"])["text"]
 
 
-def test_health_answers_under_a_flood_of_streams(rstack):
+def test_health_answers_under_a_flood_of_streams(rstack, terminal_report):
     """150 open streams (most waiting for a slot, with keep-alives); /health timed by curl, a separate
     process, so the flood's own client does not slow the measurement."""
     async def flood():
@@ -190,8 +190,8 @@ def test_health_answers_under_a_flood_of_streams(rstack):
             return timings
 
     timings = asyncio.run(flood())
-    print(f"\n/health under 150 open streams: median {sorted(timings)[5] * 1000:.0f} ms, "
-          f"max {max(timings) * 1000:.0f} ms")
+    terminal_report(["", f"/health under 150 open streams: median {sorted(timings)[5] * 1000:.0f} ms, "
+                         f"max {max(timings) * 1000:.0f} ms"])
     assert max(timings) < 2.0
 
 
