@@ -1,7 +1,7 @@
 """Chat completions: validate and tokenize, record and enqueue the job, then relay its events.
 
-The order matters: the job record is written first (the source of truth), then the API subscribes to the
-job's channel, and only then is the job enqueued, so no event can be published before someone listens.
+The order matters: the job record is written first (the source of truth), then the API listens for the
+job's events (app/relay.py), and only then is the job enqueued, so no event can be published unheard.
 Background jobs skip the relay: they answer 202 at once and are polled, or their events replayed.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 import time
 from typing import Callable, Iterator, Optional
 
-import redis
 from flask import Response, stream_with_context
 from pydantic import ValidationError
 
 from app import protocol
 from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
+from app.relay import REDIS_DOWN, EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobStatus
@@ -102,6 +102,7 @@ class ChatService:
     def __init__(self, settings, store: JobStore, models: ModelDirectory, enqueue: Callable[[JobRecord], None]):
         self.settings = settings
         self.store = store
+        self.hub = EventHub(store)  # this process's one pub/sub connection, for all its streams
         self.models = models
         self.enqueue = enqueue
 
@@ -119,7 +120,7 @@ class ChatService:
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         bind_job(record.id)
         self.store.create(record)
-        relay = EventRelay(self.store, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
+        relay = EventRelay(self.store, self.hub, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
             self._enqueue_or_withdraw(record)
         except Exception:
@@ -165,7 +166,7 @@ class ChatService:
         record = self._owned(job_id, owner)
         if record is None:
             raise APIError(404, f"Job '{job_id}' has expired: its events are no longer kept.", code="job_expired")
-        relay = EventRelay(self.store, job_id, after_seq=after_seq, keepalive_s=self.settings.sse_keepalive_s)
+        relay = EventRelay(self.store, self.hub, job_id, after_seq=after_seq, keepalive_s=self.settings.sse_keepalive_s)
         return self.stream_response(record, relay, include_usage=True, cancel_on_disconnect=False)
 
     def _owned(self, job_id: str, owner: str) -> Optional[JobRecord]:
@@ -216,7 +217,7 @@ class ChatService:
             log.warning("job %s: could not record the cancel, Redis is unavailable", job_id)
 
     # --- job -> response
-    def _complete(self, record: JobRecord, relay: "EventRelay"):
+    def _complete(self, record: JobRecord, relay: EventRelay):
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             for event in relay_events_or_503(relay, deadline):
@@ -237,7 +238,7 @@ class ChatService:
         finally:
             relay.close()
 
-    def stream_response(self, record: JobRecord, relay: "EventRelay", include_usage: bool,
+    def stream_response(self, record: JobRecord, relay: EventRelay, include_usage: bool,
                         cancel_on_disconnect: bool, timer: Optional[StreamTimer] = None) -> Response:
         chunks = protocol.ChunkFormatter(record.id, int(record.created_at), record.request.model,
                                          system_fingerprint(record.request.model), include_usage)
@@ -298,7 +299,7 @@ def _job_not_found(job_id: str) -> APIError:
     return APIError(404, f"No job found with id '{job_id}'.", param="job_id", code="job_not_found")
 
 
-def relay_events_or_503(relay: "EventRelay", deadline: Optional[float]):
+def relay_events_or_503(relay: EventRelay, deadline: Optional[float]):
     try:
         yield from relay.events(deadline)
     except StreamInterrupted:
@@ -311,81 +312,3 @@ def sse(payload: dict, event_id: Optional[int] = None) -> str:
     """One SSE event; `id:` is the job event's seq, so a client can resume with Last-Event-ID."""
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-class StreamInterrupted(Exception):
-    """Redis stayed away longer than the relay waits for it."""
-
-
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-
-
-class EventRelay:
-    """A job's events with seq > after_seq, in order, exactly once: first those already in the job's log,
-    then live ones from pub/sub. It subscribes before reading the log, so nothing falls in between, and
-    skips what it has already yielded. Yields None as a keep-alive tick when nothing came for a while.
-
-    If Redis goes away (a restart), it keeps the client's stream open with keep-alives, reconnects,
-    replays the log from the last event it yielded, and goes on; after `reconnect_s` it gives up
-    (StreamInterrupted) and the client can resume later with Last-Event-ID."""
-
-    def __init__(self, store: JobStore, job_id: str, after_seq: int, keepalive_s: float, reconnect_s: float = 30.0):
-        self.store = store
-        self.job_id = job_id
-        self.after_seq = after_seq
-        self.keepalive_s = keepalive_s
-        self.reconnect_s = reconnect_s
-        self.pubsub = store.subscribe(job_id)
-
-    def events(self, deadline: Optional[float]) -> Iterator[Optional[JobEvent]]:
-        last_seq = self.after_seq
-        replay_needed = True
-        last_message = time.monotonic()
-        outage_since: Optional[float] = None
-        while deadline is None or time.monotonic() < deadline:
-            try:
-                if self.pubsub is None:
-                    self.pubsub = self.store.subscribe(self.job_id)
-                    replay_needed = True
-                if replay_needed:
-                    batch = self.store.read_log(self.job_id, after_seq=last_seq)
-                    replay_needed = False
-                    if not any(e.is_final for e in batch) and self._already_over():
-                        yield from (e for e in batch if e.seq > last_seq)
-                        return  # the client resumed at or after the end: nothing more will come
-                else:
-                    message = self.pubsub.get_message(timeout=min(1.0, self.keepalive_s))
-                    batch = [JobEvent.model_validate_json(message["data"])] if message else []
-                outage_since = None
-            except REDIS_DOWN:
-                self.close()
-                outage_since = outage_since or time.monotonic()
-                if time.monotonic() - outage_since > self.reconnect_s:
-                    raise StreamInterrupted(self.job_id)
-                batch = []
-                time.sleep(0.5)
-            for event in batch:
-                if event.seq <= last_seq:
-                    continue  # already yielded (from the log, or before a reconnect)
-                last_message = time.monotonic()
-                yield event
-                last_seq = event.seq
-                if event.is_final:
-                    return
-            if not batch and time.monotonic() - last_message >= self.keepalive_s:
-                last_message = time.monotonic()
-                yield None
-
-    def _already_over(self) -> bool:
-        try:
-            return self.store.get(self.job_id).status.is_terminal
-        except JobNotFound:
-            return True
-
-    def close(self) -> None:
-        pubsub, self.pubsub = self.pubsub, None
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except Exception:
-                pass

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # A worker writes its jobs' new text to Redis at most this often: with many streams, each event then
     # carries a few tokens, which every later hop (Redis, API, client) handles once (vLLM: stream_interval).
     stream_interval_s: float = 0.02
+    # ... and under load, less often: a worker sends at most this many stream events per second, all its
+    # streams together, so each event carries more tokens. The relay's cost (Redis, the API process, the
+    # client) is per event, not per token: without this, many streams at one token per event can starve
+    # the engine of the CPU the relay shares with it. 0 = no limit.
+    stream_events_per_s: float = 1000.0
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
     # Queue of batch line jobs, and how many of them one worker process runs at once: batch work never

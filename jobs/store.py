@@ -277,12 +277,6 @@ class JobStore:
     def is_cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
-    def subscribe(self, job_id: str) -> redis.client.PubSub:
-        """Subscribe to a job's events. Do it before enqueueing: pub/sub drops what nobody hears."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.keys.events(job_id))
-        return pubsub
-
     # --- listing an owner's background jobs (newest first, cursor = the last id seen)
     def list_owner_jobs(self, owner: str, limit: int, after: Optional[str] = None) -> tuple[list[str], bool]:
         return newest_first(self.redis, self.keys.owner_jobs(owner), limit, after)

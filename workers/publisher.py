@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(self, store: JobStore, engine: Engine, retry_s: float, cancel_poll_s: float = 0.25,
-                 min_interval_s: float = 0.0):
+                 min_interval_s: float = 0.0, max_events_per_s: float = 0.0):
         self.store = store
         self.engine = engine
         self.retry_s = retry_s
@@ -30,6 +30,9 @@ class Publisher:
         # At most one cycle per interval: under load, a cycle then carries several tokens per job, so every
         # hop after it (Redis, the API, the client) handles fewer, larger events (vLLM's stream_interval).
         self.min_interval_s = min_interval_s
+        # ... and with many streams, at most `max_events_per_s` events in all: each cycle writes up to one
+        # event per run, so the interval grows with the number of runs (the relay's cost is per event).
+        self.max_events_per_s = max_events_per_s
         self._runs: dict[str, JobRun] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -51,7 +54,7 @@ class Publisher:
         last_cycle = 0.0
         while True:
             self._wakeup.wait(self.cancel_poll_s)
-            pause = self.min_interval_s - (time.monotonic() - last_cycle)
+            pause = self.cycle_interval(len(self._runs)) - (time.monotonic() - last_cycle)
             if pause > 0:
                 time.sleep(pause)
             last_cycle = time.monotonic()
@@ -65,6 +68,12 @@ class Publisher:
             except Exception:  # a bug must not stop every job of the worker: fail loudly, go on
                 log.exception("publisher cycle failed")
                 time.sleep(0.1)
+
+    def cycle_interval(self, runs: int) -> float:
+        """The least time between two cycles with `runs` jobs running."""
+        if self.max_events_per_s <= 0:
+            return self.min_interval_s
+        return max(self.min_interval_s, runs / self.max_events_per_s)
 
     def _cycle(self, runs: list[JobRun]) -> None:
         now = time.monotonic()
