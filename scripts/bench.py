@@ -7,6 +7,8 @@ requests/s), over a sweep of concurrency levels, for four ways of generating wit
   hf_generate_batch  transformers' own continuous batching, `model.generate_batch()` with all c requests at once.
   engine             our engine in this process (workers/engine): a closed loop that keeps c requests in flight
                      until N = max(c, --num-prompts) are done.
+  engine_as_worker   the same, with the service worker's torch threads (--service-torch-threads): the bare engine
+                     as the service runs it, so the service's ratio to it is the cost of the relay alone.
   service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
                      tiny model), started with scripts/stack.py and driven by the official `openai` AsyncOpenAI
                      client with c concurrent streams, N requests in all.
@@ -26,6 +28,10 @@ per request; ITL = time between consecutive outputs of a request (an SSE chunk o
 carry more than one token); throughputs = totals / (last request end - first request start). Every throughput
 is also given as a ratio to hf_generate's tokens/s in the same run, and the service's to the engine's at the
 same concurrency. A table is printed and JSON written (default bench-results/bench-<device>-<time>.json).
+
+CPU timings on a small shared machine move by 20% from one run to the next, so on CPU every mode runs
+--rounds times (3), interleaved (round 1: every mode, round 2: every mode...). Ratios are taken within a
+round, and the table shows each row's median round, with the median ratios and the spread of tokens/s.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("hf_generate", "hf_generate_batch", "engine", "service")
+MODES = ("hf_generate", "hf_generate_batch", "engine", "engine_as_worker", "service")
 GPU_DEFAULT_MODES = ("hf_generate", "hf_generate_batch", "engine")  # the service serves the tiny model on CPU only
 MODELS = ("tiny", "mistral7b", "tiny7b")
 
@@ -515,9 +521,19 @@ def _take(req: Req, outputs, now: float) -> bool:
     return False
 
 
-def run_engine(model, device, args, levels, prompts, record, meta) -> None:
+def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
     from workers.engine.engine import Engine
 
+    default_threads = torch.get_num_threads()
+    if mode == "engine_as_worker" and args.service_torch_threads:
+        torch.set_num_threads(args.service_torch_threads)
+    try:
+        _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine) -> None:
     config = engine_config(args, max(levels))
     started = time.perf_counter()
     try:
@@ -528,9 +544,9 @@ def run_engine(model, device, args, levels, prompts, record, meta) -> None:
     except Exception as exc:
         traceback.print_exc()
         for c in levels:
-            record(dict(mode="engine", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+            record(dict(mode=mode, concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
         return
-    meta["engine"] = dict(config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
+    meta[mode] = dict(torch_threads=torch.get_num_threads(), config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
                           eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
                           warmup=hasattr(engine, "warmup"))
     try:
@@ -543,7 +559,7 @@ def run_engine(model, device, args, levels, prompts, record, meta) -> None:
                     extra["engine_stats"] = engine.stats()
                 except Exception:
                     pass
-            record(summarize("engine", c, reqs, args.output_len, extra))
+            record(summarize(mode, c, reqs, args.output_len, extra))
     finally:
         engine.shutdown()
         del engine
@@ -716,7 +732,7 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
             path = log_dir / f"{name}.log"
             if path.exists():
                 say(f"--- tail of {path}\n" + "".join(path.read_text(errors="replace").splitlines(True)[-15:]))
-        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service"}
+        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service" and r.get("round") == RESULTS[-1].get("round")}
         for c in levels:
             if c not in done:
                 record(dict(mode="service", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
@@ -734,23 +750,60 @@ RESULTS: list[dict] = []
 
 
 def add_ratios(results: list[dict]) -> dict:
-    """x hf_generate for every row; x engine (same concurrency) for service rows. Returns the baseline."""
-    hf = [r for r in results if r["mode"] == "hf_generate" and r.get("status") == "ok"]
-    tokens = sum(r["output_tokens"] for r in hf)
-    seconds = sum(r["duration_s"] for r in hf)
-    baseline = tokens / seconds if seconds else None
-    engine = {r["concurrency"]: r for r in results if r["mode"] == "engine" and r.get("status") == "ok"}
+    """Within each round: x hf_generate for every row; x engine and x engine_as_worker (same concurrency) for
+    service rows. Returns the baseline (all rounds' hf_generate requests)."""
+    ok = [r for r in results if r.get("status") == "ok"]
+
+    def tok_s(rows):
+        seconds = sum(r["duration_s"] for r in rows)
+        return sum(r["output_tokens"] for r in rows) / seconds if seconds else None
+
+    overall = tok_s([r for r in ok if r["mode"] == "hf_generate"])
+    for round_ in {r.get("round", 1) for r in ok}:
+        rows = [r for r in ok if r.get("round", 1) == round_]
+        baseline = tok_s([r for r in rows if r["mode"] == "hf_generate"]) or overall
+        by = {(r["mode"], r["concurrency"]): r for r in rows}
+        for r in rows:
+            r["vs_hf_generate"] = r["output_tok_s"] / baseline if baseline else None
+            if r["mode"] == "service":
+                for mode in ("engine", "engine_as_worker"):
+                    if (mode, r["concurrency"]) in by:
+                        r[f"vs_{mode}"] = r["output_tok_s"] / by[(mode, r["concurrency"])]["output_tok_s"]
+    return dict(hf_generate_tok_s=overall, note="all hf_generate requests of this run: tokens / seconds")
+
+
+RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_as_worker")
+
+
+def median(values: list[float]) -> Optional[float]:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """One row per (mode, concurrency): the round with the median tokens/s, with each ratio's median over
+    the rounds and the spread of tokens/s. Failed rows pass through."""
+    out, groups = [], {}
     for r in results:
-        if r.get("status") != "ok":
+        groups.setdefault((r["mode"], r["concurrency"]), []).append(r)
+    for rows in groups.values():
+        ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r["output_tok_s"])
+        if not ok:
+            out.append(rows[-1])
             continue
-        r["vs_hf_generate"] = r["output_tok_s"] / baseline if baseline else None
-        if r["mode"] == "service" and r["concurrency"] in engine:
-            r["vs_engine"] = r["output_tok_s"] / engine[r["concurrency"]]["output_tok_s"]
-    return dict(hf_generate_tok_s=baseline, note="all hf_generate requests of this run: tokens / seconds")
+        row = dict(ok[(len(ok) - 1) // 2], rounds=len(ok),
+                   output_tok_s_range=[ok[0]["output_tok_s"], ok[-1]["output_tok_s"]])
+        for ratio in RATIOS:
+            row[ratio] = median([r.get(ratio) for r in ok])
+        out.append(row)
+    return out
 
 
-def targets(results: list[dict], device: torch.device) -> list[dict]:
-    by = {(r["mode"], r["concurrency"]): r for r in results if r.get("status") == "ok"}
+def targets(rows: list[dict], device: torch.device) -> list[dict]:
+    by = {(r["mode"], r["concurrency"]): r for r in rows if r.get("status") == "ok"}
     out = []
     engine, service = by.get(("engine", 32)), by.get(("service", 32))
     if engine and engine.get("vs_hf_generate") is not None:
@@ -759,6 +812,10 @@ def targets(results: list[dict], device: torch.device) -> list[dict]:
     if service and service.get("vs_engine") is not None:
         out.append(dict(what="service tokens/s vs engine at 32 concurrent", value=service["vs_engine"],
                         target=0.85, met=service["vs_engine"] >= 0.85, applies=device.type == "cpu"))
+    if service and service.get("vs_engine_as_worker") is not None:
+        out.append(dict(what="service tokens/s vs engine_as_worker at 32 concurrent (not the target's measure; "
+                             "for the cost of the relay alone)", value=service["vs_engine_as_worker"],
+                        target=0.85, met=service["vs_engine_as_worker"] >= 0.85, applies=device.type == "cpu"))
     return out
 
 
@@ -772,7 +829,7 @@ def fmt(value, digits: int = 1) -> str:
 
 def table(results: list[dict]) -> str:
     head = ["mode", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
-            "ITL ms mean/p50/p99", "x hf_gen", "x engine"]
+            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x eng_as_worker", "rounds: tok/s min-max"]
     rows: list[list[str]] = []
     for r in results:
         if r.get("status") != "ok":  # one message in place of the numbers
@@ -784,13 +841,18 @@ def table(results: list[dict]) -> str:
             reqs += f" ({r['short_requests']} short)"
         rows.append([r["mode"], str(r["concurrency"]), reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
                      triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms"), fmt(r.get("vs_hf_generate"), 2),
-                     fmt(r.get("vs_engine"), 2)])
+                     fmt(r.get("vs_engine"), 2), fmt(r.get("vs_engine_as_worker"), 2), spread(r)])
     widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head)]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() if len(row) == len(head)
                      else "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]))
     return "\n".join(lines)
+
+
+def spread(row: dict) -> str:
+    low, high = row.get("output_tok_s_range") or (None, None)
+    return f"{row.get('rounds', 1)}: {fmt(low)}-{fmt(high)}" if low is not None else "1"
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -830,6 +892,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "
                    "gets that file name inside it")
+    p.add_argument("--rounds", type=int, help="run every mode this many times, interleaved, and report each "
+                   "row's median round (default 3 on CPU, 1 on CUDA and with --quick)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run: 32 in, 16 out, "
                    "concurrency 1,4, 4 prompts, 2 hf_generate requests")
     return p.parse_args(argv)
@@ -838,12 +902,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
     if args.quick:
-        defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2)
+        defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2, rounds=1)
     elif cuda:
         defaults = dict(concurrency="1,8,32,64,256", num_prompts=16, input_len=128, output_len=128,
-                        hf_max_requests=4)
+                        hf_max_requests=4, rounds=1)
     else:
-        defaults = dict(concurrency="1,8,32", num_prompts=32, input_len=128, output_len=128, hf_max_requests=8)
+        defaults = dict(concurrency="1,8,32", num_prompts=32, input_len=128, output_len=128, hf_max_requests=8,
+                        rounds=3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -882,7 +947,7 @@ def main(argv=None) -> int:
                             hf_max_requests=args.hf_max_requests, hf_batch_cache=args.hf_batch_cache,
                             max_model_len=args.max_model_len,
                             kv_cache_tokens=args.kv_cache_tokens, sampling="greedy (temperature 0)",
-                            quick=args.quick, argv=sys.argv[1:]))
+                            rounds=args.rounds, quick=args.quick, argv=sys.argv[1:]))
     env = meta["environment"]
     say(f"bench: {env['device_name']} ({device}), {env['cpus_usable']} CPUs, torch {env['versions']['torch']}, "
         f"transformers {env['versions']['transformers']}, bitsandbytes {env['versions']['bitsandbytes']}")
@@ -891,9 +956,13 @@ def main(argv=None) -> int:
 
     def report() -> dict:
         baseline = add_ratios(RESULTS)
-        return dict(meta, baseline=baseline, targets=targets(RESULTS, device), results=RESULTS)
+        rows = summary(RESULTS)
+        return dict(meta, baseline=baseline, targets=targets(rows, device), summary=rows, results=RESULTS)
+
+    current_round = 1
 
     def record(row: dict) -> None:
+        row["round"] = current_round
         RESULTS.append(row)
         if row.get("status") == "ok":
             say(f"  {row['mode']:<17} c={row['concurrency']:<4} {row['completed']} reqs  "
@@ -914,23 +983,25 @@ def main(argv=None) -> int:
     max_n = max(max(args.levels), args.num_prompts)
     prompts = token_prompts(max_n, args.input_len)
 
-    for mode in args.modes:
-        say(f"== {mode}")
-        started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if mode == "hf_generate":
-            run_hf_generate(model, device, args, args.levels, prompts, record)
-        elif mode == "hf_generate_batch":
-            run_hf_generate_batch(model, device, args, args.levels, prompts, record)
-        elif mode == "engine":
-            run_engine(model, device, args, args.levels, prompts, record, meta)
-        elif mode == "service":
-            run_service(args.model, device, args, args.levels, record, meta)
-        meta.setdefault("mode_seconds", {})[mode] = round(time.perf_counter() - started, 1)
-        if device.type == "cuda":
-            meta.setdefault("peak_gpu_memory_GiB", {})[mode] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        free_memory(device)
+    for current_round in range(1, args.rounds + 1):
+        for mode in args.modes:
+            say(f"== {mode}" + (f" (round {current_round} of {args.rounds})" if args.rounds > 1 else ""))
+            started = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if mode == "hf_generate":
+                run_hf_generate(model, device, args, args.levels, prompts, record)
+            elif mode == "hf_generate_batch":
+                run_hf_generate_batch(model, device, args, args.levels, prompts, record)
+            elif mode in ("engine", "engine_as_worker"):
+                run_engine(model, device, args, args.levels, prompts, record, meta, mode)
+            elif mode == "service":
+                run_service(args.model, device, args, args.levels, record, meta)
+            seconds = meta.setdefault("mode_seconds", {})
+            seconds[mode] = round(seconds.get(mode, 0) + time.perf_counter() - started, 1)
+            if device.type == "cuda":
+                meta.setdefault("peak_gpu_memory_GiB", {})[mode] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            free_memory(device)
 
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     final = report()
@@ -939,7 +1010,7 @@ def main(argv=None) -> int:
     say(f"{env['device_name']} ({device}); model {args.model} "
         f"({final.get('model', {}).get('weights', 'served by the worker')}); "
         f"{args.input_len} in / {args.output_len} out; greedy")
-    say(table(RESULTS))
+    say(table(final["summary"]))
     base = final["baseline"]["hf_generate_tok_s"]
     if base:
         say(f"baseline: hf_generate {base:.1f} output tok/s (x hf_gen divides by it)")

@@ -66,9 +66,11 @@ class IncrementalDetokenizer:
         if len(full) <= len(self._prefix_text) or full.endswith(_REPLACEMENT):
             return ""  # nothing new, or a multi-byte character is still incomplete
         delta = full[len(self._prefix_text) :]
-        # Slide the window: the tokens just emitted become the new prefix.
+        # Slide the window: the tokens just emitted become the new prefix. Their text in the new window is
+        # `delta` itself: the window before them ends on a character boundary (it was emitted), pieces
+        # decode independently across such a boundary, and the anchor stands in for what came before.
         self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._decode_window(self._prefix, self._read)
+        self._prefix_text = delta
         return delta
 
     def flush(self) -> str:
