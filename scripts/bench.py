@@ -6,7 +6,7 @@ requests/s), over a sweep of concurrency levels, for four ways of generating wit
                      timestamped by a streamer.
   hf_generate_batch  transformers' own continuous batching, `model.generate_batch()` with all c requests at once.
   engine             our engine in this process (workers/engine): a closed loop that keeps c requests in flight
-                     until N = max(c, --num-prompts) are done.
+                     until N = max(--waves × c, --num-prompts) are done.
   engine_as_worker   the same, with the service worker's torch threads (--service-torch-threads): the bare engine
                      as the service runs it, so the service's ratio to it is the cost of the relay alone.
   service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
@@ -521,6 +521,10 @@ def _take(req: Req, outputs, now: float) -> bool:
     return False
 
 
+def requests_per_level(args, c: int) -> int:
+    return max(args.waves * c, args.num_prompts)
+
+
 def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
     from workers.engine.engine import Engine
 
@@ -551,7 +555,7 @@ def _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine
                           warmup=hasattr(engine, "warmup"))
     try:
         for c in levels:
-            n = max(c, args.num_prompts)
+            n = requests_per_level(args, c)
             reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout)
             extra = {}
             if hasattr(engine, "stats"):
@@ -691,7 +695,7 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
     try:
         from scripts.stack import DEFAULT_REDIS_URL, Stack, stack_env
         redis_url = find_redis(DEFAULT_REDIS_URL)
-        texts = text_prompts(max(max(levels), args.num_prompts), args.input_len)
+        texts = text_prompts(max(requests_per_level(args, c) for c in levels), args.input_len)
     except Exception as exc:
         return unavailable(f"{type(exc).__name__}: {exc}")
     max_c = max(levels)
@@ -718,7 +722,7 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
             raise RuntimeError(f"warm-up requests failed: {bad[0]}")
         prompt_lens = []
         for c in levels:
-            n = max(c, args.num_prompts)
+            n = requests_per_level(args, c)
             reqs = asyncio.run(service_closed_loop(stack.base_url, texts, c, n, args.output_len,
                                                    args.request_timeout, args.service_client))
             prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
@@ -873,7 +877,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", help=f"comma-separated of {','.join(MODES)} (default: all on CPU; "
                    f"{','.join(GPU_DEFAULT_MODES)} on CUDA)")
     p.add_argument("--concurrency", help="comma-separated levels (default 1,8,32 on CPU, 1,8,32,64,256 on CUDA)")
-    p.add_argument("--num-prompts", type=int, help="requests per level for engine/service: max(c, this) "
+    p.add_argument("--num-prompts", type=int, help="requests per level for engine/service: max(waves × c, this) "
                    "(default 32 on CPU, 16 on CUDA)")
     p.add_argument("--input-len", type=int, help="prompt tokens (default 128)")
     p.add_argument("--output-len", type=int, help="new tokens per request (default 128)")
@@ -892,6 +896,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "
                    "gets that file name inside it")
+    p.add_argument("--waves", type=int, help="engine/service requests per level: at least this many times c, so "
+                   "throughput is measured in steady state, not over one burst of c arrivals (default 4)")
     p.add_argument("--rounds", type=int, help="run every mode this many times, interleaved, and report each "
                    "row's median round (default 3 on CPU, 1 on CUDA and with --quick)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run: 32 in, 16 out, "
@@ -902,13 +908,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
     if args.quick:
-        defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2, rounds=1)
+        defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2, rounds=1,
+                        waves=1)
     elif cuda:
         defaults = dict(concurrency="1,8,32,64,256", num_prompts=16, input_len=128, output_len=128,
-                        hf_max_requests=4, rounds=1)
+                        hf_max_requests=4, rounds=1, waves=4)
     else:
         defaults = dict(concurrency="1,8,32", num_prompts=32, input_len=128, output_len=128, hf_max_requests=8,
-                        rounds=3)
+                        rounds=3, waves=4)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -940,7 +947,8 @@ def main(argv=None) -> int:
 
     meta = dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), environment=environment(device),
                 config=dict(model=args.model, modes=args.modes, concurrency=args.levels, num_prompts=args.num_prompts,
-                            requests_per_level="engine/service: max(c, num_prompts); hf_generate: "
+                            waves=args.waves,
+                            requests_per_level="engine/service: max(waves * c, num_prompts); hf_generate: "
                                                + (f"min(c, {args.hf_max_requests})" if args.hf_max_requests else "c")
                                                + "; hf_generate_batch: c",
                             input_len=args.input_len, output_len=args.output_len,
@@ -980,7 +988,7 @@ def main(argv=None) -> int:
         say(f"bench: model {info['model']}, weights {info['weights']}")
     elif "service" in args.modes:
         meta["model"] = dict(model="tiny-random (served by the worker process)")
-    max_n = max(max(args.levels), args.num_prompts)
+    max_n = max(requests_per_level(args, c) for c in args.levels)
     prompts = token_prompts(max_n, args.input_len)
 
     for current_round in range(1, args.rounds + 1):

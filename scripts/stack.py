@@ -3,6 +3,7 @@ for the integration tests, the benchmark and the fairness measurement. Each run 
 prefix and queue names, so runs never see each other's jobs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -158,6 +159,19 @@ def _pings(client) -> bool:
         return client.ping()
     except redis.RedisError:
         return False
+
+
+def iter_sse(lines):
+    """The events of a server-sent event stream, from its lines: (event id or None, data), where data is the
+    parsed JSON payload, or the text "[DONE]"."""
+    event_id = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = int(line[4:])
+        elif line.startswith("data: "):
+            data = line[6:]
+            yield event_id, (data if data == "[DONE]" else json.loads(data))
+            event_id = None
 
 
 def stack_env(redis_url: str = DEFAULT_REDIS_URL, api_keys: tuple = (), max_model_len: int = 4096,

@@ -36,6 +36,10 @@ class Publisher:
         self._runs: dict[str, JobRun] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
+        # A run's first output cuts a cycle's pause short: the pacing is for the flow of tokens, not for
+        # the time to first token. Runs signal through `_first_output` until their first event is out.
+        self._first_output = threading.Event()
+        self._first_output_signal = _SetBoth(self._wakeup, self._first_output)
         self._outage_since: float | None = None
         threading.Thread(target=self._loop, name="publisher", daemon=True).start()
 
@@ -43,7 +47,7 @@ class Publisher:
         """Run a job to its end (called from the job's own thread, which waits here); returns its status."""
         job_run.start(self.engine)
         if job_run.stream is not None:
-            job_run.stream.notify = self._wakeup
+            job_run.stream.notify = self._first_output_signal
         with self._lock:
             self._runs[job_run.id] = job_run
         self._wakeup.set()
@@ -56,9 +60,10 @@ class Publisher:
             self._wakeup.wait(self.cancel_poll_s)
             pause = self.cycle_interval(len(self._runs)) - (time.monotonic() - last_cycle)
             if pause > 0:
-                time.sleep(pause)
+                self._first_output.wait(pause)
             last_cycle = time.monotonic()
             self._wakeup.clear()
+            self._first_output.clear()
             with self._lock:
                 runs = list(self._runs.values())
             if not runs:
@@ -106,6 +111,8 @@ class Publisher:
                 log.warning("job %s: this attempt lost its lease to another attempt; stopped", run.id)
                 self._close(run, "fenced")
                 continue
+            if run.outbox and run.stream is not None:
+                run.stream.notify = self._wakeup  # its first event is out: paced from now on
             run.outbox = []
             if delta_answer == 1:
                 run.cancel_requested_by_client(self.engine)
@@ -142,3 +149,14 @@ class Publisher:
         with self._lock:
             self._runs.pop(run.id, None)
         run.end(status)
+
+
+class _SetBoth:
+    """Sets two events at once (what a run's stream notifies until its first event is out)."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def set(self) -> None:
+        for event in self.events:
+            event.set()

@@ -2,10 +2,10 @@
 against the real stack (worker concurrency 1, so a second job stays queued behind a long first one)."""
 from __future__ import annotations
 
-import json
 
 import httpx
 
+from scripts.stack import iter_sse
 from tests.conftest import API_KEYS, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
@@ -36,19 +36,11 @@ def wait_done(stack, job_id, timeout=60, key_index=0):
 
 def read_events(stack, job_id, key_index=0, params=None, extra_headers=None):
     """[(id or None, payload)] of a job's SSE stream, until [DONE] or an error event."""
-    events = []
     url = f"{stack.base_url}/v1/chat/completions/{job_id}/events"
     with httpx.stream("GET", url, params=params, timeout=60,
                       headers={**headers(key_index), **(extra_headers or {})}) as response:
         assert response.status_code == 200, response.read()
-        event_id = None
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data = line[6:]
-                events.append((event_id, data if data == "[DONE]" else json.loads(data)))
-                event_id = None
+        events = list(iter_sse(response.iter_lines()))
     return events
 
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from scripts.stack import RedisServer, Stack, stack_env, wait_until
+from scripts.stack import RedisServer, Stack, iter_sse, stack_env, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 KEY = "chaos-key"
@@ -54,23 +54,16 @@ def read_stream(base_url: str, body: dict, deadline: float, seen: dict) -> None:
                     if response.status_code in (429, 503):
                         time.sleep(1)
                         continue
-                    event_id = None
-                    for line in response.iter_lines():
-                        if line.startswith("id: "):
-                            event_id = int(line[4:])
-                        elif line.startswith("data: "):
-                            data = line[6:]
-                            if data == "[DONE]":
-                                seen["done"] = True
-                                break
-                            payload = json.loads(data)
-                            if "error" in payload:
-                                break  # interrupted: resume
-                            seen["id"] = seen["id"] or payload["id"]
-                            if event_id is not None:
-                                seen["ids"].append(event_id)
-                                seen["text"] += payload["choices"][0]["delta"].get("content", "")
-                            event_id = None
+                    for event_id, payload in iter_sse(response.iter_lines()):
+                        if payload == "[DONE]":
+                            seen["done"] = True
+                            break
+                        if "error" in payload:
+                            break  # interrupted: resume
+                        seen["id"] = seen["id"] or payload["id"]
+                        if event_id is not None:
+                            seen["ids"].append(event_id)
+                            seen["text"] += payload["choices"][0]["delta"].get("content", "")
             except httpx.TransportError:
                 time.sleep(0.5)
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from scripts.stack import RedisServer, Stack, stack_env, wait_until
+from scripts.stack import RedisServer, Stack, iter_sse, stack_env, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 KEYS = ("res-key-1", "res-key-2", "res-key-3")
@@ -27,20 +27,15 @@ class SSEReader:
     """Reads a chat stream event by event, keeping event ids and arrival times."""
 
     def __init__(self, response: httpx.Response):
-        self.lines = response.iter_lines()
+        self.sse = iter_sse(response.iter_lines())
         self.events: list[tuple] = []  # (id, payload, arrival time)
 
     def next(self):
-        event_id = None
-        for line in self.lines:
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data = line[6:]
-                item = (event_id, data if data == "[DONE]" else json.loads(data), time.monotonic())
-                self.events.append(item)
-                return item
-        return None
+        event = next(self.sse, None)
+        if event is None:
+            return None
+        self.events.append((*event, time.monotonic()))
+        return self.events[-1]
 
     def read_all(self):
         while (item := self.next()) is not None and item[1] != "[DONE]" and "error" not in item[1]:

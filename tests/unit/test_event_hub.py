@@ -3,7 +3,6 @@ listeners only, and after its connection drops it reconnects and tells every lis
 from __future__ import annotations
 
 import queue
-import time
 import uuid
 
 import pytest
