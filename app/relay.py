@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import redis
 
 from jobs.records import JobEvent
-from jobs.store import JobNotFound, JobStore
+from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,13 @@ class EventRelay:
             batch: list[JobEvent] = []
             try:
                 if replay_needed:
+                    # The status first, then the log: a job that was over before the read has its final
+                    # event in the log (both are written in one script). Read the other way round, a job
+                    # finishing in between would look over with its final event unseen.
+                    over = self._already_over()
                     batch = self.store.read_log(self.job_id, after_seq=last_seq)
                     replay_needed = False
-                    if not any(e.is_final for e in batch) and self._already_over():
+                    if over and not any(e.is_final for e in batch):
                         yield from (e for e in batch if e.seq > last_seq)
                         return  # the client resumed at or after the end: nothing more will come
                 else:
@@ -182,10 +186,8 @@ class EventRelay:
                 return items
 
     def _already_over(self) -> bool:
-        try:
-            return self.store.get(self.job_id).status.is_terminal
-        except JobNotFound:
-            return True
+        status = self.store.status(self.job_id)
+        return status is None or status.is_terminal  # gone (expired) counts as over
 
     def close(self) -> None:
         inbox, self.inbox = self.inbox, None

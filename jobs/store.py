@@ -191,6 +191,11 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.from_redis(fields)
 
+    def status(self, job_id: str) -> Optional[JobStatus]:
+        """The job's status alone (None if the record is gone): cheaper than `get` for a long prompt."""
+        value = self.redis.hget(self.keys.job(job_id), "status")
+        return JobStatus(value) if value else None
+
     def unfinished_count(self, owner: str, older_than_s: float) -> int:
         """The owner's queued and running jobs (entries older than `older_than_s` are stale: dropped)."""
         key = self.keys.owner_unfinished(owner)

@@ -1,0 +1,84 @@
+"""The API's relay on a real Redis. The event hub: one pattern subscription delivers each job's events to that
+job's listeners only, and after its connection drops it reconnects and tells every listener to resync. The
+relay: a job's events exactly once, whatever happens between its reads."""
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+
+import pytest
+import redis
+
+from app.relay import RESYNC, EventHub, EventRelay
+from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, JobStatus, Usage
+from jobs.store import JobStore
+from tests.conftest import REDIS_URL
+
+
+@pytest.fixture
+def hub():
+    name = f"unit-{uuid.uuid4().hex[:8]}"  # also the connections' client name, so the test can find them
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, client_name=name)
+    return EventHub(JobStore(client, name, ttl_s=60), retry_pause_s=0.1)
+
+
+def next_item(inbox, timeout=5.0):
+    return inbox.get(timeout=timeout)
+
+
+def test_each_job_gets_its_own_events_after_a_first_resync(hub, redis_client):
+    a, b = hub.listen("job-a"), hub.listen("job-b")
+    assert next_item(a) is RESYNC and next_item(b) is RESYNC  # subscribed: from here on nothing is missed
+    redis_client.publish(hub.store.keys.events("job-a"), '{"n": 1}')
+    redis_client.publish(hub.store.keys.events("job-b"), '{"n": 2}')
+    redis_client.publish(hub.store.keys.events("job-c"), '{"n": 3}')  # nobody listens here: dropped
+    assert next_item(a) == '{"n": 1}' and next_item(b) == '{"n": 2}'
+    hub.unlisten("job-a", a)
+    redis_client.publish(hub.store.keys.events("job-a"), '{"n": 4}')
+    redis_client.publish(hub.store.keys.events("job-b"), '{"n": 5}')
+    assert next_item(b) == '{"n": 5}'
+    with pytest.raises(queue.Empty):
+        a.get(timeout=0.2)
+
+
+def test_a_dropped_connection_is_remade_and_every_listener_resyncs(hub, redis_client):
+    inbox = hub.listen("job-a")
+    assert next_item(inbox) is RESYNC and hub.down_for() == 0
+    ours = [c["id"] for c in redis_client.client_list(_type="pubsub") if c["name"] == hub.store.prefix]
+    assert len(ours) == 1  # one connection for every stream of the process
+    redis_client.client_kill_filter(_id=ours[0])  # what a Redis restart does to the hub
+    assert next_item(inbox) is RESYNC  # reconnected: whatever was published meanwhile is in the log
+    redis_client.publish(hub.store.keys.events("job-a"), '{"n": 1}')
+    assert next_item(inbox) == '{"n": 1}'
+    assert hub.down_for() == 0
+
+
+def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(hub):
+    """The relay's first read of the log and its check that the job is over must not let a finish that
+    lands between them pass unseen (it would end the stream with [DONE] and no final event)."""
+    store = hub.store
+    request = GenerationRequest(model="m", prompt_token_ids=[1], max_tokens=2, temperature=0.0, top_p=1.0,
+                                frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+    record = JobRecord.new(request, kind="interactive", owner="o", queue="q")
+    store.create(record)
+    _, token = store.acquire(record.id, "w")
+    store.publish_deltas(record.id, token, [JobEvent(seq=0, type="delta", text="Hi")])
+    read_log = store.read_log
+
+    def read_log_then_the_job_finishes(*args, **kwargs):
+        events = read_log(*args, **kwargs)
+        if store.status(record.id) == JobStatus.IN_PROGRESS:
+            usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+            store.finish(record.id, JobStatus.COMPLETED, JobEvent(seq=1, type="done", finish_reason="stop",
+                                                                  usage=usage),
+                         result=JobResult(text="Hi", finish_reason="stop", usage=usage), token=token)
+        return events
+
+    store.read_log = read_log_then_the_job_finishes
+    relay = EventRelay(store, hub, record.id, after_seq=-1, keepalive_s=0.2)
+    try:
+        events = [e for e in relay.events(deadline=time.monotonic() + 10) if e is not None]
+    finally:
+        relay.close()
+    assert [(e.seq, e.type) for e in events] == [(0, "delta"), (1, "done")]
