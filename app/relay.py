@@ -21,14 +21,11 @@ import threading
 import time
 from typing import Iterator, Optional
 
-import redis
-
 from jobs.records import JobEvent
-from jobs.store import JobStore
+from jobs.store import REDIS_DOWN, JobStore
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 RESYNC = object()  # put in every listener's queue after the hub (re)subscribed: replay the log
 
 

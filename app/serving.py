@@ -19,11 +19,11 @@ from pydantic import ValidationError
 from app import protocol
 from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
-from app.relay import REDIS_DOWN, EventHub, EventRelay, StreamInterrupted
+from app.relay import EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobStatus
-from jobs.store import JobNotFound, JobStore
+from jobs.store import REDIS_DOWN, JobNotFound, JobStore
 from workers.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Ke
 from jobs.telemetry import JobTelemetry
 
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis away (a restart): retry, don't fail the job
 FENCED = -1  # what the scripts answer when the caller's lease is gone
 
 # KEYS: job, lease, leases, queued. ARGV: token, lease ms, now ms, worker, now s, job id.

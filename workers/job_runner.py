@@ -16,17 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import redis
-
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
-from jobs.store import JobStore
+from jobs.store import REDIS_DOWN, JobStore
 from workers.engine.engine import Engine, EngineRequest, RequestStream
 from workers.engine.sampling import SamplingParams
 from workers.text.output import TextAssembler
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 def sampling_params(record: JobRecord) -> SamplingParams:

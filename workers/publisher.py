@@ -13,9 +13,9 @@ import logging
 import threading
 import time
 
-from jobs.store import FENCED, JobStore
+from jobs.store import FENCED, REDIS_DOWN, JobStore
 from workers.engine.engine import Engine
-from workers.job_runner import REDIS_DOWN, JobRun
+from workers.job_runner import JobRun
 
 log = logging.getLogger(__name__)
 
