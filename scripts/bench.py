@@ -526,18 +526,19 @@ def requests_per_level(args, c: int) -> int:
 
 
 def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
-    from workers.engine.engine import Engine
-
+    """`engine`, or `engine_as_worker`: the same with the service worker's torch threads."""
     default_threads = torch.get_num_threads()
     if mode == "engine_as_worker" and args.service_torch_threads:
         torch.set_num_threads(args.service_torch_threads)
     try:
-        _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine)
+        _run_engine(model, device, args, levels, prompts, record, meta, mode)
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine) -> None:
+def _run_engine(model, device, args, levels, prompts, record, meta, mode: str) -> None:
+    from workers.engine.engine import Engine
+
     config = engine_config(args, max(levels))
     started = time.perf_counter()
     try:
@@ -550,9 +551,10 @@ def _run_engine(model, device, args, levels, prompts, record, meta, mode, Engine
         for c in levels:
             record(dict(mode=mode, concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
         return
-    meta[mode] = dict(torch_threads=torch.get_num_threads(), config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
-                          eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
-                          warmup=hasattr(engine, "warmup"))
+    meta[mode] = dict(torch_threads=torch.get_num_threads(),
+                      config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
+                      eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
+                      warmup=hasattr(engine, "warmup"))
     try:
         for c in levels:
             n = requests_per_level(args, c)
@@ -736,7 +738,8 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
             path = log_dir / f"{name}.log"
             if path.exists():
                 say(f"--- tail of {path}\n" + "".join(path.read_text(errors="replace").splitlines(True)[-15:]))
-        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service" and r.get("round") == RESULTS[-1].get("round")}
+        this_round = RESULTS[-1].get("round") if RESULTS else None
+        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service" and r.get("round") == this_round}
         for c in levels:
             if c not in done:
                 record(dict(mode="service", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
@@ -779,14 +782,6 @@ def add_ratios(results: list[dict]) -> dict:
 RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_as_worker")
 
 
-def median(values: list[float]) -> Optional[float]:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def summary(results: list[dict]) -> list[dict]:
     """One row per (mode, concurrency): the round with the median tokens/s, with each ratio's median over
     the rounds and the spread of tokens/s. Failed rows pass through."""
@@ -801,7 +796,7 @@ def summary(results: list[dict]) -> list[dict]:
         row = dict(ok[(len(ok) - 1) // 2], rounds=len(ok),
                    output_tok_s_range=[ok[0]["output_tok_s"], ok[-1]["output_tok_s"]])
         for ratio in RATIOS:
-            row[ratio] = median([r.get(ratio) for r in ok])
+            row[ratio] = percentile([r[ratio] for r in ok if r.get(ratio) is not None], 50)
         out.append(row)
     return out
 
