@@ -10,7 +10,6 @@ import pytest
 
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
 from jobs.store import JobStore
-from tests.conftest import REDIS_URL  # noqa: F401  (the redis_client fixture uses it)
 
 REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
                             frequency_penalty=0.0, presence_penalty=0.0, seed=0)
