@@ -1,12 +1,12 @@
 """`python -m workers [extra celery args]`: one worker, configured from settings, kept alive.
 
 The process that runs this is a small supervisor: it loads no model and starts the real worker as a child
-process (`--child`), which loads the model in itself (never in a parent that forks). If the child dies
+process (`--child`), whose engine process loads the model (spawned, never forked). If the child dies
 (a crash, an out-of-memory kill, or Celery giving up after a broker outage), the supervisor starts it
 again; its running jobs are picked up through their leases. SIGTERM/SIGINT stop both.
 
-The child runs Celery's threads pool: every job of this worker runs in one process, beside the one model
-and its engine; `--concurrency` is how many jobs it holds at once (the engine's batch), and with a prefetch
+The child runs Celery's threads pool: every job of this worker runs in one process, which feeds the one
+engine (itself in a process of its own, spawned by the child: workers/engine/process.py); `--concurrency` is how many jobs it holds at once (the engine's batch), and with a prefetch
 multiplier of 1 it never reserves more than it can start, so other workers get the rest.
 """
 from __future__ import annotations

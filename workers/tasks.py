@@ -1,11 +1,12 @@
-"""Celery tasks and worker lifecycle. Imported only by worker processes (it loads torch and the model).
+"""Celery tasks and worker lifecycle. Imported only by worker processes.
 
-The worker runs the threads pool: one process holds one model and one engine, and each Celery thread runs
-one job against it. The model is loaded in this process (never in a parent that forks), once, when the
-worker is ready, so no user request waits for it.
+The worker runs the threads pool: each Celery thread runs one job against the worker's one engine. The
+engine and its model live in a process of their own (workers/engine/process.py), spawned and loaded once,
+when the worker is ready, so no user request waits for it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -30,28 +31,23 @@ class WorkerRuntime:
     and a housekeeping thread (heartbeat, lease renewal, and the reaper that requeues dead workers' jobs)."""
 
     def __init__(self):
-        from workers.engine.config import EngineConfig
-        from workers.engine.engine import Engine
-        from workers.model_loader import load_model
+        from workers.engine.process import EngineProcess
+        from workers.model_loader import build_engine
 
         self.settings = get_settings()
-        # Node name (worker.1, ...) @ host : pid of the process that holds the model.
+        # Node name (worker.1, ...) @ host : pid of the worker process (its engine runs in a child of it).
         self.name = f"{os.environ.get('HONCHO_PROCESS_NAME', 'worker')}@{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_settings(self.settings)
         self.tokenizer = raw_tokenizer()
-        if self.settings.torch_threads:
-            import torch
-            torch.set_num_threads(self.settings.torch_threads)
-        started = time.perf_counter()
-        loaded = load_model(self.settings)
-        log.info("serving model %s on %s (%s); loaded in %.1f s", loaded.name, loaded.device, loaded.reason,
-                 time.perf_counter() - started)
-        self.model_name = loaded.name
-        self.engine = Engine(loaded.model, loaded.device, eos_token_id=self.tokenizer.eos_id,
-                             config=EngineConfig.from_settings(self.settings))
-        warmup_started = time.perf_counter()
-        self.engine.warmup()  # now, not on a user's request (CUDA graphs are captured here on a GPU)
-        log.info("engine warmed up in %.1f s", time.perf_counter() - warmup_started)
+        # The model and its engine live in a process of their own, so the decode loop never waits for this
+        # process's GIL (the publisher, Celery's threads). If it dies, this worker exits: the supervisor
+        # starts a fresh one, and the running jobs are picked up through their leases.
+        self.engine = EngineProcess(functools.partial(build_engine, self.settings, self.tokenizer.eos_id),
+                                    on_exit=_engine_process_died)
+        info = self.engine.info
+        log.info("serving model %s on %s (%s); loaded in %.1f s, engine warmed up in %.1f s (engine process %s)",
+                 info["model"], info["device"], info["reason"], info["load_s"], info["warmup_s"], self.engine.pid)
+        self.model_name = info["model"]
         from workers.publisher import Publisher
         self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s,
                                    min_interval_s=self.settings.stream_interval_s,
@@ -125,6 +121,12 @@ class WorkerRuntime:
         except Exception:
             pass
         self.engine.shutdown()
+
+
+def _engine_process_died() -> None:
+    log.critical("the engine process died: exiting, so that this worker's jobs go to a fresh worker")
+    logging.shutdown()
+    os._exit(70)
 
 
 _runtime: WorkerRuntime | None = None

@@ -113,6 +113,9 @@ class Engine:
         # Penalty bookkeeping: counts of each generated token id, one row per batch slot.
         self.output_counts = torch.zeros(self.config.max_num_seqs, self.vocab_size, device=self.device)  # [slots, V]
         self._steps = 0
+        # Called on the engine thread after every pass of its loop that may have produced outputs (the
+        # engine process sends each step's outputs in one message through it).
+        self.on_step: Optional[Callable[[], None]] = None
         # Shared with other threads, under _cond.
         self._cond = threading.Condition()
         self._new: list[Sequence] = []
@@ -123,8 +126,9 @@ class Engine:
         self._thread.start()
 
     # --- the interface (any thread)
-    def submit(self, request: EngineRequest) -> RequestStream:
-        stream = RequestStream(request)
+    def submit(self, request: EngineRequest, stream: Optional[RequestStream] = None) -> RequestStream:
+        """Queue a request; its outputs go to `stream` (a new RequestStream unless given)."""
+        stream = stream if stream is not None else RequestStream(request)
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling, request.max_tokens, stream,
                        priority=request.priority)
         with self._cond:
@@ -175,7 +179,16 @@ class Engine:
             except Exception as exc:  # a bug outside the model call: fail everyone rather than loop on it
                 log.exception("engine step failed; failing every request and starting afresh")
                 self._reset(exc)
+            self._after_step()
         self._close()
+        self._after_step()
+
+    def _after_step(self) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step()
+            except Exception:  # the hook's own failure must not stop the engine
+                log.exception("engine on_step hook failed")
 
     def step(self) -> bool:
         """One engine step; False when there was nothing to run."""
