@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import httpx
@@ -104,6 +106,63 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_repeat(rstack, termina
                          f"stream {longest_gap:.2f} s"])
     assert 0 < recovery < 2 + 0.5 + 5  # lease + reaper period + pickup
     rstack.start_worker(victim, concurrency=4)  # back to two workers for the next tests
+    rstack.wait_workers(2)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def engine_process_of(stack, worker: str):
+    """The pid of the worker's engine process (spawned by multiprocessing), or None."""
+    for pid in descendants(stack.processes[worker].pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():  # not its resource tracker
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_an_engine_process_crash_hands_its_jobs_to_a_worker_without_loss_or_repeat(rstack):
+    """The engine process dies alone (a CUDA fault, say): its worker exits, so the job's lease lapses and
+    another worker resumes it; the supervisor starts the crashed worker again."""
+    with start_stream(rstack, max_tokens=1500) as response:
+        reader = SSEReader(response)
+        while len(reader.ids) < 10:
+            assert reader.next() is not None
+        job_id = reader.events[0][1]["id"]
+        node = rstack.job(job_id)["worker"].split("@")[0]
+        victim = next(name for name in rstack.worker_pids() if node.startswith(name + "-"))
+        engine_pid = engine_process_of(rstack, victim)
+        assert engine_pid is not None
+        os.kill(engine_pid, signal.SIGKILL)
+        reader.read_all()
+    record = rstack.job(job_id)
+    result = json.loads(record["result"])
+    assert record["status"] == "completed" and record["attempts"] == "2"
+    assert reader.events[-1][1] == "[DONE]"
+    assert reader.text == result["text"]
+    assert reader.ids == list(range(len(reader.ids)))
+    assert result["usage"]["completion_tokens"] == 1500
+    wait_until(lambda: engine_process_of(rstack, victim) not in (None, engine_pid), 90,
+               "the crashed worker to come back", interval=1)
     rstack.wait_workers(2)
 
 
