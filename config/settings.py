@@ -6,6 +6,7 @@ upper case (`REDIS_URL`, `API_KEYS`, `MODEL_SOURCE`...).
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -79,8 +80,9 @@ class Settings(BaseSettings):
     # ... and under load, less often: a worker sends at most this many stream events per second, all its
     # streams together, so each event carries more tokens. The relay's cost (Redis, the API process, the
     # client) is per event, not per token: without this, many streams at one token per event can starve
-    # the engine of the CPU the relay shares with it. 0 = no limit.
-    stream_events_per_s: float = 1000.0
+    # the engine of the CPU the relay shares with it. 0 = no limit; -1 = auto: 250 per CPU core the worker
+    # may run on (500 on a 2-core machine, 4000 on a 16-core GPU host), as the relay's cost is CPU time.
+    stream_events_per_s: float = Field(default=-1.0, ge=-1.0)
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
     # Queue of batch line jobs, and how many of them one worker process runs at once: batch work never
@@ -128,6 +130,12 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
+
+    @property
+    def effective_stream_events_per_s(self) -> float:
+        if self.stream_events_per_s >= 0:
+            return self.stream_events_per_s
+        return 250.0 * len(os.sched_getaffinity(0))
 
     @property
     def effective_batch_slots(self) -> int:

@@ -185,7 +185,7 @@ def device_slug(device: torch.device) -> str:
 
 def versions() -> dict:
     out = dict(python=platform.python_version(), torch=torch.__version__)
-    for name in ("transformers", "bitsandbytes", "openai", "httpx"):
+    for name in ("transformers", "bitsandbytes", "openai", "aiohttp"):
         try:
             out[name] = __import__(name).__version__
         except Exception:
@@ -592,97 +592,95 @@ def find_redis(url: str) -> str:
 
 
 async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: int,
-                              timeout: float, client_kind: str = "httpx") -> list[Req]:
-    import httpx
-    from openai import AsyncOpenAI
-
+                              timeout: float, client_kind: str = "aiohttp") -> list[Req]:
+    """c clients, each sending its next streamed request when the previous one ends, until n are done."""
     from config.settings import SERVED_MODEL_ID
 
-    # No keep-alive: a connection per request (cheap on loopback) never races gunicorn closing an idle one
-    # (its keep-alive is 2 s), which the client would see as a connection error.
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=c + 8, max_keepalive_connections=0),
-                             timeout=httpx.Timeout(timeout, connect=30))
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, http_client=http)
     counter = itertools.count()
     reqs: list[Optional[Req]] = [None] * n
-
-    async def one_httpx(i: int) -> None:
-        """The same request with plain httpx and json: the client's own CPU (it shares the machine with
-        the service) stays small, so the service's cost is what is measured."""
-        req = Req(start=time.perf_counter())
-        reqs[i] = req
-        body = {"model": SERVED_MODEL_ID, "messages": [{"role": "user", "content": texts[i % len(texts)]}],
-                "max_tokens": out_len, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-        try:
-            usage = None
-            async with http.stream("POST", base_url + "/v1/chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    now = time.perf_counter()
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(str(chunk["error"])[:300])
-                    if chunk["choices"]:
-                        choice = chunk["choices"][0]
-                        if choice["delta"].get("content"):
-                            req.times.append(now)
-                        if choice.get("finish_reason"):
-                            req.finish_reason = choice["finish_reason"]
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-            req.end = time.perf_counter()
-            if usage is None:
-                req.error = "the stream carried no usage chunk"
-            else:
-                req.output_tokens = usage["completion_tokens"]
-                req.prompt_tokens = usage["prompt_tokens"]
-        except Exception as exc:
-            req.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-
-    async def one(i: int) -> None:
-        if client_kind == "httpx":
-            return await one_httpx(i)
-        req = Req(start=time.perf_counter())
-        reqs[i] = req
-        try:
-            stream = await client.chat.completions.create(
-                model=SERVED_MODEL_ID, messages=[{"role": "user", "content": texts[i % len(texts)]}],
-                max_tokens=out_len, temperature=0, stream=True, stream_options={"include_usage": True})
-            usage = None
-            async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    if choice.delta is not None and choice.delta.content:
-                        req.times.append(now)
-                    if choice.finish_reason:
-                        req.finish_reason = choice.finish_reason
-                if chunk.usage is not None:
-                    usage = chunk.usage
-            req.end = time.perf_counter()
-            if usage is None:
-                req.error = "the stream carried no usage chunk"
-            else:
-                req.output_tokens = usage.completion_tokens
-                req.prompt_tokens = usage.prompt_tokens
-        except Exception as exc:
-            cause = exc.__cause__ or exc.__context__
-            req.error = f"{type(exc).__name__}: {str(exc)[:300]}" + (
-                f" ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else "")
+    one = _aiohttp_client if client_kind == "aiohttp" else _openai_client
+    send, close = await one(base_url, c, timeout)
 
     async def client_loop() -> None:
         while (i := next(counter)) < n:
-            await one(i)
+            reqs[i] = req = Req(start=time.perf_counter())
+            messages = [{"role": "user", "content": texts[i % len(texts)]}]
+            try:
+                await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=out_len, temperature=0,
+                                     stream=True, stream_options={"include_usage": True}))
+            except Exception as exc:
+                cause = exc.__cause__ or exc.__context__
+                req.error = f"{type(exc).__name__}: {str(exc)[:300]}" + (
+                    f" ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None else "")
 
     try:
         await asyncio.gather(*(client_loop() for _ in range(c)))
     finally:
+        await close()
+    return [r for r in reqs if r is not None]
+
+
+def _record_chunk(req: Req, chunk: dict, now: float) -> None:
+    if chunk.get("choices"):
+        choice = chunk["choices"][0]
+        if (choice.get("delta") or {}).get("content"):
+            req.times.append(now)
+        if choice.get("finish_reason"):
+            req.finish_reason = choice["finish_reason"]
+    if chunk.get("usage"):
+        req.output_tokens = chunk["usage"]["completion_tokens"]
+        req.prompt_tokens = chunk["usage"]["prompt_tokens"]
+
+
+async def _aiohttp_client(base_url: str, c: int, timeout: float):
+    """aiohttp and json, as vLLM's serving benchmark: the client shares the machine with the service, so its
+    own CPU per SSE chunk should be small (half of httpx's, measured here)."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c + 8),
+                                    timeout=aiohttp.ClientTimeout(total=timeout, connect=30))
+
+    async def send(req: Req, body: dict) -> None:
+        async with session.post(base_url + "/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+            async for line in response.content:  # one SSE line at a time
+                if not line.startswith(b"data: {"):
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(str(chunk["error"])[:300])
+                _record_chunk(req, chunk, now)
+        _ended(req)
+
+    return send, session.close
+
+
+async def _openai_client(base_url: str, c: int, timeout: float):
+    """The official openai SDK (heavier per chunk: pydantic objects)."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=c + 8), timeout=httpx.Timeout(timeout, connect=30))
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, http_client=http)
+
+    async def send(req: Req, body: dict) -> None:
+        async for chunk in await client.chat.completions.create(**body):
+            _record_chunk(req, chunk.model_dump(), time.perf_counter())
+        _ended(req)
+
+    async def close() -> None:
         await client.close()
         await http.aclose()
-    return [r for r in reqs if r is not None]
+
+    return send, close
+
+
+def _ended(req: Req) -> None:
+    req.end = time.perf_counter()
+    if not req.output_tokens:
+        req.error = "the stream carried no usage chunk"
 
 
 def run_service(model_kind, device, args, levels, record, meta) -> None:
@@ -882,8 +880,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for the requests (CPU default) or transformers' default (CUDA default)")
     p.add_argument("--max-model-len", type=int, default=4096, help="engine and service context (default 4096)")
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
-    p.add_argument("--service-client", choices=("httpx", "openai"), default="httpx",
-                   help="the service mode's client: plain httpx (light) or the official openai SDK")
+    p.add_argument("--service-client", choices=("aiohttp", "openai"), default="aiohttp",
+                   help="the service mode's client: aiohttp (light, as vLLM's benchmark) or the official openai SDK")
     p.add_argument("--service-torch-threads", type=int, default=1,
                    help="TORCH_THREADS for the service's worker (0 = torch's default). 1 by default: on a small "
                         "CPU machine the worker shares its cores with the API, Redis and this client")

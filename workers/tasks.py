@@ -51,7 +51,7 @@ class WorkerRuntime:
         from workers.publisher import Publisher
         self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s,
                                    min_interval_s=self.settings.stream_interval_s,
-                                   max_events_per_s=self.settings.stream_events_per_s)
+                                   max_events_per_s=self.settings.effective_stream_events_per_s)
         self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()
