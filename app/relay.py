@@ -135,11 +135,10 @@ class EventRelay:
             batch: list[JobEvent] = []
             try:
                 if replay_needed:
-                    # The status first, then the log: a job that was over before the read has its final
-                    # event in the log (both are written in one script). Read the other way round, a job
-                    # finishing in between would look over with its final event unseen.
-                    over = self._already_over()
-                    batch = self.store.read_log(self.job_id, after_seq=last_seq)
+                    # Read together: a job over by then has its final event in this log. (Read one after
+                    # the other, a job finishing in between could look over with its final event unseen.)
+                    status, batch = self.store.status_and_log(self.job_id, after_seq=last_seq)
+                    over = status is None or status.is_terminal  # gone (expired) counts as over
                     replay_needed = False
                     if over and not any(e.is_final for e in batch):
                         yield from (e for e in batch if e.seq > last_seq)
@@ -181,10 +180,6 @@ class EventRelay:
                 items.append(self.inbox.get_nowait())
             except queue.Empty:
                 return items
-
-    def _already_over(self) -> bool:
-        status = self.store.status(self.job_id)
-        return status is None or status.is_terminal  # gone (expired) counts as over
 
     def close(self) -> None:
         inbox, self.inbox = self.inbox, None

@@ -183,13 +183,12 @@ class ChatService:
 
     def _check_capacity(self, owner: str, queue: str) -> None:
         """429 with Retry-After, never a timeout: caps on the queue and on each key's unfinished jobs."""
-        depth = self.store.redis.llen(queue)  # Celery's list for the queue
+        depth, unfinished = self.store.admission_counts(queue, owner, older_than_s=self.settings.job_deadline_s)
         if depth >= self.settings.max_queued_jobs:
             slots = sum(w.get("concurrency", 1) for w in self.store.live_workers()) or 1
             retry_after = min(120, max(1, 2 * math.ceil(depth / slots)))
             raise APIError(429, f"The queue is full ({depth} jobs waiting). Retry in {retry_after} s.",
                            code="queue_full", headers={"Retry-After": str(retry_after)})
-        unfinished = self.store.unfinished_count(owner, older_than_s=self.settings.job_deadline_s)
         if unfinished >= self.settings.max_unfinished_per_key:
             raise APIError(429, f"This API key has {unfinished} unfinished jobs, the most allowed. Wait for "
                                 f"some to finish.", code="too_many_jobs", headers={"Retry-After": "5"})

@@ -9,6 +9,7 @@ A model never seen, or not seen for `model_remember_s`, is unknown: 404.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -39,13 +40,29 @@ class ModelDirectory:
         self.store = store
         self.remember_s = remember_s
         self.cache_s = cache_s
-        self._cached: tuple[float, dict[str, ModelRoute]] = (0.0, {})
+        self._cached: Optional[tuple[float, dict[str, ModelRoute]]] = None
+        self._refreshing = threading.Lock()
 
     def routes(self) -> dict[str, ModelRoute]:
-        """Every model seen within `remember_s`, with its count of live workers (cached for a second)."""
-        at, routes = self._cached
-        if time.monotonic() - at < self.cache_s:
+        """Every model seen within `remember_s`, with its count of live workers (cached for a second).
+
+        One caller at a time refreshes an expired copy; the others meanwhile use the last copy rather than
+        all reading Redis at once (under load, every request arriving in that moment used to)."""
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] < self.cache_s:
+            return cached[1]
+        if not self._refreshing.acquire(blocking=cached is None):  # only the very first read waits
+            return cached[1]
+        try:
+            if self._cached is not cached:  # refreshed while we waited for the lock
+                return self._cached[1]
+            routes = self._read()
+            self._cached = (time.monotonic(), routes)
             return routes
+        finally:
+            self._refreshing.release()
+
+    def _read(self) -> dict[str, ModelRoute]:
         live: dict[str, int] = {}
         for worker in self.store.live_workers():
             model_id = worker.get("model_id")
@@ -57,7 +74,6 @@ class ModelDirectory:
             if now - entry["last_seen"] <= self.remember_s:
                 routes[model_id] = ModelRoute(model_id, entry["queue"], entry["batch_queue"],
                                               tuple(entry.get("aliases", ())), live.get(model_id, 0))
-        self._cached = (time.monotonic(), routes)
         return routes
 
     def resolve(self, name: str) -> Optional[ModelRoute]:

@@ -16,6 +16,7 @@ Redis layout (every name starts with the configured prefix, since pub/sub ignore
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay
   {prefix}:owner:{owner}:jobs zset  an API key's background jobs by creation time (for listing)
   {prefix}:worker:{name}     string a live worker's heartbeat (JSON), expires unless renewed
+  {prefix}:workers           zset   worker name -> when its heartbeat expires (who to read, without a SCAN)
   {prefix}:models            hash   model id -> its queues and when a worker last served it (jobs/models.py)
   {prefix}:file:{id}         hash   a file's metadata; {prefix}:file:{id}:lines  list  its lines
   {prefix}:owner:{owner}:files zset an API key's files by creation time
@@ -228,5 +229,5 @@ class Keys:
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"

@@ -197,13 +197,16 @@ class JobStore:
         value = self.redis.hget(self.keys.job(job_id), "status")
         return JobStatus(value) if value else None
 
-    def unfinished_count(self, owner: str, older_than_s: float) -> int:
-        """The owner's queued and running jobs (entries older than `older_than_s` are stale: dropped)."""
+    def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
+        """In one round trip: the messages waiting in Celery's list for `queue`, and the owner's queued and
+        running jobs (entries older than `older_than_s` are stale: dropped)."""
         key = self.keys.owner_unfinished(owner)
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(queue)
             pipe.zremrangebyscore(key, "-inf", time.time() - older_than_s)
             pipe.zcard(key)
-            return pipe.execute()[-1]
+            depth, _, unfinished = pipe.execute()
+        return depth, unfinished
 
     # --- attempts: lease, renew, reap
     def acquire(self, job_id: str, worker: str) -> tuple[int, str]:
@@ -272,6 +275,16 @@ class JobStore:
                                      self.keys.cancel(job_id)], args=args, client=client)
         return answer if client is not None else int(answer)
 
+    def status_and_log(self, job_id: str, after_seq: int = -1) -> tuple[Optional[JobStatus], list[JobEvent]]:
+        """The job's status and its logged events with seq > after_seq, read together (one MULTI, one round
+        trip): a job over by then has its final event in that log (the two are written in one script)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.job(job_id), "status")
+            pipe.xrange(self.keys.event_log(job_id), min=log_id(after_seq + 1))
+            status, entries = pipe.execute()
+        return (JobStatus(status) if status else None,
+                [JobEvent.model_validate_json(fields["e"]) for _, fields in entries])
+
     def read_log(self, job_id: str, after_seq: int = -1, count: Optional[int] = None) -> list[JobEvent]:
         """Logged events with seq > after_seq, in order."""
         entries = self.redis.xrange(self.keys.event_log(job_id), min=log_id(after_seq + 1), count=count)
@@ -293,16 +306,24 @@ class JobStore:
     # --- worker heartbeats
     def heartbeat(self, worker: str, info: dict, ttl_s: float, model: Optional[dict] = None) -> None:
         """A worker is alive; and (if given) the model it serves, in the model directory."""
+        now = time.time()
         with self.redis.pipeline() as pipe:
             pipe.set(self.keys.worker(worker), json.dumps(info), px=int(ttl_s * 1000))
+            pipe.zadd(self.keys.workers(), {worker: now + ttl_s})
+            pipe.zremrangebyscore(self.keys.workers(), "-inf", now - 3600)  # long dead: forget them
             if model is not None:
                 pipe.hset(self.keys.models(), model["id"], json.dumps({**model, "last_seen": time.time()}))
             pipe.execute()
 
     def remove_heartbeat(self, worker: str) -> None:
-        self.redis.delete(self.keys.worker(worker))
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self.keys.worker(worker))
+            pipe.zrem(self.keys.workers(), worker)
+            pipe.execute()
 
     def live_workers(self) -> list[dict]:
-        names = list(self.redis.scan_iter(match=self.keys.worker_pattern(), count=100))
-        values = self.redis.mget(names) if names else []
+        """The heartbeats of the workers alive now. Read through the `workers` index, never by scanning the
+        keyspace: that holds every job's keys, and the model directory reads this every second."""
+        names = self.redis.zrangebyscore(self.keys.workers(), time.time(), "+inf")
+        values = self.redis.mget([self.keys.worker(name) for name in names]) if names else []
         return [json.loads(v) for v in values if v]

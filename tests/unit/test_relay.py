@@ -55,8 +55,9 @@ def test_a_dropped_connection_is_remade_and_every_listener_resyncs(hub, redis_cl
 
 
 def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(hub):
-    """The relay's first read of the log and its check that the job is over must not let a finish that
-    lands between them pass unseen (it would end the stream with [DONE] and no final event)."""
+    """A finish that lands right after the relay's first read (of the job's status and its log) must not
+    pass unseen: read the other way round (log, then status) it would end the stream with [DONE] and no
+    final event."""
     store = hub.store
     request = GenerationRequest(model="m", prompt_token_ids=[1], max_tokens=2, temperature=0.0, top_p=1.0,
                                 frequency_penalty=0.0, presence_penalty=0.0, seed=0)
@@ -64,18 +65,18 @@ def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(h
     store.create(record)
     _, token = store.acquire(record.id, "w")
     store.publish_deltas(record.id, token, [JobEvent(seq=0, type="delta", text="Hi")])
-    read_log = store.read_log
+    status_and_log = store.status_and_log
 
-    def read_log_then_the_job_finishes(*args, **kwargs):
-        events = read_log(*args, **kwargs)
+    def read_then_the_job_finishes(*args, **kwargs):
+        status, events = status_and_log(*args, **kwargs)
         if store.status(record.id) == JobStatus.IN_PROGRESS:
             usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
             store.finish(record.id, JobStatus.COMPLETED, JobEvent(seq=1, type="done", finish_reason="stop",
                                                                   usage=usage),
                          result=JobResult(text="Hi", finish_reason="stop", usage=usage), token=token)
-        return events
+        return status, events
 
-    store.read_log = read_log_then_the_job_finishes
+    store.status_and_log = read_then_the_job_finishes
     relay = EventRelay(store, hub, record.id, after_seq=-1, keepalive_s=0.2)
     try:
         events = [e for e in relay.events(deadline=time.monotonic() + 10) if e is not None]
