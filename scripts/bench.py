@@ -683,6 +683,9 @@ def _ended(req: Req) -> None:
         req.error = "the stream carried no usage chunk"
 
 
+API_PROCESSES = 2  # the Procfile's `web` line (what `make run` starts)
+
+
 def run_service(model_kind, device, args, levels, record, meta) -> None:
     def unavailable(reason: str) -> None:
         say(f"service: unavailable: {reason}")
@@ -706,12 +709,12 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     stack = Stack(env, log_dir)
     meta["service"] = dict(MODEL_SOURCE=env["MODEL_SOURCE"], MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
-                           MAX_MODEL_LEN=args.max_model_len, workers=1, api="gunicorn, 1 gevent worker",
+                           MAX_MODEL_LEN=args.max_model_len, workers=1, api=f"gunicorn, {API_PROCESSES} gevent workers (as the Procfile)",
                            redis_url=redis_url, logs=str(log_dir))
     started = time.perf_counter()
     try:
         stack.start_worker(concurrency=max_c, extra_env={"MAX_NUM_SEQS": str(max_c), **({"TORCH_THREADS": str(args.service_torch_threads)} if args.service_torch_threads else {})})
-        stack.start_api()
+        stack.start_api(processes=API_PROCESSES)
         stack.wait_ready(timeout=args.service_start_timeout)
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
         say(f"service: ready in {meta['service']['start_s']} s at {stack.base_url} (logs in {log_dir})")

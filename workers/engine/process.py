@@ -11,7 +11,7 @@ picklable `build` callable that returns a warmed-up Engine and a dict describing
 
 Wire protocol, one duplex pipe:
   worker -> engine: ("submit", key, EngineRequest) | ("cancel", request_id) | ("stop",)
-  engine -> worker: ("ready", info) once, after the build (or ("failed", message) and exit);
+  engine -> worker: ("ready", info, stats) once, after the build (or ("failed", message) and exit);
                     ("outputs", [(key, token_ids, finish_reason, error), ...], stats) after each step
 `key` numbers one submit: two submits of the same request id (a job run again) never mix outputs.
 """
@@ -46,13 +46,12 @@ class EngineProcess:
         self._process = context.Process(target=serve, args=(child_conn, build), name="engine", daemon=True)
         self._process.start()
         child_conn.close()  # ours is closed, so the pipe reports EOF when the engine process dies
-        self.info = self._wait_ready(start_timeout_s)
+        self.info, self._stats = self._wait_ready(start_timeout_s)
         self._streams: dict[int, RequestStream] = {}  # open submits by key (outputs go there)
         self._keys = itertools.count()
         self._send_lock = threading.Lock()
         self._closed = False     # no more submits: the process is gone or being stopped
         self._stopping = False
-        self._stats: dict = {}
         self._on_exit = on_exit
         self._receiver = threading.Thread(target=self._receive, name="engine-outputs", daemon=True)
         self._receiver.start()
@@ -108,19 +107,20 @@ class EngineProcess:
         except (BrokenPipeError, EOFError, OSError):
             return False
 
-    def _wait_ready(self, timeout_s: float) -> dict:
+    def _wait_ready(self, timeout_s: float) -> tuple[dict, dict]:
         if not self._conn.poll(timeout_s):
             self._process.kill()
             raise EngineProcessError(f"the engine process was not ready within {timeout_s:.0f} s")
         try:
-            kind, detail = self._conn.recv()
+            kind, *detail = self._conn.recv()
         except EOFError:
             self._process.join(5)
             raise EngineProcessError(f"the engine process exited while starting (code {self._process.exitcode})")
         if kind != "ready":
             self._process.join(5)
-            raise EngineProcessError(f"the engine process failed to start: {detail}")
-        return detail
+            raise EngineProcessError(f"the engine process failed to start: {detail[0]}")
+        info, stats = detail
+        return info, stats
 
     def _receive(self) -> None:
         try:
@@ -198,7 +198,7 @@ def serve(conn, build: EngineBuild) -> None:
         return
     outbox = _Outbox(conn, engine.stats)
     engine.on_step = outbox.flush  # one message per step, sent from the engine thread
-    conn.send(("ready", info))
+    conn.send(("ready", info, engine.stats()))
     while True:
         try:
             message = conn.recv()
