@@ -14,13 +14,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
 from jobs.store import REDIS_DOWN, JobStore
-from workers.engine.engine import Engine, EngineRequest, RequestStream
-from workers.engine.sampling import SamplingParams
+from workers.engine.interface import EngineRequest, RequestStream, SamplingParams
 from workers.text.output import TextAssembler
+
+if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same interface)
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

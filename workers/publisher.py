@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from jobs.store import FENCED, REDIS_DOWN, JobStore
-from workers.engine.engine import Engine
 from workers.job_runner import JobRun
+
+if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same interface)
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ class WorkerRuntime:
 
     def __init__(self):
         from workers.engine.process import EngineProcess
-        from workers.model_loader import build_engine
+        from workers.engine_setup import build_engine
 
         self.settings = get_settings()
         # Node name (worker.1, ...) @ host : pid of the worker process (its engine runs in a child of it).

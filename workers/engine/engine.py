@@ -13,79 +13,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
+from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
 from workers.engine.model_runner import ModelRunner
-from workers.engine.sampling import SamplingParams, apply_penalties, make_generator, sample
+from workers.engine.sampling import apply_penalties, make_generator, sample
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineConfig", "EngineOutput", "EngineRequest", "RequestStream"]
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    priority: int = 0  # lower is admitted first: interactive 0, batch 1
-
-
-@dataclass(frozen=True)
-class EngineOutput:
-    token_ids: list[int]                 # tokens generated since the previous output
-    finish_reason: Optional[str] = None  # "stop" (EOS), "length", "cancelled", "error"; None while running
-    error: Optional[str] = None
-
-
-class RequestStream:
-    """What `submit` returns: iterate it for the request's outputs; the last one has a finish reason."""
-
-    def __init__(self, request: EngineRequest):
-        self.request = request
-        self._outputs: "queue.Queue[EngineOutput]" = queue.Queue()
-        self.notify: Optional[threading.Event] = None  # set on every output (a consumer of many streams)
-
-    def put(self, output: EngineOutput) -> None:
-        self._outputs.put(output)
-        if self.notify is not None:
-            self.notify.set()
-
-    def drain(self) -> list[EngineOutput]:
-        """Everything produced since the last call, without waiting (maybe nothing)."""
-        outputs = []
-        while not (outputs and outputs[-1].finish_reason is not None):
-            try:
-                outputs.append(self._outputs.get_nowait())
-            except queue.Empty:
-                break
-        return outputs
-
-    def __iter__(self) -> Iterator[EngineOutput]:
-        while True:
-            output = self._outputs.get()
-            yield output
-            if output.finish_reason is not None:
-                return
-
-    def next_outputs(self, timeout: Optional[float] = None) -> list[EngineOutput]:
-        """Everything produced since the last call (waiting for at least one), so the caller can write
-        a burst of tokens to Redis in one round trip. Raises queue.Empty after `timeout` seconds."""
-        outputs = [self._outputs.get(timeout=timeout)]
-        while outputs[-1].finish_reason is None:
-            try:
-                outputs.append(self._outputs.get_nowait())
-            except queue.Empty:
-                break
-        return outputs
 
 
 def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:

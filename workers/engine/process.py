@@ -22,9 +22,12 @@ import logging
 import multiprocessing
 import signal
 import threading
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from workers.engine.engine import Engine, EngineOutput, EngineRequest, RequestStream
+from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
+
+if TYPE_CHECKING:  # the worker process never imports torch: the engine lives in the engine process
+    from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

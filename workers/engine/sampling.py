@@ -8,34 +8,14 @@ output depends only on its own seed and logits, never on what else is batched.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from workers.engine.interface import SamplingParams  # defined torch-free: the worker process imports it
+
 # Smallest positive float32; used to keep exponential noise strictly positive.
 _TINY = torch.finfo(torch.float32).tiny
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (OpenAI names and meanings)."""
-
-    temperature: float = 0.3  # 0 => greedy argmax
-    top_p: float = 1.0  # nucleus mass, in [0, 1]; 0 keeps only the top token
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Only the constraints the math needs; API-level ranges are checked upstream.
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not (0.0 <= self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if not (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty)):
-            raise ValueError("penalties must be finite")
 
 
 def sampling_tensors(
