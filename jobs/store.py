@@ -192,11 +192,6 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.from_redis(fields)
 
-    def status(self, job_id: str) -> Optional[JobStatus]:
-        """The job's status alone (None if the record is gone): cheaper than `get` for a long prompt."""
-        value = self.redis.hget(self.keys.job(job_id), "status")
-        return JobStatus(value) if value else None
-
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
         """In one round trip: the messages waiting in Celery's list for `queue`, and the owner's queued and
         running jobs (entries older than `older_than_s` are stale: dropped)."""
@@ -282,13 +277,11 @@ class JobStore:
             pipe.hget(self.keys.job(job_id), "status")
             pipe.xrange(self.keys.event_log(job_id), min=log_id(after_seq + 1))
             status, entries = pipe.execute()
-        return (JobStatus(status) if status else None,
-                [JobEvent.model_validate_json(fields["e"]) for _, fields in entries])
+        return JobStatus(status) if status else None, _log_events(entries)
 
     def read_log(self, job_id: str, after_seq: int = -1, count: Optional[int] = None) -> list[JobEvent]:
         """Logged events with seq > after_seq, in order."""
-        entries = self.redis.xrange(self.keys.event_log(job_id), min=log_id(after_seq + 1), count=count)
-        return [JobEvent.model_validate_json(fields["e"]) for _, fields in entries]
+        return _log_events(self.redis.xrange(self.keys.event_log(job_id), min=log_id(after_seq + 1), count=count))
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.set(self.keys.cancel(job_id), "1", ex=self.ttl_s)
@@ -327,3 +320,8 @@ class JobStore:
         names = self.redis.zrangebyscore(self.keys.workers(), time.time(), "+inf")
         values = self.redis.mget([self.keys.worker(name) for name in names]) if names else []
         return [json.loads(v) for v in values if v]
+
+
+def _log_events(entries) -> list[JobEvent]:
+    """The events of XRANGE entries of a job's event log."""
+    return [JobEvent.model_validate_json(fields["e"]) for _, fields in entries]

@@ -69,7 +69,7 @@ def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(h
 
     def read_then_the_job_finishes(*args, **kwargs):
         status, events = status_and_log(*args, **kwargs)
-        if store.status(record.id) == JobStatus.IN_PROGRESS:
+        if store.get(record.id).status == JobStatus.IN_PROGRESS:
             usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
             store.finish(record.id, JobStatus.COMPLETED, JobEvent(seq=1, type="done", finish_reason="stop",
                                                                   usage=usage),
