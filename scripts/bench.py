@@ -1,5 +1,5 @@
 """Serving benchmark: what `vllm bench serve` reports (TTFT, TPOT, ITL as mean/p50/p99, output tokens/s,
-requests/s), over a sweep of concurrency levels, for four ways of generating with the same model:
+requests/s), over a sweep of concurrency levels, for five ways of generating with the same model:
 
   hf_generate        Hugging Face `model.generate()`, one request at a time (the baseline): for concurrency c,
                      c requests back to back (at most --hf-max-requests: 8 on CPU, 4 on CUDA); tokens
@@ -7,8 +7,9 @@ requests/s), over a sweep of concurrency levels, for four ways of generating wit
   hf_generate_batch  transformers' own continuous batching, `model.generate_batch()` with all c requests at once.
   engine             our engine in this process (workers/engine): a closed loop that keeps c requests in flight
                      until N = max(--waves × c, --num-prompts) are done.
-  engine_as_worker   the same, with the service worker's torch threads (--service-torch-threads): the bare engine
-                     as the service runs it, so the service's ratio to it is the cost of the relay alone.
+  engine_process     the same engine as the service's worker runs it: in a process of its own (workers/engine/
+                     process.py) with the worker's torch threads (--service-torch-threads), the client threads
+                     in this process. The service's ratio to it is the cost of HTTP, Redis and Celery alone.
   service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
                      tiny model), started with scripts/stack.py and driven by the official `openai` AsyncOpenAI
                      client with c concurrent streams, N requests in all.
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import gc
 import importlib.util
 import itertools
@@ -63,7 +65,7 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("hf_generate", "hf_generate_batch", "engine", "engine_as_worker", "service")
+MODES = ("hf_generate", "hf_generate_batch", "engine", "engine_process", "service")
 GPU_DEFAULT_MODES = ("hf_generate", "hf_generate_batch", "engine")  # the service serves the tiny model on CPU only
 MODELS = ("tiny", "mistral7b", "tiny7b")
 
@@ -525,33 +527,45 @@ def requests_per_level(args, c: int) -> int:
     return max(args.waves * c, args.num_prompts)
 
 
-def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
-    """`engine`, or `engine_as_worker`: the same with the service worker's torch threads."""
-    default_threads = torch.get_num_threads()
-    if mode == "engine_as_worker" and args.service_torch_threads:
-        torch.set_num_threads(args.service_torch_threads)
-    try:
-        _run_engine(model, device, args, levels, prompts, record, meta, mode)
-    finally:
-        torch.set_num_threads(default_threads)
-
-
-def _run_engine(model, device, args, levels, prompts, record, meta, mode: str) -> None:
+def build_engine_in_own_process(model_kind: str, device_name: str, config, torch_threads: int):
+    """`engine_process`'s build step, run in the engine process (spawned: it must be a picklable module-level
+    function): the model built as `build_model` builds it, the engine warmed up, the worker's torch threads."""
     from workers.engine.engine import Engine
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = torch.device(device_name)
+    model, _ = build_model(model_kind, device)
+    engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+    engine.warmup()
+    return engine, dict(torch_threads=torch.get_num_threads(), pid=os.getpid())
+
+
+def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
+    """`engine`: the engine in this process, with torch's default threads. `engine_process`: the engine in a
+    process of its own, as the worker runs it (EngineProcess: same interface, outputs over a pipe)."""
+    from workers.engine.engine import Engine
+    from workers.engine.process import EngineProcess
 
     config = engine_config(args, max(levels))
     started = time.perf_counter()
     try:
-        engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
-        if hasattr(engine, "warmup"):
-            engine.warmup()
+        if mode == "engine_process":
+            engine = EngineProcess(functools.partial(build_engine_in_own_process, args.model, str(device), config,
+                                                     args.service_torch_threads),
+                                   start_timeout_s=args.service_start_timeout)
+            threads = engine.info["torch_threads"]
+        else:
+            engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+            threads = torch.get_num_threads()
+        engine.warmup()
         engine_closed_loop(engine, min(4, max(levels)), min(4, max(levels)), prompts, 8, args.request_timeout)
     except Exception as exc:
         traceback.print_exc()
         for c in levels:
             record(dict(mode=mode, concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
         return
-    meta[mode] = dict(torch_threads=torch.get_num_threads(),
+    meta[mode] = dict(torch_threads=threads,
                       config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
                       eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
                       warmup=hasattr(engine, "warmup"))
@@ -758,7 +772,7 @@ RESULTS: list[dict] = []
 
 
 def add_ratios(results: list[dict]) -> dict:
-    """Within each round: x hf_generate for every row; x engine and x engine_as_worker (same concurrency) for
+    """Within each round: x hf_generate for every row; x engine and x engine_process (same concurrency) for
     service rows. Returns the baseline (all rounds' hf_generate requests)."""
     ok = [r for r in results if r.get("status") == "ok"]
 
@@ -774,13 +788,13 @@ def add_ratios(results: list[dict]) -> dict:
         for r in rows:
             r["vs_hf_generate"] = r["output_tok_s"] / baseline if baseline else None
             if r["mode"] == "service":
-                for mode in ("engine", "engine_as_worker"):
+                for mode in ("engine", "engine_process"):
                     if (mode, r["concurrency"]) in by:
                         r[f"vs_{mode}"] = r["output_tok_s"] / by[(mode, r["concurrency"])]["output_tok_s"]
     return dict(hf_generate_tok_s=overall, note="all hf_generate requests of this run: tokens / seconds")
 
 
-RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_as_worker")
+RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_process")
 
 
 def summary(results: list[dict]) -> list[dict]:
@@ -812,10 +826,10 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     if service and service.get("vs_engine") is not None:
         out.append(dict(what="service tokens/s vs engine at 32 concurrent", value=service["vs_engine"],
                         target=0.85, met=service["vs_engine"] >= 0.85, applies=device.type == "cpu"))
-    if service and service.get("vs_engine_as_worker") is not None:
-        out.append(dict(what="service tokens/s vs engine_as_worker at 32 concurrent (not the target's measure; "
-                             "for the cost of the relay alone)", value=service["vs_engine_as_worker"],
-                        target=0.85, met=service["vs_engine_as_worker"] >= 0.85, applies=device.type == "cpu"))
+    if service and service.get("vs_engine_process") is not None:
+        out.append(dict(what="service tokens/s vs engine_process at 32 concurrent (not the target's measure: "
+                             "the cost of HTTP, Redis and Celery alone)", value=service["vs_engine_process"],
+                        target=0.85, met=service["vs_engine_process"] >= 0.85, applies=device.type == "cpu"))
     return out
 
 
@@ -829,7 +843,7 @@ def fmt(value, digits: int = 1) -> str:
 
 def table(results: list[dict]) -> str:
     head = ["mode", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
-            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x eng_as_worker", "rounds: tok/s min-max"]
+            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "rounds: tok/s min-max"]
     rows: list[list[str]] = []
     for r in results:
         if r.get("status") != "ok":  # one message in place of the numbers
@@ -841,7 +855,7 @@ def table(results: list[dict]) -> str:
             reqs += f" ({r['short_requests']} short)"
         rows.append([r["mode"], str(r["concurrency"]), reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
                      triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms"), fmt(r.get("vs_hf_generate"), 2),
-                     fmt(r.get("vs_engine"), 2), fmt(r.get("vs_engine_as_worker"), 2), spread(r)])
+                     fmt(r.get("vs_engine"), 2), fmt(r.get("vs_engine_process"), 2), spread(r)])
     widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head)]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     for row in rows:
@@ -886,8 +900,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--service-client", choices=("aiohttp", "openai"), default="aiohttp",
                    help="the service mode's client: aiohttp (light, as vLLM's benchmark) or the official openai SDK")
     p.add_argument("--service-torch-threads", type=int, default=1,
-                   help="TORCH_THREADS for the service's worker (0 = torch's default). 1 by default: on a small "
-                        "CPU machine the worker shares its cores with the API, Redis and this client")
+                   help="TORCH_THREADS for the service's worker and for engine_process (0 = torch's default). 1 by "
+                        "default: on a small CPU machine the worker shares its cores with the API, Redis and this "
+                        "client")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "
@@ -997,7 +1012,7 @@ def main(argv=None) -> int:
                 run_hf_generate(model, device, args, args.levels, prompts, record)
             elif mode == "hf_generate_batch":
                 run_hf_generate_batch(model, device, args, args.levels, prompts, record)
-            elif mode in ("engine", "engine_as_worker"):
+            elif mode in ("engine", "engine_process"):
                 run_engine(model, device, args, args.levels, prompts, record, meta, mode)
             elif mode == "service":
                 run_service(args.model, device, args, args.levels, record, meta)
