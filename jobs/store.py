@@ -19,6 +19,7 @@ import redis
 
 from jobs.paging import newest_first
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Keys, log_id
+from jobs.scripts import ScriptSet
 from jobs.telemetry import JobTelemetry
 
 NOT_FINISHED = (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
@@ -153,13 +154,15 @@ class JobStore:
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
         self.lease_ms = int(lease_s * 1000)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._publish = client.register_script(_PUBLISH)
-        self._finish = client.register_script(_FINISH)
-        self._renew = client.register_script(_RENEW)
-        self._reap = client.register_script(_REAP)
-        self._reap_lost = client.register_script(_REAP_LOST)
-        self.telemetry = JobTelemetry(client, prefix, ttl_s)
+        # A pipeline that calls one of these runs through `self.scripts.run` (jobs/scripts.py).
+        self.scripts = ScriptSet(client)
+        self._acquire = self.scripts.register(_ACQUIRE)
+        self._publish = self.scripts.register(_PUBLISH)
+        self._finish = self.scripts.register(_FINISH)
+        self._renew = self.scripts.register(_RENEW)
+        self._reap = self.scripts.register(_REAP)
+        self._reap_lost = self.scripts.register(_REAP_LOST)
+        self.telemetry = JobTelemetry(client, prefix, ttl_s, scripts=self.scripts)
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
@@ -171,7 +174,8 @@ class JobStore:
     # --- records
     def create(self, record: JobRecord) -> None:
         key = self.keys.job(record.id)
-        with self.redis.pipeline() as pipe:
+
+        def fill(pipe) -> None:
             pipe.hset(key, mapping=record.to_redis())
             pipe.expire(key, self.ttl_s)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
@@ -184,7 +188,8 @@ class JobStore:
                 pipe.zadd(index, {record.id: record.created_at})
                 pipe.zremrangebyscore(index, "-inf", time.time() - 2 * self.ttl_s)  # long-expired entries
                 pipe.expire(index, 2 * self.ttl_s)
-            pipe.execute()
+
+        self.scripts.run(fill)
 
     def get(self, job_id: str) -> JobRecord:
         fields = self.redis.hgetall(self.keys.job(job_id))
@@ -217,11 +222,12 @@ class JobStore:
 
     def renew(self, leases: dict[str, str]) -> list[str]:
         """Renew many leases in one round trip; returns the job ids whose lease was lost."""
-        with self.redis.pipeline(transaction=False) as pipe:
+        def fill(pipe) -> None:
             for job_id, token in leases.items():
                 self._renew(keys=[self.keys.lease(job_id), self.keys.leases()],
                             args=[token, self.lease_ms, _now_ms(), job_id], client=pipe)
-            results = pipe.execute()
+
+        results = self.scripts.run(fill, transaction=False)
         return [job_id for job_id, ok in zip(leases, results) if not ok]
 
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
@@ -252,7 +258,7 @@ class JobStore:
             args=[_statuses(only_from), self.keys.events(job_id), self.ttl_s, final_event.log_id, event_json,
                   token, job_id, self.prefix, *fields], client=client)
         if client is not None:
-            return answer  # in a pipeline: the answer comes at execute() (the caller records the state)
+            return answer  # in a pipeline (run by self.scripts.run): the answer comes then; the caller records the state
         if int(answer) == 1:
             self.telemetry.job_state(job_id, status)
         return int(answer)

@@ -20,6 +20,7 @@ import time
 from typing import Iterable, Optional
 
 from jobs.records import Keys
+from jobs.scripts import ScriptSet
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,12 @@ def _state_name(state) -> str:
 class JobTelemetry:
     """Job-state bookkeeping for metrics. One per JobStore (same client, prefix and TTL)."""
 
-    def __init__(self, client, prefix: str, ttl_s: int):
+    def __init__(self, client, prefix: str, ttl_s: int, scripts: Optional[ScriptSet] = None):
         self.redis = client
         self.prefix = prefix
         self.ttl_s = int(ttl_s)
-        self._enter = client.register_script(_ENTER_STATE)
+        self.scripts = scripts or ScriptSet(client)  # a caller's pipeline that records a state runs through it
+        self._enter = self.scripts.register(_ENTER_STATE)
 
     def state_key(self, state) -> str:
         return f"{self.prefix}:metrics:jobs:{_state_name(state)}"
@@ -99,13 +101,14 @@ class JobTelemetry:
         states, first_tokens = list(states), list(first_tokens)
         if not states and not first_tokens:
             return
+        def fill(pipe) -> None:
+            for job_id in first_tokens:
+                self._first_token(pipe, job_id, now)
+            for job_id, state in states:
+                self._job_state(pipe, job_id, state, now)
+
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in first_tokens:
-                    self._first_token(pipe, job_id, now)
-                for job_id, state in states:
-                    self._job_state(pipe, job_id, state, now)
-                pipe.execute()
+            self.scripts.run(fill, transaction=False)
         except ValueError:
             raise  # an unknown state: a bug in the caller
         except Exception as exc:

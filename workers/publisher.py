@@ -124,8 +124,10 @@ class Publisher:
 
     def _write(self, runs: list[JobRun]) -> list[tuple]:
         """One pipeline: each run's deltas (with lease renewal and cancel check), then its final write."""
-        slots = []
-        with self.store.redis.pipeline(transaction=False) as pipe:
+        slots: list[bool] = []
+
+        def fill(pipe) -> None:
+            slots.clear()  # filled again if the scripts had to be loaded again
             for run in runs:
                 self.store.publish_deltas(run.id, run.token, run.outbox, client=pipe)
                 has_final = run.final is not None
@@ -134,7 +136,8 @@ class Publisher:
                     self.store.finish(run.id, final.status, final.event, result=final.result, error=final.error,
                                       token=run.token, client=pipe)
                 slots.append(has_final)
-            results = pipe.execute(raise_on_error=False)
+
+        results = self.store.scripts.run(fill, transaction=False, raise_on_error=False)
         answers, i = [], 0
         for has_final in slots:
             delta = results[i]
