@@ -197,6 +197,17 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.from_redis(fields)
 
+    def get_with_cancel_flag(self, job_id: str) -> tuple[JobRecord, bool]:
+        """The record, and whether a cancel was asked for, in one round trip: what a worker reads before it
+        starts a job."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.exists(self.keys.cancel(job_id))
+            fields, cancel = pipe.execute()
+        if not fields:
+            raise JobNotFound(job_id)
+        return JobRecord.from_redis(fields), bool(cancel)
+
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
         """In one round trip: the messages waiting in Celery's list for `queue`, and the owner's queued and
         running jobs (entries older than `older_than_s` are stale: dropped)."""
@@ -291,9 +302,6 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.set(self.keys.cancel(job_id), "1", ex=self.ttl_s)
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self.keys.cancel(job_id)))
 
     # --- listing an owner's background jobs (newest first, cursor = the last id seen)
     def list_owner_jobs(self, owner: str, limit: int, after: Optional[str] = None) -> tuple[list[str], bool]:

@@ -174,7 +174,7 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     settings, store = runtime.settings, runtime.store
     retry_s = settings.redis_retry_s
     try:
-        record = retry_redis(lambda: store.get(job_id), retry_s)
+        record, cancelled = retry_redis(lambda: store.get_with_cancel_flag(job_id), retry_s)
     except JobNotFound:
         log.warning("job %s: no record (expired?), skipped", job_id)
         return "missing"
@@ -182,8 +182,7 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
         log.info("job %s: already %s, skipped", job_id, record.status.value)
         return record.status.value
     deadline_at = record.created_at + settings.job_deadline_s
-    if store.is_cancel_requested(job_id) or time.time() > deadline_at:
-        cancelled = store.is_cancel_requested(job_id)
+    if cancelled or time.time() > deadline_at:
         event_seq = Published.read(store, job_id).next_seq
         final = (JobEvent(seq=event_seq, type="cancelled") if cancelled else
                  JobEvent(seq=event_seq, type="error", error=deadline_error(settings.job_deadline_s)))
@@ -199,7 +198,9 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     runtime.hold(job_id, token)
     started = time.perf_counter()
     try:
-        published = retry_redis(lambda: Published.read(store, job_id), retry_s)
+        # A first attempt has nothing to resume: events are written only under a lease, which only an
+        # attempt takes (a job cancelled while queued is finished, and acquire answered 0).
+        published = Published() if attempt == 1 else retry_redis(lambda: Published.read(store, job_id), retry_s)
         if attempt > settings.max_attempts:  # it keeps killing its workers: stop trying
             error = JobError(message=f"The job was started {attempt - 1} times without finishing.",
                              code="too_many_attempts")

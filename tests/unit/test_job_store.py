@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
-from jobs.store import JobStore
+from jobs.store import JobNotFound, JobStore
 
 REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
                             frequency_penalty=0.0, presence_penalty=0.0, seed=0)
@@ -61,3 +61,13 @@ def test_a_job_cancelled_while_queued_is_no_longer_watched(store):
     assert store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
                         only_from=[JobStatus.QUEUED]) == 1
     assert store.reap_lost(stall_s=0) == []
+
+
+def test_a_worker_reads_the_record_and_the_cancel_flag_together(store):
+    job_id = new_job(store)
+    record, cancelled = store.get_with_cancel_flag(job_id)
+    assert (record.id, record.status, cancelled) == (job_id, JobStatus.QUEUED, False)
+    store.request_cancel(job_id)
+    assert store.get_with_cancel_flag(job_id)[1] is True
+    with pytest.raises(JobNotFound):
+        store.get_with_cancel_flag("chatcmpl-missing")
