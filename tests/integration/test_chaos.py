@@ -94,16 +94,22 @@ def test_chaos(chaos_stack, terminal_report):
     streams: list[dict] = []
     kills: list[float] = []
     redis_restarts = 0
-    stop_chaos = threading.Event()
+    chaos_over = threading.Event()
 
     def submit_jobs():
+        # N_JOBS, then more (a few a second) until the chaos is over: on a fast machine N_JOBS alone can be
+        # done before the Redis restart, which must find jobs queued and running.
         with httpx.Client(base_url=stack.base_url, timeout=60) as client:
-            for i in range(N_JOBS):
+            i = 0
+            while i < N_JOBS or (not chaos_over.is_set() and time.monotonic() < deadline):
                 body = {"model": MODEL, "messages": [{"role": "user", "content": f"Job {i}"}],
                         "max_tokens": rng.randint(10, 80), "temperature": 0.7, "seed": i, "background": True}
                 response = post_with_retry(client, body, deadline)
                 assert response.status_code == 202, response.text
                 accepted.append(response.json()["id"])
+                i += 1
+                if i >= N_JOBS:
+                    time.sleep(0.2)
 
     def stream_one(i):
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"Stream {i}"}], "stream": True,
@@ -116,7 +122,7 @@ def test_chaos(chaos_stack, terminal_report):
         nonlocal redis_restarts
         time.sleep(2)
         round_ = 0
-        while not stop_chaos.is_set() and round_ < MAX_KILLS:
+        while round_ < MAX_KILLS and time.monotonic() < deadline:
             round_ += 1
             victim = rng.choice(sorted(stack.worker_pids()))
             kills.append(time.time())
@@ -128,7 +134,8 @@ def test_chaos(chaos_stack, terminal_report):
                 time.sleep(2)
                 redis_server.start()
                 redis_restarts += 1
-            stop_chaos.wait(5)
+            time.sleep(5)
+        chaos_over.set()
 
     threads = [threading.Thread(target=submit_jobs)] + [threading.Thread(target=stream_one, args=(i,))
                                                        for i in range(N_STREAMS)]
@@ -136,10 +143,9 @@ def test_chaos(chaos_stack, terminal_report):
     chaos_thread.start()
     for t in threads:
         t.start()
+    chaos_thread.join()
     for t in threads:
         t.join(timeout=max(1, deadline - time.monotonic()))
-    stop_chaos.set()
-    chaos_thread.join()
     stack.wait_workers(N_WORKERS, timeout=60)
 
     all_ids = accepted + [s["id"] for s in streams if s.get("id")]
@@ -188,6 +194,6 @@ def test_chaos(chaos_stack, terminal_report):
             f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
             f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s",
         *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5))])
-    assert len(accepted) == N_JOBS and len(streams) == N_STREAMS
+    assert len(accepted) >= N_JOBS and len(streams) == N_STREAMS
     assert kills and redis_restarts == 1
     assert lost == 0 and duplicated == 0 and stream_mismatch == 0

@@ -263,13 +263,19 @@ def limited_stack(tmp_path_factory):
     stack.cleanup_redis()
 
 
+# A generation that outlasts the 3 s deadline: greedy, the tiny random model loops without ever choosing EOS
+# (5265 tokens in 5 s, none of them EOS), while the default sampling (0.3, seed 0) ends with EOS after 1334
+# tokens, which a fast CPU produces in 2 s.
+LONG = dict(max_tokens=30000, temperature=0)
+
+
 def submit(stack, key, **body):
     return httpx.post(stack.base_url + "/v1/chat/completions", headers=auth(key), timeout=30,
                       json={"model": MODEL, "messages": HELLO, "background": True, **body})
 
 
 def test_overload_is_429_with_retry_after(limited_stack):
-    first = submit(limited_stack, 0, max_tokens=30000)  # runs (until its deadline)
+    first = submit(limited_stack, 0, **LONG)  # runs (until its deadline)
     wait_until(lambda: limited_stack.job(first.json()["id"]).get("status") == "in_progress", 30, "first job")
     assert submit(limited_stack, 0, max_tokens=5).status_code == 202   # queued: 2 unfinished for key 0
     too_many = submit(limited_stack, 0, max_tokens=5)
@@ -287,7 +293,7 @@ def test_overload_is_429_with_retry_after(limited_stack):
 
 
 def test_deadlines_end_jobs_with_a_clear_error(limited_stack):
-    job_id = submit(limited_stack, 2, max_tokens=30000).json()["id"]  # a generation longer than 3 s
+    job_id = submit(limited_stack, 2, **LONG).json()["id"]  # a generation longer than 3 s
     record = wait_until(lambda: (r := limited_stack.job(job_id)).get("status") in ("failed", "completed") and r,
                         90, "the deadline")
     assert record["status"] == "failed"
