@@ -46,24 +46,26 @@ class ScriptSet:
 
     def run(self, fill: Callable[[Pipeline], None], transaction: bool = True, raise_on_error: bool = True) -> list:
         """A pipeline filled by `fill` (which may call this set's scripts on it), executed; filled and run
-        once more if Redis had lost the scripts. With raise_on_error=False, errors come back as results."""
-        for last_try in (False, True):
-            self.ensure_loaded()
-            with self.client.pipeline(transaction=transaction) as pipe:
-                fill(pipe)
-                try:
-                    results = pipe.execute(raise_on_error=raise_on_error)
-                except NoScriptError:
-                    self._loaded = False
-                    if last_try:
-                        raise
-                    continue
-            if not any(isinstance(r, NoScriptError) for r in results):
-                return results
-            self._loaded = False
-            if last_try:
-                return results
-        raise AssertionError("unreachable")
+        once more if Redis had lost the scripts. With raise_on_error=False, other errors come back as results."""
+        try:
+            return self._run(fill, transaction, raise_on_error)
+        except NoScriptError:  # Redis lost them (a restart): load them again, run it again
+            return self._run(fill, transaction, raise_on_error)
+
+    def _run(self, fill: Callable[[Pipeline], None], transaction: bool, raise_on_error: bool) -> list:
+        self.ensure_loaded()
+        with self.client.pipeline(transaction=transaction) as pipe:
+            fill(pipe)
+            try:
+                results = pipe.execute(raise_on_error=raise_on_error)
+            except NoScriptError:
+                self._loaded = False
+                raise
+        for result in results:
+            if isinstance(result, NoScriptError):
+                self._loaded = False
+                raise result
+        return results
 
 
 class Script:

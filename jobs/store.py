@@ -269,7 +269,7 @@ class JobStore:
             args=[_statuses(only_from), self.keys.events(job_id), self.ttl_s, final_event.log_id, event_json,
                   token, job_id, self.prefix, *fields], client=client)
         if client is not None:
-            return answer  # in a pipeline (run by self.scripts.run): the answer comes then; the caller records the state
+            return answer  # in a pipeline (run by scripts.run): the answer comes then; the caller records the state
         if int(answer) == 1:
             self.telemetry.job_state(job_id, status)
         return int(answer)

@@ -101,6 +101,7 @@ class JobTelemetry:
         states, first_tokens = list(states), list(first_tokens)
         if not states and not first_tokens:
             return
+
         def fill(pipe) -> None:
             for job_id in first_tokens:
                 self._first_token(pipe, job_id, now)

@@ -723,11 +723,15 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     stack = Stack(env, log_dir)
     meta["service"] = dict(MODEL_SOURCE=env["MODEL_SOURCE"], MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
-                           MAX_MODEL_LEN=args.max_model_len, workers=1, api=f"gunicorn, {API_PROCESSES} gevent workers (as the Procfile)",
+                           MAX_MODEL_LEN=args.max_model_len, workers=1,
+                           api=f"gunicorn, {API_PROCESSES} gevent workers (as the Procfile)",
                            redis_url=redis_url, logs=str(log_dir))
     started = time.perf_counter()
     try:
-        stack.start_worker(concurrency=max_c, extra_env={"MAX_NUM_SEQS": str(max_c), **({"TORCH_THREADS": str(args.service_torch_threads)} if args.service_torch_threads else {})})
+        worker_env = {"MAX_NUM_SEQS": str(max_c)}
+        if args.service_torch_threads:
+            worker_env["TORCH_THREADS"] = str(args.service_torch_threads)
+        stack.start_worker(concurrency=max_c, extra_env=worker_env)
         stack.start_api(processes=API_PROCESSES)
         stack.wait_ready(timeout=args.service_start_timeout)
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)

@@ -6,8 +6,9 @@ process (`--child`), whose engine process loads the model (spawned, never forked
 again; its running jobs are picked up through their leases. SIGTERM/SIGINT stop both.
 
 The child runs Celery's threads pool: every job of this worker runs in one process, which feeds the one
-engine (itself in a process of its own, spawned by the child: workers/engine/process.py); `--concurrency` is how many jobs it holds at once (the engine's batch), and with a prefetch
-multiplier of 1 it never reserves more than it can start, so other workers get the rest.
+engine (itself in a process of its own, spawned by the child: workers/engine/process.py). `--concurrency`
+is how many jobs it holds at once (the engine's batch), and with a prefetch multiplier of 1 it never
+reserves more than it can start, so other workers get the rest.
 """
 from __future__ import annotations
 
