@@ -567,8 +567,7 @@ def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "
         return
     meta[mode] = dict(torch_threads=threads,
                       config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
-                      eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2),
-                      warmup=hasattr(engine, "warmup"))
+                      eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2))
     try:
         for c in levels:
             n = requests_per_level(args, c)
