@@ -130,7 +130,6 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-
     @property
     def effective_stream_events_per_s(self) -> float:
         if self.stream_events_per_s >= 0:

@@ -485,15 +485,9 @@ def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: f
             try:
                 stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), greedy, out_len))
                 finished = False
-                if hasattr(stream, "next_outputs"):
-                    while not finished:
-                        outputs = stream.next_outputs(timeout=timeout)
-                        now = time.perf_counter()
-                        finished = _take(req, outputs, now)
-                else:
-                    for output in stream:
-                        if _take(req, [output], time.perf_counter()):
-                            break
+                while not finished:
+                    outputs = stream.next_outputs(timeout=timeout)
+                    finished = _take(req, outputs, time.perf_counter())
                 req.end = time.perf_counter()
             except queue.Empty:
                 req.error = f"no output within {timeout} s"
@@ -572,13 +566,7 @@ def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "
         for c in levels:
             n = requests_per_level(args, c)
             reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout)
-            extra = {}
-            if hasattr(engine, "stats"):
-                try:
-                    extra["engine_stats"] = engine.stats()
-                except Exception:
-                    pass
-            record(summarize(mode, c, reqs, args.output_len, extra))
+            record(summarize(mode, c, reqs, args.output_len, dict(engine_stats=engine.stats())))
     finally:
         engine.shutdown()
         del engine

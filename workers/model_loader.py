@@ -83,4 +83,3 @@ def load_model(settings) -> LoadedModel:
 
 def _tiny(reason: str) -> LoadedModel:
     return LoadedModel(build_tiny_random(), torch.device("cpu"), TINY_RANDOM, reason)
-
