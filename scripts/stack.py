@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -71,12 +72,13 @@ class Stack:
                **(extra_env or {})}
         self._spawn(name, cmd, env)
 
-    def start_api(self, name: str = "api", port: int | None = None, processes: int = 1):
+    def start_api(self, name: str = "api", port: int | None = None, processes: int = 1,
+                  extra_env: dict | None = None):
         """An API server (gunicorn, gevent) on `port` (default: the stack's port)."""
         cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(processes),
                "--no-control-socket", "--keep-alive", "30", "--bind", f"127.0.0.1:{port or self.port}",
                "--graceful-timeout", "5", "app:create_app()"]
-        self._spawn(name, cmd)
+        self._spawn(name, cmd, extra_env)
 
     def _spawn(self, name, cmd, extra_env=None):
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -91,8 +93,24 @@ class Stack:
         os.killpg(proc.pid, sig)
         proc.wait()
 
+    @contextmanager
+    def frozen(self, name: str):
+        """SIGSTOP a process and its children (a stalled machine) for the `with` block, then SIGCONT: what
+        it holds (a job's lease, its connections) stays, but nothing it does happens meanwhile."""
+        group = self.processes[name].pid  # started with start_new_session: its group is its pid
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(group, signal.SIGCONT)
+
     def worker_pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items() if name.startswith("worker")}
+
+    def worker_of(self, job_id: str) -> str:
+        """The name (as started here) of the worker running the job now."""
+        node = self.job(job_id)["worker"].split("@")[0]  # Celery's node name, e.g. worker-a-1f2e3d@host
+        return next(name for name in self.worker_pids() if node.startswith(name + "-"))
 
     def wait_workers(self, count: int, timeout: float = 90) -> None:
         """Until `count` workers send heartbeats (their model is loaded)."""
@@ -111,6 +129,15 @@ class Stack:
                 return False
         wait_until(ready, timeout, "the stack to be ready")
 
+    def wait_api(self, base_url: str | None = None, timeout: float = 60):
+        """Until an API process answers /health (it may have no worker yet: /ready would wait for one)."""
+        def up():
+            try:
+                return httpx.get((base_url or self.base_url) + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(up, timeout, f"the API at {base_url or self.base_url}", interval=0.05)
+
     def stop(self, name: str):
         proc = self.processes.pop(name, None)
         if proc:
@@ -123,6 +150,11 @@ class Stack:
     def cleanup_redis(self):
         for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=1000):
             self.redis.delete(key)
+
+    def owned_keys(self) -> list[str]:
+        """The Redis keys of this stack: its prefix's, and its queues' lists (Celery's and kombu's)."""
+        queues = [q for q in (self.env["INTERACTIVE_QUEUE"], self.env["BATCH_QUEUE"]) if self.redis.exists(q)]
+        return list(self.redis.scan_iter(match=f"{self.prefix}:*", count=1000)) + queues
 
     def job(self, job_id: str) -> dict:
         return self.redis.hgetall(f"{self.prefix}:job:{job_id}")

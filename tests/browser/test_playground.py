@@ -92,6 +92,25 @@ def test_streamed_multi_turn_chat_with_usage_and_timings(page):
     assert page.js_errors == []
 
 
+def test_stream_reads_on_through_keepalives_after_its_first_delta(page, stack):
+    """The page's own SSE reader, on a stream that goes quiet after its first delta: its worker frozen for
+    several keep-alive intervals (0.5 s in the test stack), then going on."""
+    open_playground(page)
+    page.fill("#max-tokens", "1000")
+    page.fill("#temperature", "0")  # greedy: the tiny model never ends early with EOS
+    page.fill("#prompt", "Tell me a long story.")
+    page.click("#send")
+    streaming = page.locator("#messages .msg.assistant.streaming .content")
+    expect(streaming).to_have_text(re.compile(r"\S"), timeout=STREAM_TIMEOUT_MS)
+    with stack.frozen("worker"):  # the session stack's one worker
+        page.wait_for_timeout(3000)
+        expect(streaming).to_have_count(1)  # still open: the stream was idle, not done
+    expect(page.locator("#messages .msg.assistant:not(.streaming)")).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#usage")).to_contain_text("completion tokens: 1000")
+    assert page.js_errors == []
+
+
 def test_api_errors_are_shown(page):
     open_playground(page)
     page.fill("#temperature", "5")
