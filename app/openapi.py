@@ -204,7 +204,8 @@ _SSE = {"text/event-stream": {"schema": {
                                      "id": {"type": "string"}},
     "description": (
     "`data: {chat.completion.chunk}` events, then `data: [DONE]`; or one `data: {\"error\": {...}}` event "
-    "if the job fails or is cancelled. `: keep-alive` comments while idle. Each job event has an `id:` "
+    "if the job fails or is cancelled. While idle, `: keep-alive` comment lines, each without a blank line "
+    "after it, so that it never ends an event. Each job event has an `id:` "
     "(its sequence number) for Last-Event-ID. Each event, as a client parses it, is described here.")}}}
 
 LIMIT = {"name": "limit", "in": "query", "required": False, "description": "Page size (1 to 100, default 20).",

@@ -249,7 +249,10 @@ class ChatService:
                     yield sse(chunks.role())
                 for event in relay.events(deadline=None):
                     if event is None:
-                        yield ": keep-alive\n\n"  # lets WSGI notice a client that went away
+                        # A write lets WSGI notice a client that went away. No blank line after the comment:
+                        # one would end an event, and the SDK, which keeps the last `id:` across events,
+                        # would dispatch it with empty data (json.loads("") ends the user's stream).
+                        yield ": keep-alive\n"
                     elif event.type == "delta":
                         if timer is not None and event.text:
                             timer.delta()
