@@ -16,7 +16,7 @@ from config.logging import setup_logging
 from config.settings import get_settings
 from jobs.batches import BatchStore
 from jobs.files import FileStore
-from jobs.models import ModelDirectory
+from jobs.models import ModelDirectory, model_entry
 from jobs.store import JobStore
 
 
@@ -32,7 +32,8 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     jobs = JobStore.from_settings(settings)
     files = FileStore(jobs.redis, settings.redis_prefix)
     batches = BatchStore(jobs.redis, settings.redis_prefix)
-    models = ModelDirectory(jobs, settings.model_remember_s)
+    # The model this deployment serves is known before its first worker is up: its requests wait for it.
+    models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
     app.extensions["models"] = models
     app.extensions["chat_service"] = ChatService(settings, jobs, models, enqueue or _celery_enqueue())
     app.extensions["file_service"] = FileService(files, settings.max_file_bytes)

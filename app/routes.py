@@ -130,10 +130,10 @@ def cancel_batch(batch_id: str):
 
 @api.get("/models")
 def list_models():
-    """The models that have live workers now."""
+    """The model this deployment serves (even before its first worker is up) and those with live workers."""
     created = current_app.config["STARTED_AT"]
-    live = sorted(route.id for route in current_app.extensions["models"].live())
-    return {"object": "list", "data": [protocol.model_card(model_id, created) for model_id in live]}
+    listed = sorted(route.id for route in current_app.extensions["models"].listed())
+    return {"object": "list", "data": [protocol.model_card(model_id, created) for model_id in listed]}
 
 
 @api.get("/models/<path:model_id>")

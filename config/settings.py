@@ -47,10 +47,12 @@ class Settings(BaseSettings):
     # Context window the service enforces (prompt + max_tokens). Mistral-7B-Instruct-v0.2: 32k.
     max_model_len: int = 32768
 
-    # --- Worker pools: the model this worker serves, under which id (and aliases), from which queues.
+    # --- Worker pools: the model this worker serves, under which id (and aliases), from which queues. The
+    # API reads them too: its deployment's model is known (its requests wait) before any worker is up.
     served_model_name: str = SERVED_MODEL_ID
     served_model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [HF_MODEL_ID])
-    # A model whose workers were last seen this long ago is forgotten (404); until then its jobs wait.
+    # Another pool's model whose workers were last seen this long ago is forgotten (404); until then its jobs
+    # wait. The model these settings name is never forgotten.
     model_remember_s: float = 600.0
 
     # --- Worker / queue
