@@ -28,6 +28,9 @@ from workers.chat_format import ConversationError, Message, encode_conversation,
 
 log = logging.getLogger(__name__)
 
+# Retry-After for a full queue that no worker drains yet: a model still loading gives no rate to go by.
+NO_WORKER_RETRY_S = 5
+
 
 def resolve_model(directory: ModelDirectory, requested: str) -> ModelRoute:
     """The pool serving the model a request names (its id or an alias, case-insensitive), or 404."""
@@ -111,7 +114,7 @@ class ChatService:
         request = parse_request(decode_json_body(body))
         route = resolve_model(self.models, request.model)
         generation = build_generation_request(request, self.settings.max_model_len, route)
-        self._check_capacity(owner, route.queue)
+        self._check_capacity(owner, route)
         if request.background:
             record = JobRecord.new(generation, kind="background", owner=owner, queue=route.queue)
             self.store.create(record)
@@ -181,12 +184,17 @@ class ChatService:
             raise _job_not_found(job_id)
         return record
 
-    def _check_capacity(self, owner: str, queue: str) -> None:
-        """429 with Retry-After, never a timeout: caps on the queue and on each key's unfinished jobs."""
-        depth, unfinished = self.store.admission_counts(queue, owner, older_than_s=self.settings.job_deadline_s)
+    def _check_capacity(self, owner: str, route: ModelRoute) -> None:
+        """429 with Retry-After, never a timeout: caps on the queue and on each key's unfinished jobs. A full
+        queue of a model with no live worker yet (still loading) is a 503: nothing is wrong with the client."""
+        depth, unfinished = self.store.admission_counts(route.queue, owner,
+                                                        older_than_s=self.settings.job_deadline_s)
         if depth >= self.settings.max_queued_jobs:
-            slots = sum(w.get("concurrency", 1) for w in self.store.live_workers()) or 1
-            retry_after = min(120, max(1, 2 * math.ceil(depth / slots)))
+            if not route.slots:  # no live worker drains it yet (a fresh start): no rate to estimate from
+                raise APIError(503, f"The model '{route.id}' has no live worker yet and its queue is full "
+                                    f"({depth} jobs waiting). Retry in {NO_WORKER_RETRY_S} s.",
+                               code="queue_full", headers={"Retry-After": str(NO_WORKER_RETRY_S)})
+            retry_after = min(120, max(1, 2 * math.ceil(depth / route.slots)))
             raise APIError(429, f"The queue is full ({depth} jobs waiting). Retry in {retry_after} s.",
                            code="queue_full", headers={"Retry-After": str(retry_after)})
         if unfinished >= self.settings.max_unfinished_per_key:
