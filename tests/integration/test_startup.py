@@ -47,6 +47,15 @@ def fresh(tmp_path):
         stack.cleanup_redis()
 
 
+@pytest.fixture
+def pool():
+    """Threads for the requests that wait. Not waited for at the end: a failing test must not hang on a stream
+    that waits for a worker that never comes (stopping the stack ends them)."""
+    executor = concurrent.futures.ThreadPoolExecutor(4)
+    yield executor
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
 def sdk(base_url: str, cls=OpenAI):
     return cls(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -80,49 +89,48 @@ def submit_batch(client: OpenAI) -> str:
                                  completion_window="24h").id
 
 
-def test_requests_before_the_first_worker_wait_for_it(fresh):
+def test_requests_before_the_first_worker_wait_for_it(fresh, pool):
     stack, capped_url = fresh
     client = sdk(stack.base_url)
     ready = httpx.get(stack.base_url + "/ready")
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "no_workers"
 
     # Requests of every kind, by the id and by the alias, sent before any worker exists.
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        waiting = [
-            pool.submit(client.chat.completions.create, model=MODEL, **ASK),
-            pool.submit(lambda: joined(client.chat.completions.create(model=ALIAS, stream=True, **ASK))),
-            pool.submit(asyncio.run, async_requests(stack.base_url)),
-        ]
-        background = client.chat.completions.with_raw_response.create(
-            model=ALIAS, extra_body={"background": True}, **ASK).http_response
-        assert background.status_code == 202 and background.json()["status"] == "queued"
-        batch_id = submit_batch(client)
+    waiting = [
+        pool.submit(client.chat.completions.create, model=MODEL, **ASK),
+        pool.submit(lambda: joined(client.chat.completions.create(model=ALIAS, stream=True, **ASK))),
+        pool.submit(asyncio.run, async_requests(stack.base_url)),
+    ]
+    background = client.chat.completions.with_raw_response.create(
+        model=ALIAS, extra_body={"background": True}, **ASK).http_response
+    assert background.status_code == 202 and background.json()["status"] == "queued"
+    batch_id = submit_batch(client)
 
-        done, _ = concurrent.futures.wait(waiting, timeout=3)
-        assert not done, [f.exception() or f.result() for f in done]  # they wait (streams get keep-alives)
-        assert httpx.get(stack.base_url + "/ready").status_code == 503
+    done, _ = concurrent.futures.wait(waiting, timeout=3)
+    assert not done, [f.exception() or f.result() for f in done]  # they wait (streams get keep-alives)
+    assert httpx.get(stack.base_url + "/ready").status_code == 503
 
-        # Meanwhile the configured model is listed and known; a model nobody serves is still unknown.
-        assert [m.id for m in client.models.list().data] == [MODEL]
-        assert client.models.retrieve(ALIAS).id == MODEL
-        with pytest.raises(openai.NotFoundError) as unknown:
-            client.chat.completions.create(model="gpt-4o", **ASK)
-        assert (unknown.value.code, unknown.value.param) == ("model_not_found", "model")
-        with pytest.raises(openai.NotFoundError):
-            client.models.retrieve("gpt-4o")
+    # Meanwhile the configured model is listed and known; a model nobody serves is still unknown.
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(ALIAS).id == MODEL
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", **ASK)
+    assert (unknown.value.code, unknown.value.param) == ("model_not_found", "model")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
-        # Where a request cannot wait, it is told to come back, not that the model does not exist.
-        wait_until(lambda: stack.redis.llen(stack.env["INTERACTIVE_QUEUE"]) >= 1, 10, "jobs in the queue")
-        with pytest.raises(openai.APIStatusError) as full:
-            sdk(capped_url).chat.completions.create(model=MODEL, **ASK)
-        assert (full.value.status_code, full.value.type) == (503, "service_unavailable")
-        assert int(full.value.response.headers["Retry-After"]) >= 1
+    # Where a request cannot wait, it is told to come back, not that the model does not exist.
+    wait_until(lambda: stack.redis.llen(stack.env["INTERACTIVE_QUEUE"]) >= 1, 10, "jobs in the queue")
+    with pytest.raises(openai.APIStatusError) as full:
+        sdk(capped_url).chat.completions.create(model=MODEL, **ASK)
+    assert (full.value.status_code, full.value.type) == (503, "service_unavailable")
+    assert int(full.value.response.headers["Retry-After"]) >= 1
 
-        stack.start_worker()
-        stack.wait_ready()
-        plain = waiting[0].result(timeout=120)
-        stream_text, stream_finish = waiting[1].result(timeout=120)
-        async_plain, (async_text, async_finish) = waiting[2].result(timeout=120)
+    stack.start_worker()
+    stack.wait_ready()
+    plain = waiting[0].result(timeout=120)
+    stream_text, stream_finish = waiting[1].result(timeout=120)
+    async_plain, (async_text, async_finish) = waiting[2].result(timeout=120)
 
     for completion in (plain, async_plain):
         assert completion.model == MODEL and completion.choices[0].finish_reason in ("length", "stop")
