@@ -11,11 +11,22 @@ requests/s), over a sweep of concurrency levels, for five ways of generating wit
                      process.py) with the worker's torch threads (--service-torch-threads), the client threads
                      in this process. The service's ratio to it is the cost of HTTP, Redis and Celery alone.
   service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
-                     tiny model), started with scripts/stack.py and driven by the official `openai` AsyncOpenAI
-                     client with c concurrent streams, N requests in all.
+                     tiny model), started with scripts/stack.py, with c concurrent streams, N requests in all:
+                     greedy from an aiohttp client (--service-client), and t1.0 from the official openai SDK at
+                     concurrency 1 and the highest level (--service-sdk-sampling).
+
+Each row runs one sampling workload. The engine modes run --sampling's at every level (default greedy, defaults,
+t0.7-p0.9 and penalties: x greedy compares each with greedy); the hf_generate modes stay greedy, the baseline:
+  greedy      temperature 0
+  defaults    the docs' defaults: temperature 0.3, top_p 1 (what a request gets when it names none)
+  t0.7-p0.9   temperature 0.7, top_p 0.9
+  penalties   the docs' defaults with frequency_penalty 0.5 and presence_penalty 0.5
+  t1.0        temperature 1.0, top_p 1
+Request i of a level has seed i: each request draws its own random stream, as distinct users' requests do.
 
     python -m scripts.bench                        # CPU: tiny model, 128 in / 128 out, concurrency 1,8,32
     python -m scripts.bench --quick                # a smoke run (small sizes)
+    python -m scripts.bench --sampling greedy --service-sdk-sampling ''   # greedy rows only
     python -m scripts.bench --device cuda          # GPU: random-weight Mistral-7B v0.2 shape in NF4, 1..256
     python -m scripts.bench --model tiny7b --modes hf_generate,engine --quick   # the GPU code path, tiny, on CPU
 
@@ -27,8 +38,10 @@ stream reports (stream_options.include_usage), and the number of short requests 
 Metrics follow vLLM's definitions: TTFT = first output - request start; TPOT = (latency - TTFT) / (tokens - 1)
 per request; ITL = time between consecutive outputs of a request (an SSE chunk or an engine output, which may
 carry more than one token); throughputs = totals / (last request end - first request start). Every throughput
-is also given as a ratio to hf_generate's tokens/s in the same run, and the service's to the engine's at the
-same concurrency. A table is printed and JSON written (default bench-results/bench-<device>-<time>.json).
+is also given as a ratio to hf_generate's tokens/s, the service's to the engine's (same workload, same
+concurrency), each sampled row's to its greedy row (same mode, same concurrency: x greedy) and each row's to
+its own series at concurrency 1 (x c=1, the gain from batching). A table is printed and JSON written (default
+bench-results/bench-<device>-<time>.json).
 
 CPU timings on a small shared machine move by 20% from one run to the next, so on CPU every mode runs
 --rounds times (3), interleaved (round 1: every mode, round 2: every mode...). Ratios are taken within a
@@ -78,6 +91,29 @@ MISTRAL_7B_V02_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_siz
 TINY_7B_SHAPE = dict(MISTRAL_7B_V02_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
 
+
+
+def workload(temperature: float, top_p: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0) -> dict:
+    """A workload's settings, every field spelled out (for the JSON). OpenAI's names: they are both the request
+    body's fields and SamplingParams' arguments."""
+    return dict(temperature=temperature, top_p=top_p, frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty)
+
+
+# The sampling workloads (--sampling). `defaults` is what a request gets when it names no sampling field
+# (app/protocol.py); the speed claims name one of these.
+SAMPLING = {
+    "greedy": workload(0.0),
+    "defaults": workload(0.3),
+    "t0.7-p0.9": workload(0.7, top_p=0.9),
+    "penalties": workload(0.3, frequency_penalty=0.5, presence_penalty=0.5),
+    "t1.0": workload(1.0),
+}
+DEFAULT_SAMPLING = ("greedy", "defaults", "t0.7-p0.9", "penalties")  # the engine modes' rows
+DEFAULT_SERVICE_SDK_SAMPLING = ("t1.0",)
+GREEDY = "greedy"
+
 PROMPT_SEED = 1234
 # Plain words for the service's text prompts (most are one token each for the Mistral tokenizer).
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
@@ -122,11 +158,32 @@ def stats_ms(values_s: list[float]) -> dict:
     return dict(mean=sum(ms) / len(ms), p50=percentile(ms, 50), p99=percentile(ms, 99), n=len(ms))
 
 
-def summarize(mode: str, concurrency: int, reqs: list[Req], target_output: int, extra: Optional[dict] = None) -> dict:
+def labels(mode: str, concurrency: int, sampling: str = GREEDY, client: Optional[str] = None) -> dict:
+    """What names a row: its series (mode, the service's client, the sampling workload) and its concurrency."""
+    return dict(mode=mode, concurrency=concurrency, sampling=sampling, **({"client": client} if client else {}))
+
+
+def series(row: dict) -> tuple:
+    """The line of the table a row belongs to, whatever its concurrency."""
+    return row["mode"], row.get("client"), row["sampling"]
+
+
+def key(row: dict) -> tuple:
+    """A row's place in the table: its series and concurrency (one row per round)."""
+    return series(row) + (row["concurrency"],)
+
+
+def failure(status: str, error: str, **row_labels) -> dict:
+    """A row in place of numbers (a mode that could not run, a level that failed)."""
+    return dict(labels(**row_labels), status=status, error=error)
+
+
+def summarize(mode: str, concurrency: int, reqs: list[Req], target_output: int, extra: Optional[dict] = None,
+              sampling: str = GREEDY, client: Optional[str] = None) -> dict:
     done = [r for r in reqs if r.error is None and r.end is not None]
     failed = [r for r in reqs if r not in done]
-    row = dict(mode=mode, concurrency=concurrency, status="ok", num_requests=len(reqs), completed=len(done),
-               failed=len(failed))
+    row = dict(labels(mode, concurrency, sampling, client), status="ok", num_requests=len(reqs),
+               completed=len(done), failed=len(failed))
     if failed:
         row["errors"] = sorted({r.error or "no end" for r in failed})[:5]
     if not done:
@@ -360,7 +417,7 @@ def run_hf_generate(model, device, args, levels, prompts, record) -> None:
             hf_generate_one(model, device, prompts[0], min(8, args.output_len))
     except Exception as exc:
         for c in levels:
-            record(dict(mode="hf_generate", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+            record(failure("error", f"{type(exc).__name__}: {exc}", mode="hf_generate", concurrency=c))
         return
     for c in levels:
         n = min(c, args.hf_max_requests) if args.hf_max_requests else c
@@ -419,8 +476,8 @@ def run_hf_generate_batch(model, device, args, levels, prompts, record) -> None:
             sync(device)
             call_end = time.perf_counter()
         except Exception as exc:
-            record(dict(mode="hf_generate_batch", concurrency=c, status="unavailable",
-                        error=f"{type(exc).__name__}: {str(exc)[:500]}"))
+            record(failure("unavailable", f"{type(exc).__name__}: {str(exc)[:500]}", mode="hf_generate_batch",
+                           concurrency=c))
             continue
         reqs = []
         for out, prompt in zip(outs.values(), inputs):
@@ -462,15 +519,16 @@ def engine_config(args, max_num_seqs: int):
     return EngineConfig(**kwargs)
 
 
-def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: float) -> list[Req]:
-    """c client threads, each submitting its next request when the previous one ends, until n are done."""
+def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: float,
+                       sampling: str = GREEDY) -> list[Req]:
+    """c client threads, each submitting its next request when the previous one ends, until n are done. Request i
+    samples with the workload `sampling` and seed i."""
     from workers.engine.engine import EngineRequest
     from workers.engine.sampling import SamplingParams
 
     counter = itertools.count()
     lock = threading.Lock()
     reqs: list[Optional[Req]] = [None] * n
-    greedy = SamplingParams(temperature=0.0)
     tag = uuid.uuid4().hex[:6]
 
     def client() -> None:
@@ -483,7 +541,8 @@ def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: f
             req = Req(start=time.perf_counter(), prompt_tokens=len(prompt))
             reqs[i] = req
             try:
-                stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), greedy, out_len))
+                params = SamplingParams(**SAMPLING[sampling], seed=i)
+                stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), params, out_len))
                 finished = False
                 while not finished:
                     outputs = stream.next_outputs(timeout=timeout)
@@ -553,20 +612,23 @@ def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "
             engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
             threads = torch.get_num_threads()
         engine.warmup()
-        engine_closed_loop(engine, min(4, max(levels)), min(4, max(levels)), prompts, 8, args.request_timeout)
+        for name in args.sampling:  # each workload's first steps pay its one-time costs here, untimed
+            engine_closed_loop(engine, min(4, max(levels)), min(4, max(levels)), prompts, 8, args.request_timeout,
+                               name)
     except Exception as exc:
         traceback.print_exc()
-        for c in levels:
-            record(dict(mode=mode, concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+        for c, name in itertools.product(levels, args.sampling):
+            record(failure("error", f"{type(exc).__name__}: {exc}", mode=mode, concurrency=c, sampling=name))
         return
     meta[mode] = dict(torch_threads=threads,
                       config=dataclasses.asdict(config) if config is not None else "default (no config.py)",
                       eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2))
     try:
-        for c in levels:
+        # A level's workloads one after another, so that x greedy compares runs seconds apart.
+        for c, name in itertools.product(levels, args.sampling):
             n = requests_per_level(args, c)
-            reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout)
-            record(summarize(mode, c, reqs, args.output_len, dict(engine_stats=engine.stats())))
+            reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout, name)
+            record(summarize(mode, c, reqs, args.output_len, dict(engine_stats=engine.stats()), sampling=name))
     finally:
         engine.shutdown()
         del engine
@@ -593,8 +655,9 @@ def find_redis(url: str) -> str:
 
 
 async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: int,
-                              timeout: float, client_kind: str = "aiohttp") -> list[Req]:
-    """c clients, each sending its next streamed request when the previous one ends, until n are done."""
+                              timeout: float, client_kind: str = "aiohttp", sampling: str = GREEDY) -> list[Req]:
+    """c clients, each sending its next streamed request when the previous one ends, until n are done. Request i
+    samples with the workload `sampling` and seed i."""
     from config.settings import SERVED_MODEL_ID
 
     counter = itertools.count()
@@ -607,8 +670,9 @@ async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, o
             reqs[i] = req = Req(start=time.perf_counter())
             messages = [{"role": "user", "content": texts[i % len(texts)]}]
             try:
-                await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=out_len, temperature=0,
-                                     stream=True, stream_options={"include_usage": True}))
+                await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=out_len,
+                                     **SAMPLING[sampling], seed=i, stream=True,
+                                     stream_options={"include_usage": True}))
             except Exception as exc:
                 cause = exc.__cause__ or exc.__context__
                 req.error = f"{type(exc).__name__}: {str(exc)[:300]}" + (
@@ -687,11 +751,35 @@ def _ended(req: Req) -> None:
 API_PROCESSES = 2  # the Procfile's `web` line (what `make run` starts)
 
 
-def run_service(model_kind, device, args, levels, record, meta) -> None:
+@dataclass(frozen=True)
+class ServiceSeries:
+    """One line of service rows: its client, its sampling workload and the levels it runs at."""
+    client: str
+    sampling: str
+    levels: tuple[int, ...]
+
+
+def service_series(args) -> list[ServiceSeries]:
+    """Greedy from --service-client at every level: the rows compared with the engine. Then each
+    --service-sdk-sampling workload from the official SDK at concurrency 1 and the highest level: its x c=1 is
+    what batching gives a client as users run it."""
+    sdk_levels = tuple(sorted({1, max(args.levels)}))
+    return ([ServiceSeries(args.service_client, GREEDY, tuple(args.levels))]
+            + [ServiceSeries("openai", name, sdk_levels) for name in args.service_sdk_sampling])
+
+
+def run_service(model_kind, device, args, record, meta) -> None:
+    runs = service_series(args)
+    pending = [(run, c) for run in runs for c in run.levels]  # the rows this round still owes
+
+    def fail_pending(status: str, reason: str) -> None:
+        for run, c in pending:
+            record(failure(status, reason, mode="service", concurrency=c, sampling=run.sampling, client=run.client))
+        pending.clear()
+
     def unavailable(reason: str) -> None:
         say(f"service: unavailable: {reason}")
-        for c in levels:
-            record(dict(mode="service", concurrency=c, status="unavailable", error=reason))
+        fail_pending("unavailable", reason)
 
     if model_kind != "tiny" or device.type != "cpu":
         return unavailable("the service mode runs the worker's tiny-random model on CPU (MODEL_SOURCE=tiny-random): "
@@ -699,10 +787,10 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
     try:
         from scripts.stack import DEFAULT_REDIS_URL, Stack, stack_env
         redis_url = find_redis(DEFAULT_REDIS_URL)
-        texts = text_prompts(max(requests_per_level(args, c) for c in levels), args.input_len)
+        texts = text_prompts(max(requests_per_level(args, c) for _, c in pending), args.input_len)
     except Exception as exc:
         return unavailable(f"{type(exc).__name__}: {exc}")
-    max_c = max(levels)
+    max_c = max(c for _, c in pending)
     env = stack_env(redis_url=redis_url, max_model_len=args.max_model_len, MAX_NUM_SEQS=str(max_c),
                     WORKER_CONCURRENCY=str(max_c), SSE_KEEPALIVE_S="5")
     if args.kv_cache_tokens:
@@ -723,19 +811,24 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
         stack.wait_ready(timeout=args.service_start_timeout)
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
         say(f"service: ready in {meta['service']['start_s']} s at {stack.base_url} (logs in {log_dir})")
-        warm = asyncio.run(service_closed_loop(stack.base_url, texts, min(4, max_c), min(4, max_c), 8,
-                                               args.request_timeout, args.service_client))
-        bad = [r.error for r in warm if r.error]
-        if bad:
-            raise RuntimeError(f"warm-up requests failed: {bad[0]}")
+
+        def closed_loop(run: ServiceSeries, c: int, n: int, out_len: int) -> list[Req]:
+            return asyncio.run(service_closed_loop(stack.base_url, texts, c, n, out_len, args.request_timeout,
+                                                   run.client, run.sampling))
+
         prompt_lens = []
-        for c in levels:
-            n = requests_per_level(args, c)
-            reqs = asyncio.run(service_closed_loop(stack.base_url, texts, c, n, args.output_len,
-                                                   args.request_timeout, args.service_client))
-            prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
-            record(summarize("service", c, reqs, args.output_len,
-                             dict(note=f"output tokens from usage; ITL per SSE chunk; client {args.service_client}")))
+        for run in runs:
+            # Untimed: the service's and this client's first requests pay one-time costs.
+            bad = [r.error for r in closed_loop(run, min(4, max_c), min(4, max_c), 8) if r.error]
+            if bad:
+                raise RuntimeError(f"warm-up requests failed ({run.client}, {run.sampling}): {bad[0]}")
+            for c in run.levels:
+                reqs = closed_loop(run, c, requests_per_level(args, c), args.output_len)
+                prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
+                record(summarize("service", c, reqs, args.output_len,
+                                 dict(note="output tokens from usage; ITL per SSE chunk"),
+                                 sampling=run.sampling, client=run.client))
+                pending.remove((run, c))
         if prompt_lens:
             meta["service"]["prompt_tokens_mean"] = round(sum(prompt_lens) / len(prompt_lens), 1)
     except Exception as exc:
@@ -744,11 +837,7 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
             path = log_dir / f"{name}.log"
             if path.exists():
                 say(f"--- tail of {path}\n" + "".join(path.read_text(errors="replace").splitlines(True)[-15:]))
-        this_round = RESULTS[-1].get("round") if RESULTS else None
-        done = {r["concurrency"] for r in RESULTS if r["mode"] == "service" and r.get("round") == this_round}
-        for c in levels:
-            if c not in done:
-                record(dict(mode="service", concurrency=c, status="error", error=f"{type(exc).__name__}: {exc}"))
+        fail_pending("error", f"{type(exc).__name__}: {exc}")
     finally:
         stack.stop_all()
         try:
@@ -762,9 +851,16 @@ def run_service(model_kind, device, args, levels, record, meta) -> None:
 RESULTS: list[dict] = []
 
 
+ENGINE_MODES = ("engine", "engine_process")
+
+
 def add_ratios(results: list[dict]) -> dict:
-    """Within each round: x hf_generate for every row; x engine and x engine_process (same concurrency) for
-    service rows. Returns the baseline (all rounds' hf_generate requests)."""
+    """Within each round, a row's tokens/s over another row's in the same round:
+      vs_hf_generate                every row: over hf_generate's (all its requests in the round)
+      vs_engine, vs_engine_process  service rows: over that engine mode's row, same workload and concurrency
+      vs_greedy                     sampled rows: over their mode's (and client's) greedy row, same concurrency
+      vs_c1                         rows above concurrency 1: over their series' row at 1 (the gain from batching)
+    Returns the baseline (all rounds' hf_generate requests)."""
     ok = [r for r in results if r.get("status") == "ok"]
 
     def tok_s(rows):
@@ -775,25 +871,34 @@ def add_ratios(results: list[dict]) -> dict:
     for round_ in {r.get("round", 1) for r in ok}:
         rows = [r for r in ok if r.get("round", 1) == round_]
         baseline = tok_s([r for r in rows if r["mode"] == "hf_generate"]) or overall
-        by = {(r["mode"], r["concurrency"]): r for r in rows}
+        by = {key(r): r for r in rows}
+
+        def over(row: dict, other_key: tuple) -> Optional[float]:
+            other = by.get(other_key)
+            return row["output_tok_s"] / other["output_tok_s"] if other else None
+
         for r in rows:
+            mode, client, sampling, c = key(r)
             r["vs_hf_generate"] = r["output_tok_s"] / baseline if baseline else None
-            if r["mode"] == "service":
-                for mode in ("engine", "engine_process"):
-                    if (mode, r["concurrency"]) in by:
-                        r[f"vs_{mode}"] = r["output_tok_s"] / by[(mode, r["concurrency"])]["output_tok_s"]
+            if mode == "service":
+                for engine in ENGINE_MODES:
+                    r[f"vs_{engine}"] = over(r, (engine, None, sampling, c))
+            if sampling != GREEDY:
+                r["vs_greedy"] = over(r, (mode, client, GREEDY, c))
+            if c != 1:
+                r["vs_c1"] = over(r, (mode, client, sampling, 1))
     return dict(hf_generate_tok_s=overall, note="all hf_generate requests of this run: tokens / seconds")
 
 
-RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_process")
+RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_process", "vs_greedy", "vs_c1")
 
 
 def summary(results: list[dict]) -> list[dict]:
-    """One row per (mode, concurrency): the round with the median tokens/s, with each ratio's median over
+    """One row per (series, concurrency): the round with the median tokens/s, with each ratio's median over
     the rounds and the spread of tokens/s. Failed rows pass through."""
     out, groups = [], {}
     for r in results:
-        groups.setdefault((r["mode"], r["concurrency"]), []).append(r)
+        groups.setdefault(key(r), []).append(r)
     for rows in groups.values():
         ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r["output_tok_s"])
         if not ok:
@@ -807,21 +912,48 @@ def summary(results: list[dict]) -> list[dict]:
     return out
 
 
+# The targets (the CPU ones: this machine), each judged on one reported row at 32 concurrent:
+# (what, the row: its mode and, where they matter, workload and client, the ratio, its least value).
+TARGETS = (
+    ("engine tokens/s vs hf_generate at 32 concurrent", dict(mode="engine"), "vs_hf_generate", 5.0),
+    ("service tokens/s vs engine at 32 concurrent", dict(mode="service"), "vs_engine", 0.85),
+    ("service tokens/s vs engine_process at 32 concurrent (not the target's measure: the cost of HTTP, Redis and "
+     "Celery alone)", dict(mode="service"), "vs_engine_process", 0.85),
+    ("engine_process defaults (temperature 0.3, top_p 1) tokens/s vs greedy at 32 concurrent",
+     dict(mode="engine_process", sampling="defaults"), "vs_greedy", 0.85),
+    ("engine_process t0.7-p0.9 (temperature 0.7, top_p 0.9) tokens/s vs greedy at 32 concurrent",
+     dict(mode="engine_process", sampling="t0.7-p0.9"), "vs_greedy", 0.7),
+    ("engine_process penalties (frequency and presence 0.5) tokens/s vs greedy at 32 concurrent",
+     dict(mode="engine_process", sampling="penalties"), "vs_greedy", 0.7),
+    ("service, openai SDK streams, t1.0 (temperature 1.0): tokens/s at 32 concurrent vs 1",
+     dict(mode="service", client="openai", sampling="t1.0"), "vs_c1", 5.0),
+)
+
+
+def target_row(rows: list[dict], mode: str, sampling: str = GREEDY, client: Optional[str] = None,
+               concurrency: int = 32) -> Optional[dict]:
+    """The reported row a target reads; client None: whichever client ran that workload."""
+    for r in rows:
+        if (r.get("status") == "ok" and (r["mode"], r["sampling"], r["concurrency"]) == (mode, sampling, concurrency)
+                and client in (None, r.get("client"))):
+            return r
+    return None
+
+
 def targets(rows: list[dict], device: torch.device) -> list[dict]:
-    by = {(r["mode"], r["concurrency"]): r for r in rows if r.get("status") == "ok"}
     out = []
-    engine, service = by.get(("engine", 32)), by.get(("service", 32))
-    if engine and engine.get("vs_hf_generate") is not None:
-        out.append(dict(what="engine tokens/s vs hf_generate at 32 concurrent", value=engine["vs_hf_generate"],
-                        target=5.0, met=engine["vs_hf_generate"] >= 5.0, applies=device.type == "cpu"))
-    if service and service.get("vs_engine") is not None:
-        out.append(dict(what="service tokens/s vs engine at 32 concurrent", value=service["vs_engine"],
-                        target=0.85, met=service["vs_engine"] >= 0.85, applies=device.type == "cpu"))
-    if service and service.get("vs_engine_process") is not None:
-        out.append(dict(what="service tokens/s vs engine_process at 32 concurrent (not the target's measure: "
-                             "the cost of HTTP, Redis and Celery alone)", value=service["vs_engine_process"],
-                        target=0.85, met=service["vs_engine_process"] >= 0.85, applies=device.type == "cpu"))
+    for what, where, ratio, least in TARGETS:
+        row = target_row(rows, **where)
+        if row and row.get(ratio) is not None:
+            out.append(dict(what=what, value=row[ratio], target=least, met=row[ratio] >= least,
+                            applies=device.type == "cpu"))
     return out
+
+
+def describe(settings: dict) -> str:
+    """A workload's settings, those not at OpenAI's neutral value: `temperature 0.7, top_p 0.9`."""
+    neutral = dict(temperature=None, top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+    return ", ".join(f"{k} {v:g}" for k, v in settings.items() if v != neutral[k])
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -832,26 +964,34 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def mode_label(row: dict) -> str:
+    """The mode, with the client for the service's rows: `service (openai)`."""
+    return row["mode"] + (f" ({row['client']})" if row.get("client") else "")
+
+
 def table(results: list[dict]) -> str:
-    head = ["mode", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
-            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "rounds: tok/s min-max"]
+    head = ["mode", "sampling", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
+            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "x greedy", "x c=1",
+            "rounds: tok/s min-max"]
     rows: list[list[str]] = []
     for r in results:
+        names = [mode_label(r), r["sampling"], str(r["concurrency"])]
         if r.get("status") != "ok":  # one message in place of the numbers
-            rows.append([r["mode"], str(r["concurrency"]), f"{r.get('status')}: {str(r.get('error'))[:160]}"])
+            rows.append(names + [f"{r.get('status')}: {str(r.get('error'))[:160]}"])
             continue
         triple = lambda m: "/".join(fmt(r[m][k]) for k in ("mean", "p50", "p99"))  # noqa: E731
         reqs = f"{r['completed']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         if r.get("short_requests"):
             reqs += f" ({r['short_requests']} short)"
-        rows.append([r["mode"], str(r["concurrency"]), reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
-                     triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms"), fmt(r.get("vs_hf_generate"), 2),
-                     fmt(r.get("vs_engine"), 2), fmt(r.get("vs_engine_process"), 2), spread(r)])
-    widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head)]) for i, h in enumerate(head)]
+        rows.append(names + [reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2), triple("ttft_ms"),
+                             triple("tpot_ms"), triple("itl_ms")]
+                    + [fmt(r.get(ratio), 2) for ratio in RATIOS] + [spread(r)])
+    # A failed row's names count for the widths, not its message.
+    widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head) or i < len(row) - 1])
+              for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() if len(row) == len(head)
-                     else "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]))
+    for row in rows:  # a failed row's message (its fourth cell) runs on past the columns
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
 
 
@@ -888,8 +1028,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for the requests (CPU default) or transformers' default (CUDA default)")
     p.add_argument("--max-model-len", type=int, default=4096, help="engine and service context (default 4096)")
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
+    p.add_argument("--sampling", default=",".join(DEFAULT_SAMPLING),
+                   help=f"the engine modes' sampling workloads, comma-separated of {','.join(SAMPLING)} (default "
+                        f"%(default)s; the hf_generate modes are greedy): a row each, beside greedy for x greedy")
     p.add_argument("--service-client", choices=("aiohttp", "openai"), default="aiohttp",
-                   help="the service mode's client: aiohttp (light, as vLLM's benchmark) or the official openai SDK")
+                   help="the client of the service's greedy rows: aiohttp (light, as vLLM's benchmark) or the "
+                        "official openai SDK")
+    p.add_argument("--service-sdk-sampling", default=",".join(DEFAULT_SERVICE_SDK_SAMPLING),
+                   help="the service's rows from the official openai SDK, at concurrency 1 and the highest level "
+                        "(for x c=1): their workloads, comma-separated (default %(default)s; '' for none)")
     p.add_argument("--service-torch-threads", type=int, default=1,
                    help="TORCH_THREADS for the service's worker and for engine_process (0 = torch's default). 1 by "
                         "default: on a small CPU machine the worker shares its cores with the API, Redis and this "
@@ -930,11 +1077,31 @@ def resolve(args: argparse.Namespace, device: torch.device) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; choose from {','.join(MODES)}")
+    args.sampling = workload_names(args.sampling, "--sampling")
+    args.service_sdk_sampling = workload_names(args.service_sdk_sampling, "--service-sdk-sampling")
+    if not args.sampling:
+        raise SystemExit("--sampling: name at least one workload")
     args.levels = sorted({int(c) for c in str(args.concurrency).split(",") if c.strip()})
     if not args.levels or min(args.levels) < 1:
         raise SystemExit("--concurrency: positive integers, comma-separated")
     if args.input_len + args.output_len > args.max_model_len:
         raise SystemExit("--input-len + --output-len must fit in --max-model-len")
+
+
+def workload_names(text: str, option: str) -> list[str]:
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # once each, in order
+    unknown = [name for name in names if name not in SAMPLING]
+    if unknown:
+        raise SystemExit(f"{option}: unknown workload(s) {unknown}; choose from {','.join(SAMPLING)}")
+    return names
+
+
+def sampling_meta(args) -> dict:
+    """What the JSON says of sampling: each workload's settings, and which rows ran which."""
+    used = dict.fromkeys([GREEDY, *args.sampling, *args.service_sdk_sampling])
+    return dict(workloads={name: SAMPLING[name] for name in used}, seed="each request's index in its level",
+                hf_generate="greedy (the baseline)", engine_modes=args.sampling,
+                service=[dataclasses.asdict(run) for run in service_series(args)])
 
 
 def main(argv=None) -> int:
@@ -956,7 +1123,7 @@ def main(argv=None) -> int:
                             input_len=args.input_len, output_len=args.output_len,
                             hf_max_requests=args.hf_max_requests, hf_batch_cache=args.hf_batch_cache,
                             max_model_len=args.max_model_len,
-                            kv_cache_tokens=args.kv_cache_tokens, sampling="greedy (temperature 0)",
+                            kv_cache_tokens=args.kv_cache_tokens, sampling=sampling_meta(args),
                             rounds=args.rounds, quick=args.quick, argv=sys.argv[1:]))
     env = meta["environment"]
     say(f"bench: {env['device_name']} ({device}), {env['cpus_usable']} CPUs, torch {env['versions']['torch']}, "
@@ -974,12 +1141,13 @@ def main(argv=None) -> int:
     def record(row: dict) -> None:
         row["round"] = current_round
         RESULTS.append(row)
+        name = f"  {mode_label(row):<17} {row['sampling']:<10} c={row['concurrency']:<4}"
         if row.get("status") == "ok":
-            say(f"  {row['mode']:<17} c={row['concurrency']:<4} {row['completed']} reqs  "
-                f"{row['output_tok_s']:.1f} out tok/s  TTFT mean {fmt(row['ttft_ms']['mean'])} ms  "
-                f"TPOT mean {fmt(row['tpot_ms']['mean'])} ms  ({row['duration_s']:.1f} s)")
+            say(f"{name} {row['completed']} reqs  {row['output_tok_s']:.1f} out tok/s  "
+                f"TTFT mean {fmt(row['ttft_ms']['mean'])} ms  TPOT mean {fmt(row['tpot_ms']['mean'])} ms  "
+                f"({row['duration_s']:.1f} s)")
         else:
-            say(f"  {row['mode']:<17} c={row['concurrency']:<4} {row.get('status')}: {row.get('error')}")
+            say(f"{name} {row.get('status')}: {row.get('error')}")
         write_json(out, report())
 
     model = None
@@ -1006,7 +1174,7 @@ def main(argv=None) -> int:
             elif mode in ("engine", "engine_process"):
                 run_engine(model, device, args, args.levels, prompts, record, meta, mode)
             elif mode == "service":
-                run_service(args.model, device, args, args.levels, record, meta)
+                run_service(args.model, device, args, record, meta)
             seconds = meta.setdefault("mode_seconds", {})
             seconds[mode] = round(seconds.get(mode, 0) + time.perf_counter() - started, 1)
             if device.type == "cuda":
@@ -1019,8 +1187,11 @@ def main(argv=None) -> int:
     say("")
     say(f"{env['device_name']} ({device}); model {args.model} "
         f"({final.get('model', {}).get('weights', 'served by the worker')}); "
-        f"{args.input_len} in / {args.output_len} out; greedy")
+        f"{args.input_len} in / {args.output_len} out")
     say(table(final["summary"]))
+    shown = dict.fromkeys(r["sampling"] for r in final["summary"])
+    say("sampling: " + "; ".join(f"{name} = {describe(SAMPLING[name])}" for name in shown)
+        + "; each request's seed is its index")
     base = final["baseline"]["hf_generate_tok_s"]
     if base:
         say(f"baseline: hf_generate {base:.1f} output tok/s (x hf_gen divides by it)")

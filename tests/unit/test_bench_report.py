@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.bench import Req, add_ratios, summarize, summary, targets
+from scripts.bench import Req, add_ratios, labels, summarize, summary, table, targets
 
 
 def req(start: float, times: list[float], tokens: int, prompt: int = 4) -> Req:
@@ -32,12 +32,15 @@ def test_a_failed_request_is_counted_not_timed():
     assert row["output_tok_s"] == pytest.approx(2 / 0.2)
 
 
+def row(round_: int, mode: str, tok_s: float, c: int = 32, sampling: str = "greedy", client=None) -> dict:
+    """A measured row, as summarize() makes it, reduced to what the ratios read (tokens over one second)."""
+    return dict(labels(mode, c, sampling, client), status="ok", round=round_, output_tok_s=tok_s,
+                output_tokens=tok_s, duration_s=1.0)
+
+
 def rows_of(round_: int, hf: float, engine: float, engine_process: float, service: float) -> list[dict]:
-    def row(mode, tok_s, c=32):
-        return dict(mode=mode, concurrency=c, status="ok", round=round_, output_tok_s=tok_s,
-                    output_tokens=tok_s, duration_s=1.0)
-    return [row("hf_generate", hf, 8), row("engine", engine), row("engine_process", engine_process),
-            row("service", service)]
+    return [row(round_, "hf_generate", hf, 8), row(round_, "engine", engine),
+            row(round_, "engine_process", engine_process), row(round_, "service", service, client="aiohttp")]
 
 
 def test_ratios_are_taken_within_each_round_and_the_median_round_is_reported():
@@ -67,3 +70,59 @@ def test_targets_are_judged_on_the_reported_rows():
 def _cpu():
     import torch
     return torch.device("cpu")
+
+
+def sampled_rows(round_: int, greedy: float, defaults: float, sdk_1: float, sdk_32: float) -> list[dict]:
+    """engine_process greedy and defaults at 32, and the service's SDK t1.0 series at 1 and 32."""
+    return [row(round_, "engine_process", greedy), row(round_, "engine_process", defaults, sampling="defaults"),
+            row(round_, "service", sdk_1, c=1, sampling="t1.0", client="openai"),
+            row(round_, "service", sdk_32, sampling="t1.0", client="openai")]
+
+
+def test_x_greedy_is_over_the_greedy_row_of_the_same_mode_concurrency_and_round():
+    results = (sampled_rows(1, 1000, 900, 100, 600) + sampled_rows(2, 500, 400, 100, 600)
+               + sampled_rows(3, 1000, 700, 100, 600) + [row(1, "engine", 2000, sampling="defaults")])
+    add_ratios(results)
+    defaults = [r for r in results if r["mode"] == "engine_process" and r["sampling"] == "defaults"]
+    assert [r["vs_greedy"] for r in defaults] == pytest.approx([0.9, 0.8, 0.7])   # each round's own greedy row
+    assert all("vs_greedy" not in r for r in results if r["sampling"] == "greedy")
+    assert results[-1]["vs_greedy"] is None                                          # engine has no greedy row
+    reported = {(r["mode"], r["sampling"], r["concurrency"]): r for r in summary(results)}
+    assert reported[("engine_process", "defaults", 32)]["output_tok_s"] == 700        # the median round (of 900, 400, 700)
+    assert reported[("engine_process", "defaults", 32)]["vs_greedy"] == pytest.approx(0.8)  # the median ratio
+
+
+def test_x_c1_is_over_the_same_series_at_concurrency_1_in_the_same_round():
+    results = (sampled_rows(1, 1000, 900, 100, 600) + sampled_rows(2, 1000, 900, 200, 600)
+               + [row(1, "service", 50, c=1, client="aiohttp")])   # another series at c=1: not the SDK's
+    add_ratios(results)
+    sdk_32 = [r for r in results if r.get("client") == "openai" and r["concurrency"] == 32]
+    assert [r["vs_c1"] for r in sdk_32] == pytest.approx([6.0, 3.0])
+    assert all("vs_c1" not in r for r in results if r["concurrency"] == 1)
+    assert {r["vs_c1"] for r in results if r["mode"] == "engine_process"} == {None}  # no c=1 row of theirs
+    # The SDK's t1.0 rows have no engine or greedy row of their workload to compare with.
+    assert (sdk_32[0]["vs_engine_process"], sdk_32[0]["vs_greedy"]) == (None, None)
+
+
+def test_the_sampling_targets_are_judged_on_their_rows_at_32():
+    results = sampled_rows(1, 1000, 850, 100, 490) + [
+        row(1, "engine_process", 690, sampling="t0.7-p0.9"), row(1, "engine_process", 700, sampling="penalties")]
+    add_ratios(results)
+    judged = {t["what"].split(" tokens/s")[0].split(":")[0]: t for t in targets(summary(results), device=_cpu())}
+    assert (judged["engine_process defaults (temperature 0.3, top_p 1)"]["met"],
+            judged["engine_process defaults (temperature 0.3, top_p 1)"]["value"]) == (True, pytest.approx(0.85))
+    assert judged["engine_process t0.7-p0.9 (temperature 0.7, top_p 0.9)"]["met"] is False   # 0.69 < 0.7
+    assert judged["engine_process penalties (frequency and presence 0.5)"]["met"] is True    # 0.7 >= 0.7
+    sdk = judged["service, openai SDK streams, t1.0 (temperature 1.0)"]
+    assert (sdk["value"], sdk["target"], sdk["met"]) == (pytest.approx(4.9), 5.0, False)
+    assert not any(t["what"].startswith("service tokens/s") for t in judged.values())   # no greedy service row
+
+
+def test_the_table_names_each_row_s_workload_and_client():
+    reqs = [req(0.0, [0.1, 0.2], 2)]
+    rows = [summarize("service", 32, reqs, 2, sampling="t1.0", client="openai"),
+            dict(labels("engine_process", 32, "defaults"), status="error", error="boom")]
+    lines = table(rows).splitlines()
+    assert lines[0].split()[:3] == ["mode", "sampling", "conc"]
+    assert lines[2].split()[:4] == ["service", "(openai)", "t1.0", "32"]
+    assert lines[3].split() == ["engine_process", "defaults", "32", "error:", "boom"]
