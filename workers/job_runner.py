@@ -119,8 +119,11 @@ class JobRun:
             self._complete("length")
             return
         priority = 1 if self.record.kind == "batch" else 0  # batch work never delays interactive admission
+        # The resumed tokens are prompt to the engine's cache, but output to its sampler: penalties count them, and
+        # the draws go on from their position, so a seeded job continues exactly as if it had never stopped.
         self.stream = engine.submit(EngineRequest(self.id, request.prompt_token_ids + self.resumed_tokens,
-                                                  sampling_params(self.record), remaining, priority))
+                                                  sampling_params(self.record), remaining, priority,
+                                                  num_resumed_tokens=len(self.resumed_tokens)))
 
     def absorb(self, engine: Engine) -> None:
         """Take whatever the engine produced for this run: text into the outbox, and the end if it came."""

@@ -168,18 +168,19 @@ def test_staggered_batch_matches_hf_generate(model):
 
 
 def reference_sample(model, prompt, max_tokens, params: SamplingParams):
-    """Slow reference: the whole sequence through Hugging Face each step, then sampling.py on the last logits."""
-    from workers.engine.sampling import apply_penalties, make_generator, sample, sampling_tensors
-    temperature, top_p, frequency, presence = sampling_tensors([params], "cpu")
-    generator = make_generator(params.seed, "cpu")
-    counts = torch.zeros(1, model.config.vocab_size)
+    """Slow reference: the whole sequence through Hugging Face each step, OpenAI's penalties in dense form over
+    the generated tokens, then sampling.py's draw for that output position on the last logits."""
+    from workers.engine.sampling import sample, sampling_tensors, seed_key
+    temperature, top_p, _, _ = sampling_tensors([params], "cpu")
+    counts = torch.zeros(model.config.vocab_size)
     tokens = list(prompt)
     with torch.no_grad():
-        for _ in range(max_tokens):
+        for position in range(max_tokens):
             logits = model(torch.tensor([tokens])).logits[:, -1, :].float()
-            logits = apply_penalties(logits, counts, frequency, presence)
-            token = int(sample(logits, temperature, top_p, [generator])[0])
-            counts[0, token] += 1
+            logits -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+            token = int(sample(logits, temperature, top_p, torch.tensor([seed_key(params.seed)]),
+                               torch.tensor([position]))[0])
+            counts[token] += 1
             tokens.append(token)
             if token == EOS:
                 break
@@ -187,16 +188,44 @@ def reference_sample(model, prompt, max_tokens, params: SamplingParams):
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model, engine):
+    """A request alone, twice, and the same request among 31 others (greedy, sampled and penalised, of every
+    length) give the same tokens, and those of the slow reference."""
     prompt = [1, 733, 16289, 28793, 22557]
     params = dict(temperature=1.0, top_p=0.9, seed=7, frequency_penalty=0.5, presence_penalty=0.3)
     alone_a, _ = run(engine, prompt, 25, request_id="alone-a", **params)
     alone_b, _ = run(engine, prompt, 25, request_id="alone-b", **params)
-    others = [start(engine, f"o{i}", p, 30, temperature=0.8 * (i % 3), seed=i, presence_penalty=0.2 * (i % 2))
-              for i, p in enumerate(prompts_of([4, 90, 30, 200, 11, 60], seed=3))]
+    others = [start(engine, f"o{i}", p, 30, temperature=0.4 * (i % 3), top_p=(1.0, 0.8)[i % 2], seed=i,
+                    presence_penalty=0.2 * (i % 2))
+              for i, p in enumerate(prompts_of([4 + 7 * i for i in range(31)], seed=3))]
     together = start(engine, "together", prompt, 25, **params)
     finish_all([thread for _, _, thread in others] + [together[2]])
     assert alone_a == alone_b == together[0]["tokens"]
     assert alone_a == reference_sample(model, prompt, 25, SamplingParams(**params))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.8, top_p=0.95, seed=11),
+                                    dict(temperature=0.3, seed=5, frequency_penalty=0.9, presence_penalty=0.6),
+                                    dict(temperature=0.0, frequency_penalty=1.5)])
+def test_a_resumed_request_continues_as_if_never_cut(params):
+    """A job cut after k tokens resumes with prompt + those k tokens (num_resumed_tokens=k): it generates exactly
+    the rest of the uncut output. Its draws continue at position k, and its penalties count the k tokens."""
+    small = build_tiny_random(vocab_size=64)  # a small vocabulary repeats tokens: the penalties matter
+    prompt = torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(8)).tolist()
+    engine = Engine(small, torch.device("cpu"), eos_token_id=-1)  # no early EOS in a 64-token vocabulary
+    try:
+        uncut, _ = run(engine, prompt, 40, request_id="uncut", **params)
+        assert len(uncut) == 40
+        for cut in (1, 17, 39):
+            stream = engine.submit(EngineRequest(f"resumed-{cut}", prompt + uncut[:cut], SamplingParams(**params),
+                                                 len(uncut) - cut, num_resumed_tokens=cut))
+            rest = [t for output in stream for t in output.token_ids]
+            assert uncut[:cut] + rest == uncut, cut
+        # The resumed tokens count for the penalties: treated as prompt, the tail would differ.
+        if params.get("frequency_penalty"):
+            blind, _ = run(engine, prompt + uncut[:17], len(uncut) - 17, request_id="blind", **params)
+            assert uncut[:17] + blind != uncut
+    finally:
+        engine.shutdown()
 
 
 def test_cancel_leaves_the_batch_and_frees_its_blocks(model):
@@ -313,7 +342,7 @@ def test_penalties_and_sampling_batched_with_preemption_match_reference():
 
 
 def test_argmax_rows_is_argmax():
-    from workers.engine.engine import argmax_rows
+    from workers.engine.sampling import argmax_rows
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 32000, generator=gen)

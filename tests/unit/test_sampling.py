@@ -1,3 +1,7 @@
+"""The batched sampler (workers/engine/sampling.py): its draws follow the softmax (with temperature and top_p)
+by a chi-square test, top_p keeps exactly the nucleus' mass, its randomness is a pure function of (seed, output
+position), so seeds reproduce, a row does not depend on its batch, and a resumed request draws what the
+uninterrupted one drew. Every path of the nucleus (rejection, top-k pre-filter, sort) is checked alike."""
 from __future__ import annotations
 
 import math
@@ -5,181 +9,205 @@ import math
 import pytest
 import torch
 
+from workers.engine import sampling
 from workers.engine.sampling import (
     SamplingParams,
-    _top_p_mask,
-    apply_penalties,
-    make_generator,
     sample,
     sampling_tensors,
+    seed_key,
+    uniforms,
 )
 
 CPU = torch.device("cpu")
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> torch.Tensor:
+def draw(logits: torch.Tensor, params: list[SamplingParams], position: int | list[int]) -> torch.Tensor:
+    """One token per row of logits for `params` at output `position` (the same for every row, or one each)."""
     temperature, top_p, _, _ = sampling_tensors(params, CPU)
-    return sample(logits, temperature, top_p, gens)
+    keys = torch.tensor([seed_key(p.seed) for p in params])
+    positions = torch.tensor(position if isinstance(position, list) else [position] * len(params))
+    return sample(logits.clone(), temperature, top_p, keys, positions)  # sample() consumes its logits
 
 
-def _gens(params: list[SamplingParams]) -> list[torch.Generator]:
-    return [make_generator(p.seed, CPU) for p in params]
+def draws_over_positions(logits_row: torch.Tensor, params: SamplingParams, rows: int, steps: int) -> torch.Tensor:
+    """rows x steps draws of one distribution: `rows` seeds, each at positions 0..steps-1."""
+    batch = logits_row.expand(rows, -1).contiguous()
+    seeds = [SamplingParams(params.temperature, params.top_p, seed=params.seed + r) for r in range(rows)]
+    return torch.cat([draw(batch, seeds, step) for step in range(steps)])
 
 
-def test_sampling_tensors_shapes_and_values() -> None:
-    params = [SamplingParams(), SamplingParams(temperature=0.0, top_p=0.5, frequency_penalty=1.0, presence_penalty=-0.5)]
-    temperature, top_p, freq, pres = sampling_tensors(params, CPU)
-    for t in (temperature, top_p, freq, pres):
-        assert t.shape == (2,) and t.dtype == torch.float32
-    assert temperature.tolist() == pytest.approx([0.3, 0.0])
-    assert top_p.tolist() == [1.0, 0.5]
-    assert freq.tolist() == [0.0, 1.0]
-    assert pres.tolist() == [0.0, -0.5]
+def chi_square(observed: torch.Tensor, expected_probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic over the cells with an expected count >= 5 (the rest pooled), and its degrees of
+    freedom."""
+    n = observed.sum().item()
+    expected = expected_probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([observed[big].double(), observed[~big].double().sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum().item()
+    return stat, int(keep.sum().item()) - 1
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"top_p": -0.1}, {"top_p": 1.5}, {"temperature": math.nan}])
-def test_params_validation(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
-        SamplingParams(**kwargs)
+def chi_square_limit(dof: int) -> float:
+    """About the 99.99% quantile of chi-square(dof) (Wilson-Hilferty), so a correct sampler fails ~1 in 10^4."""
+    z = 3.72
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-def test_greedy_is_argmax() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(5, 100)
-    params = [SamplingParams(temperature=0.0, top_p=p, seed=i) for i, p in enumerate([1.0, 0.5, 0.1, 0.9, 1.0])]
-    out = _draw(logits, params, _gens(params))
-    assert out.dtype == torch.int64 and out.shape == (5,)
-    assert out.tolist() == logits.argmax(dim=-1).tolist()
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The reference: softmax(logits / T) restricted to the nucleus by a full sort, renormalised."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p >= 1:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[mass_before < top_p]] = True
+    kept = probs * keep
+    return kept / kept.sum()
 
 
-def _sequence(seed: int, steps: int = 30) -> list[int]:
-    logits = torch.zeros(1, 50)  # uniform: every draw is pure noise
-    params = [SamplingParams(temperature=1.0, seed=seed)]
-    gens = _gens(params)
-    return [int(_draw(logits, params, gens)[0]) for _ in range(steps)]
+@pytest.fixture(params=["rejection", "top-k", "sort"])
+def nucleus_path(request, monkeypatch):
+    """Run a test through each way the nucleus is sampled: rejection rounds (the common path), and, with no
+    rounds, the exact nucleus from the top-k pre-filter or from a sort."""
+    if request.param != "rejection":
+        monkeypatch.setattr(sampling, "NUCLEUS_ROUNDS", 0)
+    if request.param == "sort":
+        monkeypatch.setattr(sampling, "NUCLEUS_TOP_K", 4)
+    return request.param
 
 
-def test_same_seed_same_sequence_different_seed_differs() -> None:
-    assert _sequence(123) == _sequence(123)
-    assert _sequence(123) != _sequence(124)
-    assert len(set(_sequence(7))) > 5  # it actually varies from step to step
+# --- the randomness
+
+def test_uniforms_are_a_pure_function_of_seed_and_position() -> None:
+    keys = torch.tensor([seed_key(s) for s in (0, 1, 2**63 - 1, -5)])
+    positions = torch.tensor([0, 7, 7, 123])
+    first = uniforms(keys, positions, 0)
+    assert first.dtype == torch.float64 and ((first >= 0) & (first < 1)).all()
+    assert torch.equal(first, uniforms(keys.clone(), positions.clone(), 0))
+    assert not torch.equal(first, uniforms(keys, positions + 1, 0))
+    assert not torch.equal(first, uniforms(keys, positions, 1))
+    assert len(set(first.tolist())) == 4
 
 
-def test_row_independent_of_batch_composition() -> None:
-    torch.manual_seed(1)
-    vocab = 64
-    row_logits = torch.randn(4, vocab) * 2
-    params = [
-        SamplingParams(temperature=0.8, top_p=0.9, seed=11),
-        SamplingParams(temperature=0.0, seed=12),  # greedy row in the middle
-        SamplingParams(temperature=1.3, top_p=1.0, seed=13),
-        SamplingParams(temperature=0.5, top_p=0.3, seed=14),
-    ]
-    steps = 25
-    # Each row alone.
-    alone = []
-    for i, p in enumerate(params):
-        gen = _gens([p])
-        alone.append([int(_draw(row_logits[i : i + 1], [p], gen)[0]) for _ in range(steps)])
-    # All rows together, and a reordered sub-batch.
-    gens = _gens(params)
-    together = [_draw(row_logits, params, gens).tolist() for _ in range(steps)]
-    sub = [2, 0]
-    sub_params = [params[i] for i in sub]
-    sub_gens = _gens(sub_params)
-    subset = [_draw(row_logits[sub], sub_params, sub_gens).tolist() for _ in range(steps)]
-    for i in range(4):
-        assert [step[i] for step in together] == alone[i]
-    for j, i in enumerate(sub):
-        assert [step[j] for step in subset] == alone[i]
+def test_uniforms_are_uniform_across_positions_and_seeds() -> None:
+    keys = torch.tensor([seed_key(s) for s in range(50)]).repeat_interleave(2000)
+    positions = torch.arange(2000).repeat(50)
+    u = uniforms(keys, positions, 0)
+    counts = torch.histc(u.float(), bins=100, min=0.0, max=1.0)
+    stat, dof = chi_square(counts, torch.full((100,), 0.01))
+    assert stat < chi_square_limit(dof), stat
+    # Neighbouring positions of one seed are not correlated.
+    pairs = u.view(50, 2000)
+    correlation = torch.corrcoef(torch.stack([pairs[:, :-1].flatten(), pairs[:, 1:].flatten()]))[0, 1]
+    assert abs(correlation.item()) < 0.02
 
 
-@pytest.mark.parametrize("top_p", [0.0, 1e-6])
-def test_tiny_top_p_only_top_token(top_p) -> None:
-    logits = torch.tensor([[1.0, 1.5, 0.9, 1.4, -2.0]])  # top token is id 1
-    params = [SamplingParams(temperature=2.0, top_p=top_p, seed=5)]
-    gens = _gens(params)
-    assert {int(_draw(logits, params, gens)[0]) for _ in range(300)} == {1}
+def test_seed_key_folds_all_64_bits() -> None:
+    assert len({seed_key(s) for s in (0, 1, 2**32, 2**32 + 1, 2**63, -1)}) == 6
+    assert seed_key(-1) == seed_key(2**64 - 1)  # a seed is a 64-bit pattern
 
 
-def test_top_p_half_stays_in_nucleus() -> None:
+# --- the distribution
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.3])
+def test_draws_follow_the_softmax(temperature: float) -> None:
+    # 384 tokens: three blocks of the two-level CDF, and a spread of probabilities from large to tiny.
+    logits = torch.linspace(3.0, -3.0, 384)[torch.randperm(384, generator=torch.Generator().manual_seed(0))]
+    tokens = draws_over_positions(logits, SamplingParams(temperature=temperature, seed=100), rows=200, steps=100)
+    stat, dof = chi_square(torch.bincount(tokens, minlength=384), nucleus_probs(logits, temperature, 1.0))
+    assert stat < chi_square_limit(dof), (temperature, stat, dof)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 0.5), (1.0, 0.2)])
+def test_draws_follow_the_nucleus(nucleus_path: str, temperature: float, top_p: float) -> None:
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(1)) * 1.5
+    tokens = draws_over_positions(logits, SamplingParams(temperature=temperature, top_p=top_p, seed=7),
+                                  rows=200, steps=60)
+    expected = nucleus_probs(logits, temperature, top_p)
+    observed = torch.bincount(tokens, minlength=256)
+    assert observed[expected == 0].sum() == 0, "a token outside the nucleus was drawn"
+    stat, dof = chi_square(observed, expected)
+    assert stat < chi_square_limit(dof), (nucleus_path, stat, dof)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_its_mass(nucleus_path: str) -> None:
+    # Sorted: 0.30 (id 1), 0.25 (id 3) -> 0.55 >= 0.5, so the nucleus is {1, 3}, renormalised.
     probs = torch.tensor([0.15, 0.30, 0.10, 0.25, 0.20])
-    # Sorted: 0.30 (id 1), 0.25 (id 3) -> mass 0.55 >= 0.5, so nucleus = {1, 3}.
-    n_rows = 500
-    logits = probs.log().expand(n_rows, -1).contiguous()
-    params = [SamplingParams(temperature=1.0, top_p=0.5, seed=s) for s in range(n_rows)]
-    gens = _gens(params)
-    draws = torch.cat([_draw(logits, params, gens) for _ in range(4)])
-    counts = torch.bincount(draws, minlength=5)
+    tokens = draws_over_positions(probs.log(), SamplingParams(temperature=1.0, top_p=0.5, seed=3), 100, 40)
+    counts = torch.bincount(tokens, minlength=5)
     assert counts[[0, 2, 4]].sum() == 0
-    # Renormalised inside the nucleus: P(1) = 0.30 / 0.55 ~ 0.545.
-    assert abs(counts[1].item() / draws.numel() - 0.30 / 0.55) < 0.05
+    assert abs(counts[1].item() / tokens.numel() - 0.30 / 0.55) < 0.04
+    # Token 0 alone has mass 0.5 == top_p: the nucleus is just {0}.
+    exact = torch.tensor([0.5, 0.25, 0.25]).log()
+    assert set(draws_over_positions(exact, SamplingParams(1.0, top_p=0.5, seed=1), 20, 20).tolist()) == {0}
 
 
-def test_top_p_boundary_is_smallest_set() -> None:
-    # Token 0 alone already has mass 0.5 == top_p, so the nucleus is just {0}.
-    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
-    assert torch.softmax(logits, dim=-1).tolist() == [[0.5, 0.25, 0.25]]  # exact in float32
-    params = [SamplingParams(temperature=1.0, top_p=0.5, seed=3)]
-    gens = _gens(params)
-    assert {int(_draw(logits, params, gens)[0]) for _ in range(200)} == {0}
+def test_top_p_one_keeps_the_whole_vocabulary() -> None:
+    # A dominant token: a float32 cumulative sum reaches 1.0 long before the tail; the tail is still drawn.
+    logits = torch.full((4000,), -9.0)
+    logits[0] = 0.0  # each tail token ~1.2e-4 of the top one; the tail holds ~1/3 of the mass
+    tokens = draws_over_positions(logits, SamplingParams(temperature=1.0, top_p=1.0), 50, 40)
+    tail_share = (tokens != 0).float().mean().item()
+    expected = 1 - torch.softmax(logits.double(), 0)[0].item()
+    assert abs(tail_share - expected) < 0.05
 
 
-def test_top_p_one_keeps_whole_vocab_despite_rounding() -> None:
-    # A dominant token makes the float32 cumsum hit 1.0 before the tiny tail ends.
-    logits = torch.full((2, 1000), -30.0)
-    logits[:, 0] = 0.0
-    probs = torch.softmax(logits, dim=-1)
-    mask = _top_p_mask(probs, torch.tensor([1.0, 0.9]))
-    assert mask[0].all()
-    assert mask[1].tolist() == [True] + [False] * 999
+def test_ties_share_one_fate(nucleus_path: str) -> None:
+    # Four equal tokens: none is strictly more likely than another, so top_p 0.3 keeps all four.
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0, -5.0])
+    tokens = draws_over_positions(logits, SamplingParams(temperature=1.0, top_p=0.3), 50, 20)
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
-def test_empirical_distribution_matches_softmax() -> None:
-    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    n_rows, steps = 1000, 20
-    for temp in (1.0, 0.5):
-        expected = torch.softmax(base / temp, dim=0) * n_rows * steps
-        params = [SamplingParams(temperature=temp, seed=1000 + s) for s in range(n_rows)]
-        gens = _gens(params)
-        logits = base.expand(n_rows, -1).contiguous()
-        draws = torch.cat([_draw(logits, params, gens) for _ in range(steps)])
-        observed = torch.bincount(draws, minlength=6).float()
-        chi2 = ((observed - expected) ** 2 / expected).sum().item()
-        # 5 degrees of freedom: the 99.9% quantile is ~20.5; a wrong temperature gives thousands.
-        assert chi2 < 30.0, (temp, observed.tolist(), expected.tolist())
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, seed=3), SamplingParams(temperature=0.8,
+                                                                                            top_p=0.0)])
+def test_greedy_and_top_p_zero_take_the_most_likely_token(params: SamplingParams) -> None:
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(2))
+    assert draw(logits, [params] * 6, 5).tolist() == logits.argmax(dim=-1).tolist()
 
 
-def test_penalties_exact_additive_formula() -> None:
-    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -0.5, 0.0, 1.0]])
-    counts = torch.tensor([[0, 1, 3, 0], [2, 0, 0, 5]])
-    freq = torch.tensor([0.5, -1.0])
-    pres = torch.tensor([0.25, 2.0])
-    before = logits.clone()
-    out = apply_penalties(logits, counts, freq, pres)
-    expected = torch.tensor(
-        [
-            [1.0, 2.0 - 0.5 - 0.25, 3.0 - 1.5 - 0.25, 4.0],
-            [0.5 + 2.0 - 2.0, -0.5, 0.0, 1.0 + 5.0 - 2.0],
-        ]
-    )
-    assert out.dtype == torch.float32
-    assert torch.allclose(out, expected, atol=1e-6)
-    assert torch.equal(logits, before)  # input not modified
+# --- independence from everything but (seed, position, logits)
+
+def test_same_seed_same_tokens_different_seed_differs() -> None:
+    logits = torch.zeros(1, 500)  # uniform: every token is the draw's alone
+    def run(seed: int) -> list[int]:
+        return [int(draw(logits, [SamplingParams(temperature=1.0, seed=seed)], step)) for step in range(40)]
+    assert run(123) == run(123)
+    assert run(123) != run(124)
+    assert len(set(run(7))) > 30
 
 
-def test_presence_is_flat_frequency_scales_with_count() -> None:
-    logits = torch.zeros(1, 3)
-    counts = torch.tensor([[0, 1, 5]])
-    pres_only = apply_penalties(logits, counts, torch.tensor([0.0]), torch.tensor([1.0]))
-    freq_only = apply_penalties(logits, counts, torch.tensor([1.0]), torch.tensor([0.0]))
-    assert pres_only.tolist() == [[0.0, -1.0, -1.0]]
-    assert freq_only.tolist() == [[0.0, -1.0, -5.0]]
+def test_a_row_alone_equals_the_row_among_31_others() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(32, 32000, generator=gen)
+    params = [SamplingParams(temperature=[0.0, 0.3, 0.7, 1.0][i % 4], top_p=[1.0, 0.9, 0.5, 0.95][i % 3], seed=i)
+              for i in range(32)]
+    positions = torch.randint(0, 1000, (32,), generator=gen).tolist()
+    together = draw(logits, params, positions)
+    alone = [int(draw(logits[i:i + 1], [params[i]], [positions[i]])) for i in range(32)]
+    assert together.tolist() == alone
 
 
-def test_zero_penalties_are_identity() -> None:
-    torch.manual_seed(2)
-    logits = torch.randn(3, 10)
-    counts = torch.randint(0, 4, (3, 10))
-    out = apply_penalties(logits, counts, torch.zeros(3), torch.zeros(3))
-    assert torch.equal(out, logits)
+def test_a_resumed_request_draws_what_the_uncut_one_drew() -> None:
+    """Drawing position n needs only (seed, n) and the logits: an attempt that starts at position 20 (a resume)
+    draws from there exactly what the first attempt drew, whatever came before it."""
+    logits = torch.randn(40, 2000, generator=torch.Generator().manual_seed(5))  # position n's logits: row n
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=42)
+    uncut = [int(draw(logits[n:n + 1], [params], n)) for n in range(40)]
+    resumed = [int(draw(logits[n:n + 1], [params], n)) for n in range(20, 40)]
+    assert resumed == uncut[20:]
+
+
+# --- the parameters
+
+def test_sampling_tensors_and_param_validation() -> None:
+    params = [SamplingParams(), SamplingParams(temperature=0.0, top_p=0.5, frequency_penalty=1.0)]
+    temperature, top_p, freq, pres = sampling_tensors(params, CPU)
+    assert temperature.tolist() == pytest.approx([0.3, 0.0]) and top_p.tolist() == [1.0, 0.5]
+    assert freq.tolist() == [0.0, 1.0] and pres.tolist() == [0.0, 0.0]
+    for bad in ({"temperature": -0.1}, {"top_p": 1.5}, {"temperature": math.nan}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

@@ -21,25 +21,14 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
 from workers.engine.model_runner import ModelRunner
-from workers.engine.sampling import apply_penalties, make_generator, sample
+from workers.engine.penalties import PenaltyTable
+from workers.engine.sampling import argmax_rows, sample
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineConfig", "EngineOutput", "EngineRequest", "RequestStream"]
-
-
-def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
-    slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
-    rows, vocab = logits.shape
-    if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
-        return logits.argmax(dim=-1)
-    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
-    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
-    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
-    return first * block + inside
 
 
 class Engine:
@@ -52,8 +41,7 @@ class Engine:
         self.runner = ModelRunner(model, self.device, self.config)
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.blocks)
-        # Penalty bookkeeping: counts of each generated token id, one row per batch slot.
-        self.output_counts = torch.zeros(self.config.max_num_seqs, self.vocab_size, device=self.device)  # [slots, V]
+        self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
         self._steps = 0
         # Called on the engine thread after every pass of its loop that may have produced outputs (the
         # engine process sends each step's outputs in one message through it).
@@ -72,7 +60,7 @@ class Engine:
         """Queue a request; its outputs go to `stream` (a new RequestStream unless given)."""
         stream = stream if stream is not None else RequestStream(request)
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling, request.max_tokens, stream,
-                       priority=request.priority)
+                       priority=request.priority, num_resumed_tokens=request.num_resumed_tokens)
         with self._cond:
             if self._stopping:
                 stream.put(EngineOutput([], "error", error="the engine is shut down"))
@@ -175,43 +163,42 @@ class Engine:
         return None
 
     def _reset_slots(self, admitted: list[Sequence]) -> None:
-        """Fresh per-slot state for (re)admitted sequences: penalty counts of the outputs so far."""
+        """Fresh per-slot state for (re)admitted sequences: the penalties of what they generated so far."""
         for seq in admitted:
             if seq.penalized:
-                row = self.output_counts[seq.slot]
-                row.zero_()
-                if seq.num_output_tokens:  # back from preemption
-                    ids = torch.tensor(seq.output_token_ids, device=self.device)
-                    row.index_add_(0, ids, torch.ones(len(ids), device=self.device))
+                self.penalties.reset(seq.slot, seq.generated_token_ids, seq.sampling.frequency_penalty,
+                                     seq.sampling.presence_penalty)
 
+    @torch.inference_mode()  # the runner's logits are inference tensors: only there can they be worked in place
     def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row of logits [S, V]; greedy rows by argmax, the others each from its own generator."""
+        """One token per row of logits [S, V] (this step's own tensor: penalties and sampling work in it):
+        penalties, then argmax for greedy rows and one batched draw (sampling.py) for the others."""
         if not sampled:
             return []
         penalized = [i for i, s in enumerate(sampled) if s.penalized]
         if penalized:
-            penalized_rows = torch.tensor(penalized, device=self.device)
-            slots = torch.tensor([sampled[i].slot for i in penalized], device=self.device)
-            frequency = torch.tensor([sampled[i].sampling.frequency_penalty for i in penalized], device=self.device)
-            presence = torch.tensor([sampled[i].sampling.presence_penalty for i in penalized], device=self.device)
-            logits = logits.clone()
-            logits[penalized_rows] = apply_penalties(logits[penalized_rows], self.output_counts[slots], frequency,
-                                                     presence)
-        tokens = argmax_rows(logits)                                       # [S]
+            self.penalties.apply_(logits, penalized, [sampled[i].slot for i in penalized])
         random = [i for i, s in enumerate(sampled) if not s.greedy]
-        if random:
-            seqs = [sampled[i] for i in random]
-            for seq in seqs:
-                if seq.generator is None:
-                    seq.generator = make_generator(seq.sampling.seed, self.device)
-            rows = torch.tensor(random, device=self.device)
-            temperature = torch.tensor([s.sampling.temperature for s in seqs], device=self.device)
-            top_p = torch.tensor([s.sampling.top_p for s in seqs], device=self.device)
-            tokens[rows] = sample(logits[rows], temperature, top_p, [s.generator for s in seqs])
+        if len(random) == len(sampled):
+            tokens = sample(logits, *self._draw_inputs(sampled))
+        else:
+            tokens = argmax_rows(logits)                                   # [S]
+            if random:
+                rows = torch.tensor(random, device=self.device)
+                tokens[rows] = sample(logits[rows], *self._draw_inputs([sampled[i] for i in random]))
         if penalized:
-            self.output_counts.index_put_((slots, tokens[penalized_rows]),
-                                          torch.ones(len(penalized), device=self.device), accumulate=True)
+            self.penalties.record([sampled[i].slot for i in penalized],
+                                  tokens[torch.tensor(penalized, device=self.device)])
         return tokens.tolist()
+
+    def _draw_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
+        """sample()'s per-row inputs: temperature, top_p, seed key, output position."""
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return (column([s.sampling.temperature for s in seqs], torch.float32),
+                column([s.sampling.top_p for s in seqs], torch.float32),
+                column([s.seed_key for s in seqs], torch.long),
+                column([s.sample_position for s in seqs], torch.long))
 
     def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence], tokens: list[int]) -> None:
         for seq in batch.decode:

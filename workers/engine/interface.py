@@ -38,6 +38,9 @@ class EngineRequest:
     sampling: SamplingParams
     max_tokens: int
     priority: int = 0  # lower is admitted first: interactive 0, batch 1
+    # How many tokens at the end of prompt_token_ids earlier attempts of the job generated (a resume): they
+    # count as output for penalties and for the position of each random draw.
+    num_resumed_tokens: int = 0
 
 
 @dataclass(frozen=True)

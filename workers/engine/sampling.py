@@ -1,10 +1,21 @@
-"""Batched token sampling: OpenAI-style penalties, temperature, nucleus (top-p).
+"""Batched token sampling: OpenAI's additive penalties, temperature and nucleus (top-p), for every row at once.
 
-Shapes used throughout: B = rows (requests) in the batch, V = vocabulary size.
+Shapes used throughout: R = rows (requests) being sampled, V = vocabulary size.
 
-Design rule: each row draws its randomness only from its own ``torch.Generator``
-and always draws the same amount (V exponentials per step), so a request's
-output depends only on its own seed and logits, never on what else is batched.
+Design rules:
+- Randomness is a pure function of (the request's seed, the output position, the draw's number): a counter-based
+  hash, not a generator with state. So a request's tokens depend only on its own seed and logits, never on
+  what else is batched, and an attempt that resumes a job at position n draws exactly what the first attempt
+  would have drawn there. Every row costs the same few tensor ops, whatever its seed: no per-row Python loop,
+  and no data-dependent shapes on the common path.
+- One uniform per row and draw, turned into a token by inverse-CDF over the row's probabilities. The CDF is
+  taken in two levels (block sums of BLOCK tokens, then the one block the draw lands in), so the full-vocabulary
+  work is an exp and a sum: no cumulative sum and no sort over V.
+- top_p < 1 without a sort: draw from the whole distribution and accept the token if it lies in the nucleus
+  (the mass of strictly more likely tokens is < top_p); otherwise draw again. Accepted tokens follow the
+  nucleus' renormalised distribution exactly, and each round accepts at least a top_p share of the mass, so
+  rows that are not done after a few rounds are rare. They get the nucleus itself: from a top-k pre-filter when
+  it fits there, else from a sort of their rows.
 """
 from __future__ import annotations
 
@@ -14,14 +25,20 @@ import torch
 
 from workers.engine.interface import SamplingParams  # defined torch-free: the worker process imports it
 
-# Smallest positive float32; used to keep exponential noise strictly positive.
-_TINY = torch.finfo(torch.float32).tiny
+# Tokens per block of the two-level CDF (a divisor of V is taken when V is not a multiple).
+BLOCK = 128
+# Rejection rounds before the exact nucleus. A round ends a row with probability >= top_p.
+NUCLEUS_ROUNDS = 4
+# The pre-filter's width: a nucleus of at most this many tokens is found without sorting V.
+NUCLEUS_TOP_K = 256
+
+_M32 = 0xFFFFFFFF
 
 
 def sampling_tensors(
     params: Sequence[SamplingParams], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack per-request params into float32 [B] tensors on ``device``.
+    """Stack per-request params into float32 [R] tensors on ``device``.
 
     Returns (temperature, top_p, frequency_penalty, presence_penalty).
     """
@@ -31,71 +48,198 @@ def sampling_tensors(
     return col("temperature"), col("top_p"), col("frequency_penalty"), col("presence_penalty")
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on ``device`` seeded with the request's seed."""
-    gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(int(seed))
-    return gen
+# --- counter-based randomness
+
+def _mix32_int(x: int) -> int:
+    """A 32-bit integer hash (bijective, good avalanche): the same steps as _mix32, on a Python int."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def seed_key(seed: int) -> int:
+    """A request's 64-bit seed folded into the 32-bit key its draws are hashed from (once per request)."""
+    seed &= (1 << 64) - 1
+    return _mix32_int(_mix32_int(seed & _M32) ^ (seed >> 32))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """_mix32_int on an int64 tensor of values in [0, 2**32). The constant is below 2**27, so no product
+    overflows int64: the same bits on every device."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def uniforms(keys: torch.Tensor, positions: torch.Tensor, draw: int) -> torch.Tensor:
+    """float64 [R] in [0, 1): draw number `draw` for output position `positions[r]` of the request whose seed key
+    is `keys[r]` (int64 [R] each). A pure function of its inputs."""
+    counter = (positions * 256 + draw) & _M32  # positions < 2**24 (the context), draws < 256
+    bits = _mix32(keys ^ _mix32(counter))
+    return bits.to(torch.float64) * (1.0 / 2**32)
+
+
+# --- the pieces of a step
+
+def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
+    slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
+    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
+    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
+    return first * block + inside
+
+
+
+def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
+    slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
+    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
+    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
+    return first * block + inside
+
 
 
 def apply_penalties(
-    logits: torch.Tensor,  # [B, V] float
-    output_counts: torch.Tensor,  # [B, V] counts of each id among *generated* tokens
-    frequency_penalty: torch.Tensor,  # [B]
-    presence_penalty: torch.Tensor,  # [B]
-) -> torch.Tensor:  # [B, V] float32, a new tensor (inputs untouched)
+    logits: torch.Tensor,  # [R, V] float
+    output_counts: torch.Tensor,  # [R, V] counts of each id among *generated* tokens
+    frequency_penalty: torch.Tensor,  # [R]
+    presence_penalty: torch.Tensor,  # [R]
+) -> torch.Tensor:  # [R, V] float32, a new tensor (inputs untouched)
     """OpenAI additive penalties: ``logits - c*freq - (c > 0)*pres`` per token."""
-    counts = output_counts.to(torch.float32)  # [B, V]
-    freq = frequency_penalty.to(torch.float32).unsqueeze(1)  # [B, 1]
-    pres = presence_penalty.to(torch.float32).unsqueeze(1)  # [B, 1]
-    return logits.to(torch.float32) - counts * freq - (counts > 0).to(torch.float32) * pres
+    return logits.to(torch.float32) - penalty_rows(output_counts, frequency_penalty, presence_penalty)
 
 
-def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Bool [B, V]: True for tokens inside each row's nucleus.
+def penalty_rows(
+    output_counts: torch.Tensor,  # [R, V] counts of each id among generated tokens
+    frequency_penalty: torch.Tensor,  # [R]
+    presence_penalty: torch.Tensor,  # [R]
+) -> torch.Tensor:  # [R, V] float32: what to subtract from the logits
+    counts = output_counts.to(torch.float32)
+    freq = frequency_penalty.to(torch.float32).unsqueeze(1)  # [R, 1]
+    pres = presence_penalty.to(torch.float32).unsqueeze(1)  # [R, 1]
+    return counts * freq + (counts > 0).to(torch.float32) * pres
 
-    The nucleus is the smallest set of most-likely tokens whose mass >= top_p:
-    a token is kept iff the mass of strictly more likely tokens is < top_p, so
-    the top token (mass before it = 0) is always kept.
-    """
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V] each
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]
-    keep_sorted = mass_before < top_p.unsqueeze(1)  # [B, V]
-    keep_sorted[:, 0] = True  # the top token always (top_p == 0 keeps only it)
-    # top_p == 1 keeps everything exactly (cumsum rounding could otherwise drop a tail).
-    keep_sorted |= (top_p >= 1.0).unsqueeze(1)
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)  # back to vocab order
+
+def _probabilities_(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / T) unnormalised, the most likely token at 1: float32 [R, V], computed in place in `logits`
+    (each pass over [R, V] costs as much as the rest of the draw, so none is spent on a copy)."""
+    top = logits.amax(dim=-1, keepdim=True)  # [R, 1]
+    return logits.sub_(top).mul_((1.0 / temperature).unsqueeze(1)).exp_()
+
+
+def _block_size(vocab: int) -> int:
+    return next(b for b in (BLOCK, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
+
+
+def _blocks(probs: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] viewed as [R, NB, bs]: the first level of the two-level CDF."""
+    rows, vocab = probs.shape
+    bs = _block_size(vocab)
+    return probs.view(rows, vocab // bs, bs)
+
+
+def _block_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """float64 [R, NB]: the cumulative mass of each row's blocks (its last column: the row's total)."""
+    return _blocks(probs).sum(dim=-1).to(torch.float64).cumsum(dim=-1)  # a float64 sum over V would cost 5x
+
+
+def _inverse_cdf(probs: torch.Tensor, block_cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token where u (float64 [R], in [0, 1)) falls in each row's CDF of probs (float32 [R, V], unnormalised,
+    >= 0; block_cdf its _block_cdf): token i with probability probs[i] / sum(probs). int64 [R]."""
+    blocks = _blocks(probs)  # [R, NB, bs]
+    rows, num_blocks, bs = blocks.shape
+    target = (u * block_cdf[:, -1]).unsqueeze(1)  # [R, 1]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=num_blocks - 1)  # [R, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # [R, 1] mass before it
+    inside = blocks.gather(1, block.unsqueeze(2).expand(rows, 1, bs)).squeeze(1)  # [R, bs]
+    inside_cdf = inside.to(torch.float64).cumsum(dim=-1) + before  # [R, bs]
+    offset = torch.searchsorted(inside_cdf, target, right=True).clamp_(max=bs - 1)  # [R, 1]
+    return (block * bs + offset).squeeze(1)
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows], without copying t when rows is every row in order (the common case: one top_p for all)."""
+    return t if rows.numel() == t.shape[0] else t[rows]
+
+
+def _mass_above(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """float64 [R]: the mass of the tokens strictly more likely than tokens[r] in row r.
+
+    In float arithmetic only (on CPU a comparison, a where or a masked_fill costs 4-10x a float op): with
+    excess = relu(p - p_chosen), the mass above is sum(excess) + p_chosen * count(excess > 0)."""
+    chosen = probs.gather(1, tokens.unsqueeze(1))  # [R, 1]
+    excess = (probs - chosen).clamp_(min=0)  # [R, V]
+    above = excess.sum(dim=-1).to(torch.float64)  # [R]
+    count = excess.sign_().sum(dim=-1).to(torch.float64)  # [R]: tokens strictly more likely
+    return above + chosen.squeeze(1).to(torch.float64) * count
+
+
+def _nucleus_floor(sorted_probs: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's probabilities sorted descending ([R, K], K <= V) and its cut (float64 [R]): the smallest
+    probability inside the nucleus (float32 [R]), and whether the nucleus ends inside these K (bool [R]).
+    A token is in the nucleus iff the mass of strictly more likely tokens is < cut; ties share one fate."""
+    mass_before = sorted_probs.to(torch.float64).cumsum(dim=-1) - sorted_probs  # [R, K]
+    kept = (mass_before < cut.unsqueeze(1)).sum(dim=-1)  # [R] >= 1: the top token (mass 0 before it)
+    kept = kept.clamp_(min=1)
+    floor = sorted_probs.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)  # [R]
+    return floor, kept < sorted_probs.shape[1]
+
+
+def _nucleus_draw(probs: torch.Tensor, cut: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact nucleus sampling for the few rows rejection did not finish: find each row's nucleus (top-k pre-filter,
+    a sort of the row where the nucleus is wider), then inverse-CDF inside it. int64 [R]."""
+    k = min(NUCLEUS_TOP_K, probs.shape[1])
+    floor, found = _nucleus_floor(probs.topk(k, dim=-1).values, cut)
+    wide = (~found).nonzero().squeeze(1)
+    if k < probs.shape[1] and wide.numel():
+        floor[wide], _ = _nucleus_floor(probs[wide].sort(dim=-1, descending=True).values, cut[wide])
+    inside = probs.masked_fill(probs < floor.unsqueeze(1), 0.0)
+    return _inverse_cdf(inside, _block_cdf(inside), u)
 
 
 def sample(
-    logits: torch.Tensor,  # [B, V]
-    temperature: torch.Tensor,  # [B], 0 => greedy
-    top_p: torch.Tensor,  # [B], in [0, 1]
-    generators: Sequence[torch.Generator],  # B generators on logits.device
-) -> torch.Tensor:  # [B] int64 token ids
-    """Sample one token per row (greedy where temperature == 0)."""
-    logits = logits.to(torch.float32)
-    batch, vocab = logits.shape
-    if len(generators) != batch:
-        raise ValueError(f"need one generator per row: {len(generators)} != {batch}")
-    temperature = temperature.to(device=logits.device, dtype=torch.float32)
-    top_p = top_p.to(device=logits.device, dtype=torch.float32)
+    logits: torch.Tensor,  # [R, V] float32, overwritten (used as scratch space)
+    temperature: torch.Tensor,  # [R], 0 => greedy
+    top_p: torch.Tensor,  # [R], in [0, 1]
+    keys: torch.Tensor,  # int64 [R]: seed_key(seed) of each row's request
+    positions: torch.Tensor,  # int64 [R]: the output position being sampled (0 for a request's first token)
+) -> torch.Tensor:  # [R] int64 token ids
+    """Sample one token per row (greedy where temperature == 0, the most likely token where top_p == 0).
+    `logits` is consumed: pass a copy to keep it."""
+    device = logits.device
+    temperature = temperature.to(device=device, dtype=torch.float32)
+    top_p = top_p.to(device=device, dtype=torch.float32)
+    keys, positions = keys.to(device), positions.to(device)
 
-    greedy = temperature <= 0  # [B]
-    greedy_ids = logits.argmax(dim=-1)  # [B]
+    greedy = (temperature <= 0) | (top_p <= 0)  # [R]
+    argmax = argmax_rows(logits) if bool(greedy.any()) else None  # before logits become probabilities
+    probs = _probabilities_(logits, torch.where(greedy, torch.ones_like(temperature), temperature))  # [R, V]
+    block_cdf = _block_cdf(probs)  # [R, NB]
+    tokens = _inverse_cdf(probs, block_cdf, uniforms(keys, positions, 0))  # [R]: final where top_p == 1
 
-    # Temperature-scaled softmax; greedy rows use 1.0 just to stay finite (result unused).
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature)  # [B]
-    probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)  # [B, V]
-    if bool((top_p < 1.0).any()):
-        probs = probs.masked_fill(~_top_p_mask(probs, top_p), 0.0)  # unnormalised is fine
+    pending = ((top_p < 1) & ~greedy).nonzero().squeeze(1)  # rows whose draw must lie in the nucleus
+    if pending.numel():
+        cut = top_p.to(torch.float64) * block_cdf[:, -1]  # [R] the nucleus' mass (unnormalised)
+        candidates = tokens[pending]
+        for draw in range(1, NUCLEUS_ROUNDS + 1):
+            accepted = _mass_above(_take(probs, pending), candidates) < cut[pending]
+            tokens[pending[accepted]] = candidates[accepted]
+            pending = pending[~accepted]
+            if not pending.numel():
+                break
+            if draw < NUCLEUS_ROUNDS:
+                u = uniforms(keys[pending], positions[pending], draw)
+                candidates = _inverse_cdf(probs[pending], block_cdf[pending], u)
+        if pending.numel():
+            u = uniforms(keys[pending], positions[pending], NUCLEUS_ROUNDS)
+            tokens[pending] = _nucleus_draw(probs[pending], cut[pending], u)
 
-    # Exponential race: argmax_i p_i / q_i with q_i ~ Exp(1) picks i with probability
-    # p_i / sum(p). Every row draws V values from its own generator, every step.
-    noise = torch.empty((batch, vocab), dtype=torch.float32, device=logits.device)  # [B, V]
-    for row, gen in enumerate(generators):
-        noise[row].exponential_(generator=gen)
-    noise.clamp_(min=_TINY)  # q == 0 would give 0/0 = NaN for masked tokens
-    sampled_ids = (probs / noise).argmax(dim=-1)  # [B]
-
-    return torch.where(greedy, greedy_ids, sampled_ids)
+    return tokens if argmax is None else torch.where(greedy, argmax, tokens)

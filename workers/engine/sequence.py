@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import enum
 import itertools
-from typing import Any, Optional
+from typing import Any
 
-import torch
-
-from workers.engine.sampling import SamplingParams
+from workers.engine.interface import SamplingParams
+from workers.engine.sampling import seed_key
 
 _arrival = itertools.count()
 
@@ -21,21 +20,27 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Tokens are prompt + generated. The first `num_computed_tokens` have their K/V in the cache; a step
     computes the next ones (a prefill chunk, or the one newest token when decoding) and, once every token is
-    computed, samples the next token."""
+    computed, samples the next token.
 
-    __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
-                 "sampling", "max_tokens", "generator", "slot", "status", "stream", "arrival", "priority")
+    A resumed job's prompt ends with the `num_resumed_tokens` that its earlier attempts generated. They are
+    prompt to the KV cache and to max_tokens, but output to sampling: penalties count them, and the next draw
+    is the one for output position `num_resumed_tokens + num_output_tokens`, as if the job had never stopped."""
+
+    __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_resumed_tokens", "num_computed_tokens",
+                 "block_table", "sampling", "seed_key", "max_tokens", "slot", "status", "stream", "arrival",
+                 "priority")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 stream: Any = None, priority: int = 0):
+                 stream: Any = None, priority: int = 0, num_resumed_tokens: int = 0):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        self.num_resumed_tokens = min(max(num_resumed_tokens, 0), self.num_prompt_tokens)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []          # KV blocks, in order; block i holds tokens [i*bs, (i+1)*bs)
         self.sampling = sampling
+        self.seed_key = seed_key(sampling.seed)   # what its draws are hashed from (sampling.py)
         self.max_tokens = max_tokens
-        self.generator: Optional[torch.Generator] = None  # made on first sampled (temperature > 0) token
         self.slot = -1                            # row of the engine's per-sequence device tensors while running
         self.status = SequenceStatus.WAITING
         self.stream = stream                      # where outputs go (RequestStream)
@@ -53,6 +58,16 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        """Every token this job generated, in this attempt and the ones before it (what penalties count)."""
+        return self.token_ids[self.num_prompt_tokens - self.num_resumed_tokens:]
+
+    @property
+    def sample_position(self) -> int:
+        """The output position of the next token (0 for a job's first token)."""
+        return self.num_resumed_tokens + self.num_output_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
