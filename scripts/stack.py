@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import redis
+from openai.types.chat import ChatCompletionChunk
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -159,6 +161,13 @@ class Stack:
     def job(self, job_id: str) -> dict:
         return self.redis.hgetall(f"{self.prefix}:job:{job_id}")
 
+    def sdk(self, api_key: str, asynchronous: bool = False, **options) -> openai.OpenAI | openai.AsyncOpenAI:
+        """The official SDK's client (sync or async) on this stack's API. No retries unless asked: a test
+        sees every failure."""
+        client_class = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        options = {"max_retries": 0, "timeout": 120, **options}
+        return client_class(base_url=self.base_url + "/v1", api_key=api_key, **options)
+
 
 class RedisServer:
     """A private redis-server with the project's config (AOF, noeviction), for tests that restart Redis."""
@@ -204,6 +213,21 @@ def iter_sse(lines):
             data = line[6:]
             yield event_id, (data if data == "[DONE]" else json.loads(data))
             event_id = None
+
+
+def job_events_stream(client: openai.OpenAI | openai.AsyncOpenAI, job_id: str, last_event_id: int | None = None):
+    """GET /v1/chat/completions/{id}/events through the official SDK's low-level client: a stream of
+    chat.completion.chunk, as `chat.completions.create(stream=True)` gives (an awaitable of one, from an
+    async client). From the start, or after `last_event_id` (the Last-Event-ID header)."""
+    stream_class = openai.AsyncStream if isinstance(client, openai.AsyncOpenAI) else openai.Stream
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    return client.get(f"/chat/completions/{job_id}/events", cast_to=ChatCompletionChunk, stream=True,
+                      stream_cls=stream_class[ChatCompletionChunk], options={"headers": headers})
+
+
+def chunk_text(chunk: ChatCompletionChunk) -> str:
+    """The text one chunk (the SDK's object) adds: none in the role, finish and usage chunks."""
+    return "".join(choice.delta.content or "" for choice in chunk.choices)
 
 
 def stack_env(redis_url: str = DEFAULT_REDIS_URL, api_keys: tuple = (), max_model_len: int = 4096,

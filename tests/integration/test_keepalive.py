@@ -14,9 +14,8 @@ import json
 import time
 
 import httpx
-from openai import AsyncOpenAI
 
-from scripts.stack import iter_sse
+from scripts.stack import chunk_text, iter_sse
 from tests.conftest import API_KEYS
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
@@ -40,25 +39,22 @@ def final_text(stack, job_id: str) -> str:
 def test_sdk_sync_stream_reads_on_through_keepalives_after_its_first_delta(stack, client):
     text, job_id = "", None
     for chunk in client.chat.completions.create(stream=True, **BODY):
-        delta = chunk.choices[0].delta.content if chunk.choices else None
-        if delta and job_id is None:
+        if chunk_text(chunk) and job_id is None:
             job_id = chunk.id
             hold_idle(stack, job_id)  # not reading meanwhile: the keep-alives wait in the socket
-        text += delta or ""
+        text += chunk_text(chunk)
     assert job_id is not None and text == final_text(stack, job_id)
 
 
 def test_sdk_async_stream_reads_on_through_keepalives_after_its_first_delta(stack):
     async def read() -> tuple[str, str]:
         text, job_id = "", None
-        async with AsyncOpenAI(base_url=stack.base_url + "/v1", api_key=API_KEYS[0], max_retries=0,
-                               timeout=120) as aclient:
+        async with stack.sdk(API_KEYS[0], asynchronous=True) as aclient:
             async for chunk in await aclient.chat.completions.create(stream=True, **BODY):
-                delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta and job_id is None:
+                if chunk_text(chunk) and job_id is None:
                     job_id = chunk.id
                     hold_idle(stack, job_id)  # blocks the event loop: nothing is read meanwhile
-                text += delta or ""
+                text += chunk_text(chunk)
         return text, job_id
 
     text, job_id = asyncio.run(read())
