@@ -1,8 +1,12 @@
 """Chaos: a few hundred jobs, some streamed, while workers are SIGKILLed and Redis restarts. Then every job
 is checked: completed exactly once, its event log contiguous with one final event, its streamed text equal
-to its final text, none lost. Prints the figures. Bounded in time (about two minutes here)."""
+to its final text, none lost. Prints the figures. Bounded in time (about two minutes here).
+
+The streams are read as users read them: a third with the official SDK's sync client, a third with its async
+client, and a third as raw lines, which resume after their last event id."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -11,9 +15,10 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
-from scripts.stack import RedisServer, Stack, iter_sse, stack_env, wait_until
+from scripts.stack import RedisServer, Stack, chunk_text, iter_sse, job_events_stream, stack_env, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 KEY = "chaos-key"
@@ -38,15 +43,16 @@ def post_with_retry(client: httpx.Client, body: dict, deadline: float) -> httpx.
 
 
 def read_stream(base_url: str, body: dict, deadline: float, seen: dict) -> None:
-    """Stream a completion; on an interrupted stream, resume from the last event id. Fills `seen` with what
-    the client saw: job id, text and the event ids."""
+    """Stream a completion as raw lines; on an interrupted stream, resume from the last event id. Fills `seen`
+    with what the client saw: job id, text and the event ids."""
     seen.update(id=None, text="", ids=[], done=False)
     with httpx.Client(base_url=base_url, timeout=60) as client:
         response_cm = None
         while not seen["done"] and time.monotonic() < deadline:
             try:
                 if seen["id"] is None:
-                    response_cm = client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH)
+                    response_cm = client.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                                                headers=AUTH)
                 else:
                     headers = {**AUTH, "Last-Event-ID": str(seen["ids"][-1] if seen["ids"] else -1)}
                     response_cm = client.stream("GET", f"/v1/chat/completions/{seen['id']}/events", headers=headers)
@@ -66,6 +72,46 @@ def read_stream(base_url: str, body: dict, deadline: float, seen: dict) -> None:
                             seen["text"] += payload["choices"][0]["delta"].get("content", "")
             except httpx.TransportError:
                 time.sleep(0.5)
+
+
+# The SDK retries a 503 or 429 after its Retry-After, and a lost connection, by itself.
+SDK_RETRIES = 10
+
+
+def read_stream_with_sdk(stack, body: dict, deadline: float, seen: dict) -> None:
+    """Stream a completion with the official SDK's sync client. A stream that breaks is read again from the
+    start (`…/events`: the SDK shows no event ids to resume after), and that read's text replaces what was
+    read. Fills `seen` with the job id and the text (no event ids)."""
+    seen.update(id=None, text="", ids=None, done=False)
+    client = stack.sdk(KEY, max_retries=SDK_RETRIES, timeout=60)
+    while not seen["done"] and time.monotonic() < deadline:
+        try:
+            stream = (client.chat.completions.create(stream=True, **body) if seen["id"] is None
+                      else job_events_stream(client, seen["id"]))
+            seen["text"] = ""
+            for chunk in stream:
+                seen["id"] = chunk.id
+                seen["text"] += chunk_text(chunk)
+            seen["done"] = True
+        except openai.APIError:  # a lost connection or a 5xx past the retries, or an error event
+            time.sleep(0.5)
+
+
+async def read_stream_with_async_sdk(stack, body: dict, deadline: float, seen: dict) -> None:
+    """The same with the SDK's async client."""
+    seen.update(id=None, text="", ids=None, done=False)
+    async with stack.sdk(KEY, asynchronous=True, max_retries=SDK_RETRIES, timeout=60) as client:
+        while not seen["done"] and time.monotonic() < deadline:
+            try:
+                stream = await (client.chat.completions.create(stream=True, **body) if seen["id"] is None
+                                else job_events_stream(client, seen["id"]))
+                seen["text"] = ""
+                async for chunk in stream:
+                    seen["id"] = chunk.id
+                    seen["text"] += chunk_text(chunk)
+                seen["done"] = True
+            except openai.APIError:
+                await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -94,6 +140,7 @@ def test_chaos(chaos_stack, terminal_report):
     streams: list[dict] = []
     kills: list[float] = []
     redis_restarts = 0
+    stream_errors = collections.Counter()
     chaos_over = threading.Event()
 
     def submit_jobs():
@@ -112,11 +159,20 @@ def test_chaos(chaos_stack, terminal_report):
                     time.sleep(0.2)
 
     def stream_one(i):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Stream {i}"}], "stream": True,
-                "max_tokens": 200, "temperature": 0}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Stream {i}"}], "max_tokens": 200,
+                "temperature": 0}
         seen: dict = {}
         streams.append(seen)
-        read_stream(stack.base_url, body, deadline, seen)
+        try:
+            if i % 3 == 0:
+                read_stream_with_sdk(stack, body, deadline, seen)
+            elif i % 3 == 1:
+                asyncio.run(read_stream_with_async_sdk(stack, body, deadline, seen))
+            else:
+                read_stream(stack.base_url, body, deadline, seen)
+        except Exception as exc:  # a reader that dies is a stream mismatch; say why with the figures
+            stream_errors[repr(exc)[:160]] += 1
+            raise
 
     def chaos():
         nonlocal redis_restarts
@@ -185,15 +241,22 @@ def test_chaos(chaos_stack, terminal_report):
             last_kill = max((k for k in kills if k < requeued), default=None)
             if last_kill:
                 recoveries.append(requeued - last_kill)
-    stream_mismatch = sum(1 for s in streams if not s.get("done") or s["text"] != json.loads(
-        stack.job(s["id"])["result"])["text"] or s["ids"] != list(range(len(s["ids"]))))
+
+    def mismatched(seen: dict) -> bool:
+        """Not read to its end, or not the job's final text; or (raw lines) event ids not contiguous from 0."""
+        if not seen.get("done") or seen["text"] != json.loads(stack.job(seen["id"])["result"])["text"]:
+            return True
+        return seen["ids"] is not None and seen["ids"] != list(range(len(seen["ids"])))
+
+    stream_mismatch = sum(map(mismatched, streams))
     recoveries.sort()
     p99 = recoveries[min(len(recoveries) - 1, int(0.99 * len(recoveries)))] if recoveries else 0.0
     terminal_report([
         "", f"chaos: jobs={len(all_ids)} (background {len(accepted)}, streamed {len(streams)}), "
             f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
             f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s",
-        *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5))])
+        *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5)),
+        *(f"chaos stream failure: {count} {error}" for error, count in stream_errors.most_common(5))])
     assert len(accepted) >= N_JOBS and len(streams) == N_STREAMS
     assert kills and redis_restarts == 1
     assert lost == 0 and duplicated == 0 and stream_mismatch == 0
