@@ -1,21 +1,23 @@
-"""Batched token sampling: OpenAI's additive penalties, temperature and nucleus (top-p), for every row at once.
+"""Batched token sampling: temperature and nucleus (top-p) for every row of a step at once (penalties are applied
+to the logits before, by penalties.py).
 
-Shapes used throughout: R = rows (requests) being sampled, V = vocabulary size.
+Shapes used throughout: R = rows (requests) being sampled, V = vocabulary size, K = draws per row.
 
 Design rules:
 - Randomness is a pure function of (the request's seed, the output position, the draw's number): a counter-based
   hash, not a generator with state. So a request's tokens depend only on its own seed and logits, never on
   what else is batched, and an attempt that resumes a job at position n draws exactly what the first attempt
-  would have drawn there. Every row costs the same few tensor ops, whatever its seed: no per-row Python loop,
-  and no data-dependent shapes on the common path.
+  would have drawn there. Every row costs the same few tensor ops, whatever its seed: no per-row Python loop.
 - One uniform per row and draw, turned into a token by inverse-CDF over the row's probabilities. The CDF is
-  taken in two levels (block sums of BLOCK tokens, then the one block the draw lands in), so the full-vocabulary
-  work is an exp and a sum: no cumulative sum and no sort over V.
+  taken in two levels (block sums of BLOCK tokens, then the one block the draw lands in), so the work over the
+  whole vocabulary is an exp and a sum: no cumulative sum and no sort over V.
 - top_p < 1 without a sort: draw from the whole distribution and accept the token if it lies in the nucleus
   (the mass of strictly more likely tokens is < top_p); otherwise draw again. Accepted tokens follow the
-  nucleus' renormalised distribution exactly, and each round accepts at least a top_p share of the mass, so
-  rows that are not done after a few rounds are rare. They get the nucleus itself: from a top-k pre-filter when
-  it fits there, else from a sort of their rows.
+  nucleus' renormalised distribution exactly, and each draw is accepted with probability >= top_p, so rows
+  whose NUCLEUS_ROUNDS draws all fail are rare. They get the nucleus itself: from a top-k pre-filter when it fits
+  there, else from a sort of their rows.
+- On CPU a pass over [R, V] costs as much as the rest of a draw, so passes are counted: probabilities are made in
+  place in the logits, the block sums are float32, and the nucleus test uses float ops only.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from workers.engine.interface import SamplingParams  # defined torch-free: the w
 
 # Tokens per block of the two-level CDF (a divisor of V is taken when V is not a multiple).
 BLOCK = 128
-# Rejection rounds before the exact nucleus. A round ends a row with probability >= top_p.
+# Draws tested against the nucleus (>= 1) before the exact nucleus is computed with the next draw. Each one is
+# accepted with probability >= top_p.
 NUCLEUS_ROUNDS = 4
 # The pre-filter's width: a nucleus of at most this many tokens is found without sorting V.
 NUCLEUS_TOP_K = 256
@@ -71,78 +74,38 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def uniforms(keys: torch.Tensor, positions: torch.Tensor, draw: int) -> torch.Tensor:
-    """float64 [R] in [0, 1): draw number `draw` for output position `positions[r]` of the request whose seed key
-    is `keys[r]` (int64 [R] each). A pure function of its inputs."""
-    counter = (positions * 256 + draw) & _M32  # positions < 2**24 (the context), draws < 256
+def uniforms(keys: torch.Tensor, positions: torch.Tensor, draws: int | torch.Tensor) -> torch.Tensor:
+    """float64 in [0, 1), shaped as the inputs broadcast: draw number `draws` for output position `positions` of
+    the request whose seed key is `keys` (int64 [R] each, or [R, 1] with draws [1, K]). A pure function of them."""
+    counter = (positions * 256 + draws) & _M32  # positions < 2**24 (the context), draws < 256
     bits = _mix32(keys ^ _mix32(counter))
     return bits.to(torch.float64) * (1.0 / 2**32)
 
 
-# --- the pieces of a step
+# --- the pieces of a draw
 
 def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
+    """logits.argmax(-1) for [R, V], the same index (the first maximum). On CPU torch's argmax is several times
     slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
     rows, vocab = logits.shape
     if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
         return logits.argmax(dim=-1)
-    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
-    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
-    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
+    blocks = logits.view(rows, vocab // block, block)                    # [R, V/b, b]
+    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [R] first block with the maximum
+    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [R]
     return first * block + inside
-
-
-
-def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """logits.argmax(-1) for [S, V], the same index (the first maximum). On CPU torch's argmax is several times
-    slower than a max-reduction, so take the first block holding the maximum, then the maximum inside it."""
-    rows, vocab = logits.shape
-    if logits.device.type != "cpu" or vocab % block or vocab < 4 * block:
-        return logits.argmax(dim=-1)
-    blocks = logits.view(rows, vocab // block, block)                    # [S, V/b, b]
-    first = blocks.amax(dim=-1).argmax(dim=-1)                           # [S] first block with the maximum
-    inside = blocks[torch.arange(rows), first].argmax(dim=-1)            # [S]
-    return first * block + inside
-
-
-
-def apply_penalties(
-    logits: torch.Tensor,  # [R, V] float
-    output_counts: torch.Tensor,  # [R, V] counts of each id among *generated* tokens
-    frequency_penalty: torch.Tensor,  # [R]
-    presence_penalty: torch.Tensor,  # [R]
-) -> torch.Tensor:  # [R, V] float32, a new tensor (inputs untouched)
-    """OpenAI additive penalties: ``logits - c*freq - (c > 0)*pres`` per token."""
-    return logits.to(torch.float32) - penalty_rows(output_counts, frequency_penalty, presence_penalty)
-
-
-def penalty_rows(
-    output_counts: torch.Tensor,  # [R, V] counts of each id among generated tokens
-    frequency_penalty: torch.Tensor,  # [R]
-    presence_penalty: torch.Tensor,  # [R]
-) -> torch.Tensor:  # [R, V] float32: what to subtract from the logits
-    counts = output_counts.to(torch.float32)
-    freq = frequency_penalty.to(torch.float32).unsqueeze(1)  # [R, 1]
-    pres = presence_penalty.to(torch.float32).unsqueeze(1)  # [R, 1]
-    return counts * freq + (counts > 0).to(torch.float32) * pres
 
 
 def _probabilities_(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """softmax(logits / T) unnormalised, the most likely token at 1: float32 [R, V], computed in place in `logits`
-    (each pass over [R, V] costs as much as the rest of the draw, so none is spent on a copy)."""
+    """softmax(logits / T) unnormalised, the most likely token at 1: float32 [R, V], made in place in `logits`."""
     top = logits.amax(dim=-1, keepdim=True)  # [R, 1]
     return logits.sub_(top).mul_((1.0 / temperature).unsqueeze(1)).exp_()
-
-
-def _block_size(vocab: int) -> int:
-    return next(b for b in (BLOCK, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
 
 
 def _blocks(probs: torch.Tensor) -> torch.Tensor:
     """probs [R, V] viewed as [R, NB, bs]: the first level of the two-level CDF."""
     rows, vocab = probs.shape
-    bs = _block_size(vocab)
+    bs = next(b for b in (BLOCK, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
     return probs.view(rows, vocab // bs, bs)
 
 
@@ -152,58 +115,78 @@ def _block_cdf(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_cdf(probs: torch.Tensor, block_cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The token where u (float64 [R], in [0, 1)) falls in each row's CDF of probs (float32 [R, V], unnormalised,
-    >= 0; block_cdf its _block_cdf): token i with probability probs[i] / sum(probs). int64 [R]."""
+    """The tokens where the uniforms u (float64 [R, K], in [0, 1)) fall in each row's CDF of probs (float32 [R, V],
+    unnormalised, >= 0; block_cdf its _block_cdf): token i with probability probs[i] / sum(probs). int64 [R, K]."""
     blocks = _blocks(probs)  # [R, NB, bs]
-    rows, num_blocks, bs = blocks.shape
-    target = (u * block_cdf[:, -1]).unsqueeze(1)  # [R, 1]
-    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=num_blocks - 1)  # [R, 1]
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # [R, 1] mass before it
-    inside = blocks.gather(1, block.unsqueeze(2).expand(rows, 1, bs)).squeeze(1)  # [R, bs]
-    inside_cdf = inside.to(torch.float64).cumsum(dim=-1) + before  # [R, bs]
-    offset = torch.searchsorted(inside_cdf, target, right=True).clamp_(max=bs - 1)  # [R, 1]
-    return (block * bs + offset).squeeze(1)
-
-
-def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """t[rows], without copying t when rows is every row in order (the common case: one top_p for all)."""
-    return t if rows.numel() == t.shape[0] else t[rows]
+    num_blocks, bs = blocks.shape[1:]
+    target = u * block_cdf[:, -1:]  # [R, K]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=num_blocks - 1)  # [R, K]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # [R, K] mass before it
+    inside = blocks.gather(1, block.unsqueeze(2).expand(-1, -1, bs))  # [R, K, bs]
+    inside_cdf = inside.to(torch.float64).cumsum(dim=-1) + before.unsqueeze(2)  # [R, K, bs]
+    offset = torch.searchsorted(inside_cdf, target.unsqueeze(2), right=True).clamp_(max=bs - 1)  # [R, K, 1]
+    return block * bs + offset.squeeze(2)
 
 
 def _mass_above(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """float64 [R]: the mass of the tokens strictly more likely than tokens[r] in row r.
+    """float64 [R, K]: the mass of the tokens strictly more likely than tokens[r, k] in row r (probs [R, V]).
 
-    In float arithmetic only (on CPU a comparison, a where or a masked_fill costs 4-10x a float op): with
+    In float ops only (on CPU a comparison, a where or a masked_fill costs 4-10x a float op): with
     excess = relu(p - p_chosen), the mass above is sum(excess) + p_chosen * count(excess > 0)."""
-    chosen = probs.gather(1, tokens.unsqueeze(1))  # [R, 1]
-    excess = (probs - chosen).clamp_(min=0)  # [R, V]
-    above = excess.sum(dim=-1).to(torch.float64)  # [R]
-    count = excess.sign_().sum(dim=-1).to(torch.float64)  # [R]: tokens strictly more likely
-    return above + chosen.squeeze(1).to(torch.float64) * count
+    chosen = probs.gather(1, tokens)  # [R, K]
+    excess = (probs.unsqueeze(1) - chosen.unsqueeze(2)).clamp_(min=0)  # [R, K, V]
+    above = excess.sum(dim=-1).to(torch.float64)  # [R, K]
+    count = excess.sign_().sum(dim=-1).to(torch.float64)  # [R, K]: tokens strictly more likely
+    return above + chosen.to(torch.float64) * count
 
 
 def _nucleus_floor(sorted_probs: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From each row's probabilities sorted descending ([R, K], K <= V) and its cut (float64 [R]): the smallest
-    probability inside the nucleus (float32 [R]), and whether the nucleus ends inside these K (bool [R]).
+    """From each row's probabilities sorted descending ([R, J], J <= V) and its cut (float64 [R]): the smallest
+    probability inside the nucleus (float32 [R]), and whether the nucleus ends inside these J (bool [R]).
     A token is in the nucleus iff the mass of strictly more likely tokens is < cut; ties share one fate."""
-    mass_before = sorted_probs.to(torch.float64).cumsum(dim=-1) - sorted_probs  # [R, K]
-    kept = (mass_before < cut.unsqueeze(1)).sum(dim=-1)  # [R] >= 1: the top token (mass 0 before it)
-    kept = kept.clamp_(min=1)
+    mass_before = sorted_probs.to(torch.float64).cumsum(dim=-1) - sorted_probs  # [R, J]
+    kept = (mass_before < cut.unsqueeze(1)).sum(dim=-1).clamp_(min=1)  # [R] >= 1: the top token (0 before it)
     floor = sorted_probs.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)  # [R]
     return floor, kept < sorted_probs.shape[1]
 
 
 def _nucleus_draw(probs: torch.Tensor, cut: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Exact nucleus sampling for the few rows rejection did not finish: find each row's nucleus (top-k pre-filter,
-    a sort of the row where the nucleus is wider), then inverse-CDF inside it. int64 [R]."""
+    a sort of the row where the nucleus is wider), then inverse-CDF inside it. u float64 [R, 1]; int64 [R]."""
     k = min(NUCLEUS_TOP_K, probs.shape[1])
     floor, found = _nucleus_floor(probs.topk(k, dim=-1).values, cut)
     wide = (~found).nonzero().squeeze(1)
     if k < probs.shape[1] and wide.numel():
         floor[wide], _ = _nucleus_floor(probs[wide].sort(dim=-1, descending=True).values, cut[wide])
     inside = probs.masked_fill(probs < floor.unsqueeze(1), 0.0)
-    return _inverse_cdf(inside, _block_cdf(inside), u)
+    return _inverse_cdf(inside, _block_cdf(inside), u).squeeze(1)
 
+
+def _in_nucleus(probs: torch.Tensor, block_cdf: torch.Tensor, top_p: torch.Tensor, first: torch.Tensor,
+                keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """For rows with top_p < 1: the first of their draws that lies in the nucleus. Draw 0 (`first`, int64 [R]) is
+    tested for every row; the few rows it fails draw NUCLEUS_ROUNDS - 1 more candidates, all tested at once; rows
+    whose every candidate fails get the exact nucleus. int64 [R]."""
+    cut = top_p.to(torch.float64) * block_cdf[:, -1]  # [R] the nucleus' mass (unnormalised)
+    tokens = first.clone()
+    rejected = (_mass_above(probs, first.unsqueeze(1)).squeeze(1) >= cut).nonzero().squeeze(1)
+    if rejected.numel() and NUCLEUS_ROUNDS > 1:
+        draws = torch.arange(1, NUCLEUS_ROUNDS, device=probs.device).unsqueeze(0)  # [1, K]
+        u = uniforms(keys[rejected].unsqueeze(1), positions[rejected].unsqueeze(1), draws)  # [P, K]
+        rejected_probs = probs[rejected]
+        candidates = _inverse_cdf(rejected_probs, block_cdf[rejected], u)  # [P, K]
+        accepted = _mass_above(rejected_probs, candidates) < cut[rejected].unsqueeze(1)  # [P, K]
+        found = accepted.any(dim=1)
+        first_accepted = accepted.to(torch.int8).argmax(dim=1, keepdim=True)  # [P, 1]
+        tokens[rejected[found]] = candidates.gather(1, first_accepted).squeeze(1)[found]
+        rejected = rejected[~found]
+    if rejected.numel():
+        u = uniforms(keys[rejected], positions[rejected], NUCLEUS_ROUNDS).unsqueeze(1)
+        tokens[rejected] = _nucleus_draw(probs[rejected], cut[rejected], u)
+    return tokens
+
+
+# --- a step's draw
 
 def sample(
     logits: torch.Tensor,  # [R, V] float32, overwritten (used as scratch space)
@@ -223,23 +206,12 @@ def sample(
     argmax = argmax_rows(logits) if bool(greedy.any()) else None  # before logits become probabilities
     probs = _probabilities_(logits, torch.where(greedy, torch.ones_like(temperature), temperature))  # [R, V]
     block_cdf = _block_cdf(probs)  # [R, NB]
-    tokens = _inverse_cdf(probs, block_cdf, uniforms(keys, positions, 0))  # [R]: final where top_p == 1
+    tokens = _inverse_cdf(probs, block_cdf, uniforms(keys, positions, 0).unsqueeze(1)).squeeze(1)  # [R]
 
-    pending = ((top_p < 1) & ~greedy).nonzero().squeeze(1)  # rows whose draw must lie in the nucleus
-    if pending.numel():
-        cut = top_p.to(torch.float64) * block_cdf[:, -1]  # [R] the nucleus' mass (unnormalised)
-        candidates = tokens[pending]
-        for draw in range(1, NUCLEUS_ROUNDS + 1):
-            accepted = _mass_above(_take(probs, pending), candidates) < cut[pending]
-            tokens[pending[accepted]] = candidates[accepted]
-            pending = pending[~accepted]
-            if not pending.numel():
-                break
-            if draw < NUCLEUS_ROUNDS:
-                u = uniforms(keys[pending], positions[pending], draw)
-                candidates = _inverse_cdf(probs[pending], block_cdf[pending], u)
-        if pending.numel():
-            u = uniforms(keys[pending], positions[pending], NUCLEUS_ROUNDS)
-            tokens[pending] = _nucleus_draw(probs[pending], cut[pending], u)
-
+    nucleus = ((top_p < 1) & ~greedy).nonzero().squeeze(1)  # rows whose draw must lie in the nucleus
+    if nucleus.numel() == len(tokens):  # every row (one top_p for all, the usual case): no copies
+        tokens = _in_nucleus(probs, block_cdf, top_p, tokens, keys, positions)
+    elif nucleus.numel():
+        tokens[nucleus] = _in_nucleus(probs[nucleus], block_cdf[nucleus], top_p[nucleus], tokens[nucleus],
+                                      keys[nucleus], positions[nucleus])
     return tokens if argmax is None else torch.where(greedy, argmax, tokens)
