@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from workers.engine import sampling
+from workers.engine import cpu_kernels, sampling
 from workers.engine.sampling import (
     SamplingParams,
     sample,
@@ -68,8 +68,18 @@ def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return kept / kept.sum()
 
 
+@pytest.fixture(params=["compiled", "tensor ops"])
+def nucleus_test(request, monkeypatch):
+    """The nucleus test on CPU: one compiled pass (cpu_kernels.py, numba), or the tensor ops a GPU runs."""
+    if request.param == "tensor ops":
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+    else:
+        assert cpu_kernels.enabled, "numba is a dependency: the compiled kernels must be there"
+    return request.param
+
+
 @pytest.fixture(params=["rejection", "top-k", "sort"])
-def nucleus_path(request, monkeypatch):
+def nucleus_path(request, monkeypatch, nucleus_test):
     """Run a test through each way the nucleus is sampled: rejection rounds (the common path), and, with one
     round only (so many rows fall through), the exact nucleus from the top-k pre-filter or from a sort."""
     if request.param != "rejection":
@@ -111,6 +121,27 @@ def test_seed_key_folds_all_64_bits() -> None:
 
 
 # --- the distribution
+
+def test_the_compiled_kernels_equal_the_tensor_ops(monkeypatch) -> None:
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(8)) * 3
+    temperature = torch.tensor([0.3, 0.7, 1.0, 0.05])
+    compiled = sampling._probabilities_(logits.clone(), temperature)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_kernels, "enabled", False)
+        assert torch.equal(compiled, sampling._probabilities_(logits.clone(), temperature))  # the same bits
+
+
+def test_the_compiled_nucleus_test_equals_the_tensor_ops(monkeypatch) -> None:
+    probs = torch.rand(5, 3000, generator=torch.Generator().manual_seed(9))
+    probs[2, :1000] = probs[2, 1000:2000]  # ties
+    tokens = torch.randint(0, 3000, (5, 3), generator=torch.Generator().manual_seed(10))
+    compiled = sampling._mass_above(probs, tokens)
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    tensor_ops = sampling._mass_above(probs, tokens)
+    reference = torch.stack([(probs[r] * (probs[r] > probs[r, tokens[r]].unsqueeze(1))).double().sum(1)
+                             for r in range(5)])
+    assert torch.allclose(compiled, reference, rtol=1e-5) and torch.allclose(tensor_ops, reference, rtol=1e-5)
+
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.3])
 def test_draws_follow_the_softmax(temperature: float) -> None:

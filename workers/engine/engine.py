@@ -78,6 +78,14 @@ class Engine:
         """Start-up work on the engine thread (a dummy step; CUDA-graph capture on GPU). Call it once, before
         serving: it blocks until done."""
         self._call_in_engine_thread(self.runner.warmup)
+        self._call_in_engine_thread(self._warm_sampler)
+
+    def _warm_sampler(self) -> None:
+        """One sampled draw with a nucleus, so that the first request does not wait for the compiled kernels."""
+        with torch.inference_mode():
+            logits = torch.zeros(2, self.vocab_size, device=self.device)
+            sample(logits, torch.tensor([0.7, 0.0]), torch.tensor([0.5, 1.0]), torch.tensor([1, 2]),
+                   torch.tensor([0, 0]))
 
     def stats(self) -> dict:
         """A read-only snapshot for metrics (racy by a step at most)."""

@@ -17,7 +17,7 @@ Design rules:
   whose NUCLEUS_ROUNDS draws all fail are rare. They get the nucleus itself: from a top-k pre-filter when it fits
   there, else from a sort of their rows.
 - On CPU a pass over [R, V] costs as much as the rest of a draw, so passes are counted: probabilities are made in
-  place in the logits, the block sums are float32, and the nucleus test uses float ops only.
+  place in the logits, the block sums are float32, and the nucleus test is one compiled pass (cpu_kernels.py).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from workers.engine import cpu_kernels
 from workers.engine.interface import SamplingParams  # defined torch-free: the worker process imports it
 
 # Tokens per block of the two-level CDF (a divisor of V is taken when V is not a multiple).
@@ -98,8 +99,11 @@ def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 def _probabilities_(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """softmax(logits / T) unnormalised, the most likely token at 1: float32 [R, V], made in place in `logits`."""
-    top = logits.amax(dim=-1, keepdim=True)  # [R, 1]
-    return logits.sub_(top).mul_((1.0 / temperature).unsqueeze(1)).exp_()
+    top = logits.amax(dim=-1)  # [R]
+    scale = 1.0 / temperature  # [R]
+    if not cpu_kernels.shift_scale_(logits, top, scale):
+        logits.sub_(top.unsqueeze(1)).mul_(scale.unsqueeze(1))
+    return logits.exp_()
 
 
 def _blocks(probs: torch.Tensor) -> torch.Tensor:
@@ -131,9 +135,13 @@ def _inverse_cdf(probs: torch.Tensor, block_cdf: torch.Tensor, u: torch.Tensor) 
 def _mass_above(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """float64 [R, K]: the mass of the tokens strictly more likely than tokens[r, k] in row r (probs [R, V]).
 
-    In float ops only (on CPU a comparison, a where or a masked_fill costs 4-10x a float op): with
-    excess = relu(p - p_chosen), the mass above is sum(excess) + p_chosen * count(excess > 0)."""
+    On CPU one compiled pass (cpu_kernels.py). In tensor ops, float ops only (on CPU a comparison, a where or a
+    masked_fill costs 4-10x a float op): with excess = relu(p - p_chosen), the mass above is
+    sum(excess) + p_chosen * count(excess > 0)."""
     chosen = probs.gather(1, tokens)  # [R, K]
+    compiled = cpu_kernels.mass_above(probs, chosen)
+    if compiled is not None:
+        return compiled.to(torch.float64)
     excess = (probs.unsqueeze(1) - chosen.unsqueeze(2)).clamp_(min=0)  # [R, K, V]
     above = excess.sum(dim=-1).to(torch.float64)  # [R, K]
     count = excess.sign_().sum(dim=-1).to(torch.float64)  # [R, K]: tokens strictly more likely

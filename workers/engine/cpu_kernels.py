@@ -1,0 +1,78 @@
+"""The sampler's CPU loops that tensor ops cannot do in one pass over [R, V], compiled with numba.
+
+On CPU a pass over a step's logits (32 rows of 32000 here) costs 0.15-0.3 ms, and a decode step of the tiny
+model about 4 ms, so the passes decide what sampling costs:
+- The nucleus test needs, for a chosen probability c in a row, the mass of the tokens strictly more likely:
+  sum(p for p in row if p > c). PyTorch has no per-row masked sum: in tensor ops it takes five passes (a
+  subtraction, a clamp, a sum, a sign, a sum), 1.1 ms; one compiled pass takes 0.18 ms.
+- Shifting and scaling the logits, (z - max) / T, is two in-place passes in tensor ops and one here.
+sampling.py holds the same math in tensor ops, which run on a GPU (microseconds there) and wherever numba is
+missing; each function here answers False or None when it cannot take its tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # an optional speed-up
+    numba = None
+
+enabled = numba is not None  # tests turn it off to run the tensor ops on CPU
+
+
+def _compile(fn, **fastmath):
+    """numba's machine code for fn, cached on disk; nogil lets the worker's other threads run meanwhile."""
+    return numba.njit(cache=True, nogil=True, fastmath=fastmath or False)(fn) if numba is not None else None
+
+
+def _takes(t: torch.Tensor) -> bool:
+    return enabled and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _shift_scale_rows(logits: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> None:
+    rows, vocab = logits.shape
+    for r in range(rows):
+        s, c = shift[r], scale[r]
+        for j in range(vocab):
+            logits[r, j] = (logits[r, j] - s) * c  # the float ops of sub_ then mul_, so the same bits
+
+
+def _mass_above_rows(probs: np.ndarray, chosen: np.ndarray, out: np.ndarray) -> None:
+    rows, vocab = probs.shape
+    for r in range(rows):
+        for k in range(chosen.shape[1]):
+            c = chosen[r, k]
+            total = np.float32(0.0)
+            for j in range(vocab):
+                p = probs[r, j]
+                total += p if p > c else np.float32(0.0)
+            out[r, k] = total
+
+
+_shift_scale_compiled = _compile(_shift_scale_rows)
+# Reassociation lets the sum be vectorised. Each row is still summed on its own, in an order fixed by the
+# compiled code: a row's result never depends on the other rows of its batch.
+_mass_above_compiled = _compile(_mass_above_rows, reassoc=True, nsz=True)
+
+
+def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> bool:
+    """logits = (logits - shift[:, None]) * scale[:, None] in place (float32 [R, V]; [R] each)."""
+    if not _takes(logits):
+        return False
+    _shift_scale_compiled(logits.numpy(), shift.to(torch.float32).contiguous().numpy(),
+                          scale.to(torch.float32).contiguous().numpy())
+    return True
+
+
+def mass_above(probs: torch.Tensor, chosen: torch.Tensor) -> Optional[torch.Tensor]:
+    """float32 [R, K]: per row of probs (float32 [R, V]), the mass of the tokens strictly more likely than each
+    of chosen [R, K]."""
+    if not _takes(probs):
+        return None
+    out = torch.empty(chosen.shape, dtype=torch.float32)
+    _mass_above_compiled(probs.numpy(), chosen.to(torch.float32).contiguous().numpy(), out.numpy())
+    return out
