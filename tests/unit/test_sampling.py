@@ -69,8 +69,8 @@ def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> tor
 
 
 @pytest.fixture(params=["compiled", "tensor ops"])
-def nucleus_test(request, monkeypatch):
-    """The nucleus test on CPU: one compiled pass (cpu_kernels.py, numba), or the tensor ops a GPU runs."""
+def kernels(request, monkeypatch):
+    """The sampler on CPU: with its compiled kernels (cpu_kernels.py, numba), or in the tensor ops a GPU runs."""
     if request.param == "tensor ops":
         monkeypatch.setattr(cpu_kernels, "enabled", False)
     else:
@@ -79,7 +79,7 @@ def nucleus_test(request, monkeypatch):
 
 
 @pytest.fixture(params=["rejection", "top-k", "sort"])
-def nucleus_path(request, monkeypatch, nucleus_test):
+def nucleus_path(request, monkeypatch, kernels):
     """Run a test through each way the nucleus is sampled: rejection rounds (the common path), and, with one
     round only (so many rows fall through), the exact nucleus from the top-k pre-filter or from a sort."""
     if request.param != "rejection":
@@ -131,6 +131,19 @@ def test_the_compiled_kernels_equal_the_tensor_ops(monkeypatch) -> None:
         assert torch.equal(compiled, sampling._probabilities_(logits.clone(), temperature))  # the same bits
 
 
+def test_the_compiled_first_draw_equals_the_tensor_ops() -> None:
+    gen = torch.Generator().manual_seed(11)
+    probs = torch.rand(64, 640, generator=gen) ** 4
+    probs[::3, 100:300] = 0.0  # zero-probability tokens are never drawn
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1 - 2**-32, 0.5, 1e-12], dtype=torch.float64)  # the ends of [0, 1)
+    tokens, block_cdf = cpu_kernels.first_draw(probs, u, 128)
+    reference_cdf = sampling._block_cdf(probs)
+    assert torch.allclose(block_cdf, reference_cdf, rtol=1e-6)
+    assert torch.equal(tokens, sampling._inverse_cdf(probs, reference_cdf, u.unsqueeze(1)).squeeze(1))
+    assert (probs.gather(1, tokens.unsqueeze(1)) > 0).all()
+
+
 def test_the_compiled_nucleus_test_equals_the_tensor_ops(monkeypatch) -> None:
     probs = torch.rand(5, 3000, generator=torch.Generator().manual_seed(9))
     probs[2, :1000] = probs[2, 1000:2000]  # ties
@@ -144,7 +157,7 @@ def test_the_compiled_nucleus_test_equals_the_tensor_ops(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.3])
-def test_draws_follow_the_softmax(temperature: float) -> None:
+def test_draws_follow_the_softmax(kernels: str, temperature: float) -> None:
     # 384 tokens: three blocks of the two-level CDF, and a spread of probabilities from large to tiny.
     logits = torch.linspace(3.0, -3.0, 384)[torch.randperm(384, generator=torch.Generator().manual_seed(0))]
     tokens = draws_over_positions(logits, SamplingParams(temperature=temperature, seed=100), rows=200, steps=100)

@@ -6,6 +6,8 @@ model about 4 ms, so the passes decide what sampling costs:
   sum(p for p in row if p > c). PyTorch has no per-row masked sum: in tensor ops it takes five passes (a
   subtraction, a clamp, a sum, a sign, a sum), 1.1 ms; one compiled pass takes 0.18 ms.
 - Shifting and scaling the logits, (z - max) / T, is two in-place passes in tensor ops and one here.
+- A row's first draw (block sums, then the two-level inverse CDF) is one pass and a short walk here; in tensor
+  ops it is a pass and some 25 small ops, whose dispatch costs about as much as the pass.
 sampling.py holds the same math in tensor ops, which run on a GPU (microseconds there) and wherever numba is
 missing; each function here answers False or None when it cannot take its tensors.
 """
@@ -53,7 +55,32 @@ def _mass_above_rows(probs: np.ndarray, chosen: np.ndarray, out: np.ndarray) -> 
             out[r, k] = total
 
 
+def _first_draw_rows(probs: np.ndarray, u: np.ndarray, block_size: int, block_cdf: np.ndarray,
+                     tokens: np.ndarray) -> None:
+    rows, vocab = probs.shape
+    num_blocks = vocab // block_size
+    blocks = probs.reshape(rows, num_blocks, block_size)
+    for r in range(rows):
+        running = 0.0  # float64, as sampling._block_cdf: float32 block sums, accumulated in float64
+        for b in range(num_blocks):
+            running += blocks[r, b].sum()
+            block_cdf[r, b] = running
+        target = u[r] * running
+        block = 0  # the first block whose cumulative mass exceeds the target (the last one at most) ...
+        while block < num_blocks - 1 and block_cdf[r, block] <= target:
+            block += 1
+        mass = block_cdf[r, block - 1] if block > 0 else 0.0
+        offset = 0  # ... then the first token in it whose cumulative mass does
+        while offset < block_size - 1:
+            mass += blocks[r, block, offset]
+            if mass > target:
+                break
+            offset += 1
+        tokens[r] = block * block_size + offset
+
+
 _shift_scale_compiled = _compile(_shift_scale_rows)
+_first_draw_compiled = _compile(_first_draw_rows, reassoc=True, nsz=True)
 # Reassociation lets the sum be vectorised. Each row is still summed on its own, in an order fixed by the
 # compiled code: a row's result never depends on the other rows of its batch.
 _mass_above_compiled = _compile(_mass_above_rows, reassoc=True, nsz=True)
@@ -66,6 +93,18 @@ def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     _shift_scale_compiled(logits.numpy(), shift.to(torch.float32).contiguous().numpy(),
                           scale.to(torch.float32).contiguous().numpy())
     return True
+
+
+def first_draw(probs: torch.Tensor, u: torch.Tensor, block_size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """sampling._block_cdf and sampling._inverse_cdf for one uniform per row: (tokens int64 [R], block_cdf
+    float64 [R, V // block_size]) for probs (float32 [R, V]) and u (float64 [R])."""
+    if not _takes(probs):
+        return None
+    rows, vocab = probs.shape
+    block_cdf = torch.empty(rows, vocab // block_size, dtype=torch.float64)
+    tokens = torch.empty(rows, dtype=torch.long)
+    _first_draw_compiled(probs.numpy(), u.contiguous().numpy(), block_size, block_cdf.numpy(), tokens.numpy())
+    return tokens, block_cdf
 
 
 def mass_above(probs: torch.Tensor, chosen: torch.Tensor) -> Optional[torch.Tensor]:

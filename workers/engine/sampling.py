@@ -106,10 +106,14 @@ def _probabilities_(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Te
     return logits.exp_()
 
 
+def _block_size(vocab: int) -> int:
+    return next(b for b in (BLOCK, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
+
+
 def _blocks(probs: torch.Tensor) -> torch.Tensor:
     """probs [R, V] viewed as [R, NB, bs]: the first level of the two-level CDF."""
     rows, vocab = probs.shape
-    bs = next(b for b in (BLOCK, 64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
+    bs = _block_size(vocab)
     return probs.view(rows, vocab // bs, bs)
 
 
@@ -213,8 +217,13 @@ def sample(
     greedy = (temperature <= 0) | (top_p <= 0)  # [R]
     argmax = argmax_rows(logits) if bool(greedy.any()) else None  # before logits become probabilities
     probs = _probabilities_(logits, torch.where(greedy, torch.ones_like(temperature), temperature))  # [R, V]
-    block_cdf = _block_cdf(probs)  # [R, NB]
-    tokens = _inverse_cdf(probs, block_cdf, uniforms(keys, positions, 0).unsqueeze(1)).squeeze(1)  # [R]
+    u = uniforms(keys, positions, 0)  # [R]
+    compiled = cpu_kernels.first_draw(probs, u, _block_size(probs.shape[1]))
+    if compiled is not None:
+        tokens, block_cdf = compiled  # [R], [R, NB]
+    else:
+        block_cdf = _block_cdf(probs)  # [R, NB]
+        tokens = _inverse_cdf(probs, block_cdf, u.unsqueeze(1)).squeeze(1)  # [R]
 
     nucleus = ((top_p < 1) & ~greedy).nonzero().squeeze(1)  # rows whose draw must lie in the nucleus
     if nucleus.numel() == len(tokens):  # every row (one top_p for all, the usual case): no copies
