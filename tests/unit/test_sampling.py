@@ -102,6 +102,14 @@ def test_uniforms_are_a_pure_function_of_seed_and_position() -> None:
     assert len(set(first.tolist())) == 4
 
 
+def test_compiled_uniforms_have_the_same_bits(monkeypatch) -> None:
+    keys = torch.tensor([seed_key(s) for s in range(-3, 300)])
+    positions = torch.arange(len(keys)) * 97
+    compiled = uniforms(keys, positions, 3)
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    assert torch.equal(compiled, uniforms(keys, positions, 3))
+
+
 def test_uniforms_are_uniform_across_positions_and_seeds() -> None:
     keys = torch.tensor([seed_key(s) for s in range(50)]).repeat_interleave(2000)
     positions = torch.arange(2000).repeat(50)

@@ -7,7 +7,8 @@ model about 4 ms, so the passes decide what sampling costs:
   subtraction, a clamp, a sum, a sign, a sum), 1.1 ms; one compiled pass takes 0.18 ms.
 - Shifting and scaling the logits, (z - max) / T, is two in-place passes in tensor ops and one here.
 - A row's first draw (block sums, then the two-level inverse CDF) is one pass and a short walk here; in tensor
-  ops it is a pass and some 25 small ops, whose dispatch costs about as much as the pass.
+  ops it is a pass and some 25 small ops, whose dispatch costs about as much as the pass. The counter hash
+  behind the draws (sampling.uniforms) is another 25 small ops, and one call here.
 sampling.py holds the same math in tensor ops, which run on a GPU (microseconds there) and wherever numba is
 missing; each function here answers False or None when it cannot take its tensors.
 """
@@ -79,7 +80,26 @@ def _first_draw_rows(probs: np.ndarray, u: np.ndarray, block_size: int, block_cd
         tokens[r] = block * block_size + offset
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32_scalar(x):
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32  # sampling._mix32 on int64 scalars: the same bits
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+_mix32 = _compile(_mix32_scalar)
+
+
+def _uniforms_rows(keys: np.ndarray, positions: np.ndarray, draw: int, out: np.ndarray) -> None:
+    for r in range(keys.shape[0]):
+        counter = (positions[r] * 256 + draw) & _M32
+        out[r] = _mix32(keys[r] ^ _mix32(counter)) * (1.0 / 2**32)
+
+
 _shift_scale_compiled = _compile(_shift_scale_rows)
+_uniforms_compiled = _compile(_uniforms_rows)
 _first_draw_compiled = _compile(_first_draw_rows, reassoc=True, nsz=True)
 # Reassociation lets the sum be vectorised. Each row is still summed on its own, in an order fixed by the
 # compiled code: a row's result never depends on the other rows of its batch.
@@ -90,9 +110,17 @@ def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     """logits = (logits - shift[:, None]) * scale[:, None] in place (float32 [R, V]; [R] each)."""
     if not _takes(logits):
         return False
-    _shift_scale_compiled(logits.numpy(), shift.to(torch.float32).contiguous().numpy(),
-                          scale.to(torch.float32).contiguous().numpy())
+    _shift_scale_compiled(logits.numpy(), shift.numpy(), scale.numpy())  # [R] float32 each, from sampling.py
     return True
+
+
+def uniforms(keys: torch.Tensor, positions: torch.Tensor, draw: int) -> Optional[torch.Tensor]:
+    """sampling.uniforms for int64 [R] keys and positions and one draw number: float64 [R]."""
+    if not (enabled and keys.device.type == "cpu" and keys.dim() == 1 and isinstance(draw, int)):
+        return None
+    out = torch.empty(keys.shape, dtype=torch.float64)
+    _uniforms_compiled(keys.contiguous().numpy(), positions.contiguous().numpy(), draw, out.numpy())
+    return out
 
 
 def first_draw(probs: torch.Tensor, u: torch.Tensor, block_size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

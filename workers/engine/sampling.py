@@ -78,6 +78,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def uniforms(keys: torch.Tensor, positions: torch.Tensor, draws: int | torch.Tensor) -> torch.Tensor:
     """float64 in [0, 1), shaped as the inputs broadcast: draw number `draws` for output position `positions` of
     the request whose seed key is `keys` (int64 [R] each, or [R, 1] with draws [1, K]). A pure function of them."""
+    compiled = cpu_kernels.uniforms(keys, positions, draws)
+    if compiled is not None:
+        return compiled
     counter = (positions * 256 + draws) & _M32  # positions < 2**24 (the context), draws < 256
     bits = _mix32(keys ^ _mix32(counter))
     return bits.to(torch.float64) * (1.0 / 2**32)
@@ -215,8 +218,11 @@ def sample(
     keys, positions = keys.to(device), positions.to(device)
 
     greedy = (temperature <= 0) | (top_p <= 0)  # [R]
-    argmax = argmax_rows(logits) if bool(greedy.any()) else None  # before logits become probabilities
-    probs = _probabilities_(logits, torch.where(greedy, torch.ones_like(temperature), temperature))  # [R, V]
+    argmax = None
+    if bool(greedy.any()):  # (a few rows at most: the engine draws only for its non-greedy rows)
+        argmax = argmax_rows(logits)  # before logits become probabilities
+        temperature = torch.where(greedy, torch.ones_like(temperature), temperature)  # finite for every row
+    probs = _probabilities_(logits, temperature)  # [R, V]
     u = uniforms(keys, positions, 0)  # [R]
     compiled = cpu_kernels.first_draw(probs, u, _block_size(probs.shape[1]))
     if compiled is not None:
@@ -225,7 +231,7 @@ def sample(
         block_cdf = _block_cdf(probs)  # [R, NB]
         tokens = _inverse_cdf(probs, block_cdf, u.unsqueeze(1)).squeeze(1)  # [R]
 
-    nucleus = ((top_p < 1) & ~greedy).nonzero().squeeze(1)  # rows whose draw must lie in the nucleus
+    nucleus = ((top_p < 1) if argmax is None else (top_p < 1) & ~greedy).nonzero().squeeze(1)  # [N]
     if nucleus.numel() == len(tokens):  # every row (one top_p for all, the usual case): no copies
         tokens = _in_nucleus(probs, block_cdf, top_p, tokens, keys, positions)
     elif nucleus.numel():
