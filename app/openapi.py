@@ -190,7 +190,8 @@ ERRORS = {
     "405": _error("Method not allowed."),
     "413": _error("Request body too large."),
     "429": _json("Too many requests.", _ref("Error"), _RETRY_AFTER),
-    "503": _json("Redis or the job queue is unavailable.", _ref("Error"), _RETRY_AFTER),
+    "503": _json("Redis or the job queue is unavailable, or the model's queue is full while no worker serves it "
+                 "yet.", _ref("Error"), _RETRY_AFTER),
 }
 
 
@@ -353,7 +354,8 @@ def build_document() -> dict:
                         tags=["batches"], parameters=[BATCH_ID]),
         },
         "/v1/models": {
-            "get": _op("listModels", "The models that have live workers now.",
+            "get": _op("listModels", "The model this deployment serves (from its start, before its first "
+                                     "worker is up) and the models that have live workers now.",
                        {"200": _json("The models.", _ref("ModelList")), **_errors("401", "405", "429", "503")},
                        tags=["models"]),
         },

@@ -140,6 +140,17 @@ class Stack:
                 return False
         wait_until(up, timeout, f"the API at {base_url or self.base_url}", interval=0.05)
 
+    @contextmanager
+    def serving(self):
+        """For a fixture: wait until the stack is ready, then, however the test ends, stop every process and
+        remove this stack's keys."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop_all()
+            self.cleanup_redis()
+
     def stop(self, name: str):
         proc = self.processes.pop(name, None)
         if proc:

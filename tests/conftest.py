@@ -32,12 +32,8 @@ def stack(redis_client, tmp_path_factory):
               tmp_path_factory.mktemp("stack-logs"))
     s.start_worker()
     s.start_api()
-    try:
-        s.wait_ready()
+    with s.serving():
         yield s
-    finally:
-        s.stop_all()
-        s.cleanup_redis()
 
 
 @pytest.fixture(scope="session")

@@ -32,12 +32,8 @@ def stack(tmp_path):
     s = Stack(env, tmp_path)
     s.start_api()
     s.start_worker("worker-a", concurrency=len(REQUESTS))
-    try:
-        s.wait_ready()
+    with s.serving():
         yield s
-    finally:
-        s.stop_all()
-        s.cleanup_redis()
 
 
 def run_all(stack: Stack, on_first_deltas=None) -> tuple[list[str], list[str]]:
