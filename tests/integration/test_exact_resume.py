@@ -1,19 +1,22 @@
-"""A job cut by a lost worker machine finishes with the text it would have had uncut, sampled or greedy.
+"""A job cut by a lost worker machine or by a Redis restart finishes with the text it would have had uncut,
+sampled or greedy.
 
 The sampler's randomness is a function of (seed, output position) and a resumed attempt counts the tokens fed
 back to it as output, so the second attempt draws what the first would have drawn. Checked as a user sees it:
 the official SDK (sync and async, streamed and not) sends seeded requests once on a healthy stack, then again
-while the worker holding them is SIGKILLed with its whole process group (supervisor, worker, engine process)
-mid-generation; a second worker resumes them. Every text must equal its clean run's.
+while a fault hits them mid-generation: the worker holding them SIGKILLed with its whole process group
+(supervisor, worker, engine process), or Redis stopped for longer than a lease, so that every running attempt
+is fenced and the jobs are resumed once it is back. Every text must equal its clean run's.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
-from scripts.stack import Stack, chunk_text, stack_env
+from scripts.stack import RedisServer, Stack, chunk_text, stack_env
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 KEY = "exact-resume-key"
@@ -25,10 +28,22 @@ REQUESTS = [dict(messages=[{"role": "user", "content": f"Story number {i}, pleas
                  max_tokens=MAX_TOKENS, **WORKLOADS[i % len(WORKLOADS)]) for i in range(12)]
 
 
+LEASE_S = 2
+
+
 @pytest.fixture
-def stack(tmp_path):
-    env = stack_env(api_keys=(KEY,), JOB_LEASE_S="2", REAPER_INTERVAL_S="0.5", HEARTBEAT_TTL_S="4",
-                    STREAM_INTERVAL_S="0.01")
+def redis_server(tmp_path):
+    """A Redis of the test's own (the project's config: AOF), which it may restart."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path, redis_server):
+    env = stack_env(redis_url=redis_server.url, api_keys=(KEY,), JOB_LEASE_S=str(LEASE_S),
+                    REAPER_INTERVAL_S="0.5", HEARTBEAT_TTL_S="4", STREAM_INTERVAL_S="0.01")
     s = Stack(env, tmp_path)
     s.start_api()
     s.start_worker("worker-a", concurrency=len(REQUESTS))
@@ -97,5 +112,20 @@ def test_seeded_requests_cut_by_a_lost_worker_equal_their_clean_run(stack):
     cut, ids = run_all(stack, on_first_deltas=lose_worker_a)
     attempts = [int(stack.job(job_id).get("attempts", 0)) for job_id in ids]
     assert all(n >= 2 for n in attempts), f"not every job was cut and resumed: attempts {attempts}"
+    mismatches = [i for i, (a, b) in enumerate(zip(clean, cut)) if a != b]
+    assert not mismatches, [(REQUESTS[i], clean[i][:60], cut[i][:60]) for i in mismatches]
+
+
+def test_seeded_requests_through_a_redis_restart_equal_their_clean_run(stack, redis_server):
+    clean, _ = run_all(stack)
+
+    def restart_redis() -> None:
+        redis_server.stop(graceful=True)
+        time.sleep(LEASE_S + 1.5)  # every lease lapses meanwhile: the running attempts are fenced
+        redis_server.start()
+
+    cut, ids = run_all(stack, on_first_deltas=restart_redis)
+    attempts = [int(stack.job(job_id).get("attempts", 0)) for job_id in ids]
+    assert any(n >= 2 for n in attempts), f"no job was resumed after the restart: attempts {attempts}"
     mismatches = [i for i, (a, b) in enumerate(zip(clean, cut)) if a != b]
     assert not mismatches, [(REQUESTS[i], clean[i][:60], cut[i][:60]) for i in mismatches]

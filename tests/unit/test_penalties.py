@@ -45,3 +45,17 @@ def test_a_reset_slot_forgets_its_previous_sequence() -> None:
     logits = torch.zeros(1, V)
     table.apply_(logits, rows=[0], slots=[0])
     assert torch.equal(logits, torch.zeros(1, V))
+
+
+def test_a_slot_reset_after_its_list_grew_in_a_step() -> None:
+    """The engine records tokens inside its step (inference mode), where the lists grow, and resets slots outside
+    it (a preempted or resumed sequence comes back): the grown lists must still take the reset."""
+    table = PenaltyTable(num_slots=2, vocab_size=V, device=torch.device("cpu"), capacity=2)
+    table.reset(0, [], 1.0, 0.5)
+    with torch.inference_mode():
+        for token in range(5):  # more distinct tokens than the capacity: the list grows in inference mode
+            table.record([0], torch.tensor([token]))
+    table.reset(0, [1, 2, 3, 4, 9], 1.0, 0.5)
+    logits = torch.zeros(1, V)
+    table.apply_(logits, rows=[0], slots=[0])
+    assert torch.equal(logits, dense_reference(torch.zeros(V), [1, 2, 3, 4, 9], 1.0, 0.5).unsqueeze(0))

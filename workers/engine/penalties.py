@@ -9,6 +9,10 @@ than the whole draw.
 
 Per slot (row `slot` of each tensor): counts [V] of each generated token, distinct [D] the distinct tokens in
 order of first appearance (the first num_distinct[slot] entries are valid), the two penalties.
+
+Every method runs in inference mode: the engine calls some of them inside its step, where the logits are
+inference tensors and where a growing list becomes one, and others outside it; an inference tensor can be
+changed in place only in inference mode.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class PenaltyTable:
         self.presence = torch.zeros(num_slots, device=device)                             # [slots]
         self.num_distinct = [0] * num_slots  # on the host: sizes the per-step work without a device read
 
+    @torch.inference_mode()
     def reset(self, slot: int, generated: Seq[int], frequency: float, presence: float) -> None:
         """A sequence takes `slot`, having generated `generated` so far (nothing, or the tokens before a resume or
         a preemption)."""
@@ -40,6 +45,7 @@ class PenaltyTable:
             self.distinct[slot, :len(distinct)] = torch.tensor(distinct, device=self.device)
         self.num_distinct[slot] = len(distinct)
 
+    @torch.inference_mode()
     def apply_(self, logits: torch.Tensor, rows: Seq[int], slots: Seq[int]) -> None:
         """Subtract the penalties of slots[i] from logits[rows[i]], in place (logits [S, V] float32)."""
         width = max(self.num_distinct[s] for s in slots)
@@ -55,6 +61,7 @@ class PenaltyTable:
         flat = torch.tensor(rows, device=self.device).unsqueeze(1) * self.vocab_size + ids  # [P, D]
         logits.view(-1).index_add_(0, flat.view(-1), penalty.view(-1), alpha=-1)
 
+    @torch.inference_mode()
     def record(self, slots: Seq[int], tokens: torch.Tensor) -> None:
         """slots[i] generated tokens[i] (int64 [P])."""
         slot_index = torch.tensor(slots, device=self.device)
