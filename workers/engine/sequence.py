@@ -56,10 +56,6 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def generated_token_ids(self) -> list[int]:
         """Every token this job generated, in this attempt and the ones before it (what penalties count)."""
         return self.token_ids[self.num_prompt_tokens - self.num_resumed_tokens:]
