@@ -127,6 +127,28 @@ def test_decode_out_of_blocks_preempts_the_newest():
     assert b.num_output_tokens == 8 and sched.blocks.num_used == 0
 
 
+def test_decode_out_of_blocks_preempts_batch_work_before_interactive():
+    """Under KV pressure batch work goes first, though it was admitted before the interactive stream (the newest
+    was the victim before); the preempted batch sequence then waits behind waiting interactive work."""
+    sched = make(num_blocks=6, block_size=4, chunk=64)
+    batch_seq, chat = seq("batch", 8, max_tokens=20), seq("chat", 8, max_tokens=20)
+    batch_seq.priority = 1
+    sched.add(batch_seq)
+    apply(sched, sched.schedule(), [])  # the batch sequence is admitted first
+    sched.add(chat)
+    sched.add(waiting_chat := seq("chat-2", 30))  # interactive, waiting: it needs more blocks than are free
+    for _ in range(20):
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        if batch.num_preempted:
+            break
+        apply(sched, batch, [])
+    assert batch.num_preempted == 1
+    assert batch_seq.status is SequenceStatus.WAITING and chat.status is SequenceStatus.RUNNING
+    assert chat in batch.decode and batch_seq not in batch.decode
+    assert list(sched.waiting) == [waiting_chat, batch_seq]  # at its own priority: behind interactive work
+
+
 def test_sequence_alone_filling_the_cache_ends_with_length():
     sched = make(num_blocks=2, block_size=4, chunk=64)
     s = seq("s", 6, max_tokens=100)

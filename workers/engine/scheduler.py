@@ -1,12 +1,14 @@
 """Which sequences run in the next step, and on how many of their tokens.
 
-- `waiting` is FIFO (a preempted sequence goes back to its front); `running` is in admission order.
+- `waiting` is FIFO within a priority (interactive 0 before batch 1; a preempted sequence goes back to the
+  front of its own priority); `running` is in admission order.
 - Each step every running sequence that is decoding computes its one newest token. Prompts are computed in
   chunks: at most `prefill_chunk_tokens` prompt tokens per step, shared oldest first, so a long prompt is
   split across steps and never stalls the running streams.
 - A waiting sequence is admitted (FIFO, never skipping the head) while there is a batch slot, prefill budget
   and free KV blocks for its whole prompt. Decoding takes one more block every `block_size` tokens; when none
-  is free the newest running sequence is preempted: its blocks are freed and it waits to be recomputed.
+  is free a running sequence is preempted: the newest of the least urgent priority (batch work before any
+  interactive stream). Its blocks are freed and it waits to be recomputed.
 - A request that could never fit (prompt + one token larger than the whole cache, or than max_model_len) is
   refused by `check`; a sequence that alone fills the whole cache ends with "length".
 """
@@ -105,20 +107,18 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.prefill_chunk_tokens
-        i = 0
-        while i < len(self.running):  # oldest first; preemption takes from the end
-            seq = self.running[i]
+        for seq in list(self.running):  # oldest first
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted by an older sequence of this step
             n = seq.num_uncomputed_tokens
             if n == 1:
-                if not self._make_room(seq, batch):
-                    break  # seq itself was the newest and left: nothing after it remains
-                batch.decode.append(seq)
+                if self._make_room(seq, batch):
+                    batch.decode.append(seq)
             elif budget > 0:
                 chunk = min(n, budget)
                 budget -= chunk
                 batch.prefill.append(seq)
                 batch.prefill_lens.append(chunk)
-            i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -137,27 +137,41 @@ class Scheduler:
         return batch
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
-        """Blocks for seq's newest token, preempting the newest running sequences as needed. False when seq
+        """Blocks for seq's newest token, preempting running sequences as needed (_victim). False when seq
         itself had to go (preempted, or ended for filling the whole cache alone)."""
         while not self.blocks.allocate(seq.block_table, seq.num_tokens):
-            victim = self.running[-1]
+            victim = self._victim()
             if victim is seq and len(self.running) == 1:
                 self.finish(seq)
                 batch.ended.append((seq, "length", None))  # it alone fills the KV cache
                 return False
-            self._preempt(victim)
-            batch.num_preempted += 1
+            self._preempt(victim, batch)
             if victim is seq:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the newest of the least urgent priority (batch work goes before any
+        interactive stream; among equals, the one that has had the least time in the batch)."""
+        least_urgent = max(s.priority for s in self.running)
+        return next(s for s in reversed(self.running) if s.priority == least_urgent)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.num_preempted += 1
+        batch.num_preempted += 1
+        if seq in batch.decode:  # already scheduled in this step (it was older than the one needing room)
+            batch.decode.remove(seq)
+        elif seq in batch.prefill:
+            index = batch.prefill.index(seq)
+            del batch.prefill[index], batch.prefill_lens[index]
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0  # recomputed (prompt + outputs so far) when it is admitted again
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        position = 0  # the front of its own priority: behind every more urgent waiting sequence
+        while position < len(self.waiting) and self.waiting[position].priority < seq.priority:
+            position += 1
+        self.waiting.insert(position, seq)
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
