@@ -184,8 +184,9 @@ class Engine:
         if not sampled:
             return []
         penalized = [i for i, s in enumerate(sampled) if s.penalized]
+        penalized_slots = [sampled[i].slot for i in penalized]
         if penalized:
-            self.penalties.apply_(logits, penalized, [sampled[i].slot for i in penalized])
+            self.penalties.apply_(logits, penalized, penalized_slots)
         random = [i for i, s in enumerate(sampled) if not s.greedy]
         if len(random) == len(sampled):
             tokens = sample(logits, *self._draw_inputs(sampled))
@@ -195,8 +196,7 @@ class Engine:
                 rows = torch.tensor(random, device=self.device)
                 tokens[rows] = sample(logits[rows], *self._draw_inputs([sampled[i] for i in random]))
         if penalized:
-            self.penalties.record([sampled[i].slot for i in penalized],
-                                  tokens[torch.tensor(penalized, device=self.device)])
+            self.penalties.record(penalized_slots, tokens[torch.tensor(penalized, device=self.device)])
         return tokens.tolist()
 
     def _draw_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:

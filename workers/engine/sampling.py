@@ -54,25 +54,18 @@ def sampling_tensors(
 
 # --- counter-based randomness
 
-def _mix32_int(x: int) -> int:
-    """A 32-bit integer hash (bijective, good avalanche): the same steps as _mix32, on a Python int."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+def _mix32(x):
+    """A 32-bit integer hash (bijective, good avalanche) of x in [0, 2**32): a Python int or an int64 tensor.
+    The constant is below 2**27, so no product overflows int64: the same bits on every device."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
     return (x >> 16) ^ x
 
 
 def seed_key(seed: int) -> int:
     """A request's 64-bit seed folded into the 32-bit key its draws are hashed from (once per request)."""
     seed &= (1 << 64) - 1
-    return _mix32_int(_mix32_int(seed & _M32) ^ (seed >> 32))
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """_mix32_int on an int64 tensor of values in [0, 2**32). The constant is below 2**27, so no product
-    overflows int64: the same bits on every device."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
+    return _mix32(_mix32(seed & _M32) ^ (seed >> 32))
 
 
 def uniforms(keys: torch.Tensor, positions: torch.Tensor, draws: int | torch.Tensor) -> torch.Tensor:
