@@ -172,12 +172,13 @@ class Stack:
     def job(self, job_id: str) -> dict:
         return self.redis.hgetall(f"{self.prefix}:job:{job_id}")
 
-    def sdk(self, api_key: str, asynchronous: bool = False, **options) -> openai.OpenAI | openai.AsyncOpenAI:
-        """The official SDK's client (sync or async) on this stack's API. No retries unless asked: a test
-        sees every failure."""
+    def sdk(self, api_key: str, asynchronous: bool = False, base_url: str | None = None,
+            **options) -> openai.OpenAI | openai.AsyncOpenAI:
+        """The official SDK's client (sync or async) on this stack's API (or another API process at `base_url`).
+        No retries unless asked: a test sees every failure."""
         client_class = openai.AsyncOpenAI if asynchronous else openai.OpenAI
         options = {"max_retries": 0, "timeout": 120, **options}
-        return client_class(base_url=self.base_url + "/v1", api_key=api_key, **options)
+        return client_class(base_url=(base_url or self.base_url) + "/v1", api_key=api_key, **options)
 
 
 class RedisServer:

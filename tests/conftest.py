@@ -38,8 +38,7 @@ def stack(redis_client, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(stack):
-    from openai import OpenAI
-    return OpenAI(base_url=stack.base_url + "/v1", api_key=API_KEYS[0], max_retries=0, timeout=120)
+    return stack.sdk(API_KEYS[0])
 
 
 

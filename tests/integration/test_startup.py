@@ -18,9 +18,9 @@ import json
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
-from scripts.stack import Stack, free_port, stack_env, wait_until
+from scripts.stack import Stack, chunk_text, free_port, stack_env, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 ALIAS = "mistralai/Mistral-7B-Instruct-v0.2"  # the Hugging Face id
@@ -56,23 +56,19 @@ def pool():
     executor.shutdown(wait=False, cancel_futures=True)
 
 
-def sdk(base_url: str, cls=OpenAI):
-    return cls(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def joined(chunks) -> tuple[str, str]:
     """(text, finish reason) of a stream's chunks."""
     text, finish = "", None
     for chunk in chunks:
         if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
+            text += chunk_text(chunk)
             finish = chunk.choices[0].finish_reason or finish
     return text, finish
 
 
-async def async_requests(base_url: str):
+async def async_requests(stack: Stack):
     """With the async SDK: a non-stream request by the alias, a stream by the id."""
-    client = sdk(base_url, AsyncOpenAI)
+    client = stack.sdk("unused", asynchronous=True)
 
     async def streamed():
         stream = await client.chat.completions.create(model=MODEL, stream=True, **ASK)
@@ -91,7 +87,7 @@ def submit_batch(client: OpenAI) -> str:
 
 def test_requests_before_the_first_worker_wait_for_it(fresh, pool):
     stack, capped_url = fresh
-    client = sdk(stack.base_url)
+    client = stack.sdk("unused")
     ready = httpx.get(stack.base_url + "/ready")
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "no_workers"
 
@@ -99,7 +95,7 @@ def test_requests_before_the_first_worker_wait_for_it(fresh, pool):
     waiting = [
         pool.submit(client.chat.completions.create, model=MODEL, **ASK),
         pool.submit(lambda: joined(client.chat.completions.create(model=ALIAS, stream=True, **ASK))),
-        pool.submit(asyncio.run, async_requests(stack.base_url)),
+        pool.submit(asyncio.run, async_requests(stack)),
     ]
     background = client.chat.completions.with_raw_response.create(
         model=ALIAS, extra_body={"background": True}, **ASK).http_response
@@ -122,7 +118,7 @@ def test_requests_before_the_first_worker_wait_for_it(fresh, pool):
     # Where a request cannot wait, it is told to come back, not that the model does not exist.
     wait_until(lambda: stack.redis.llen(stack.env["INTERACTIVE_QUEUE"]) >= 1, 10, "jobs in the queue")
     with pytest.raises(openai.APIStatusError) as full:
-        sdk(capped_url).chat.completions.create(model=MODEL, **ASK)
+        stack.sdk("unused", base_url=capped_url).chat.completions.create(model=MODEL, **ASK)
     assert (full.value.status_code, full.value.type) == (503, "service_unavailable")
     assert int(full.value.response.headers["Retry-After"]) >= 1
 
