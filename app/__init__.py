@@ -46,7 +46,7 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
         dispatcher.start()
         app.extensions["batch_dispatcher"] = dispatcher
 
-    from workers.chat_format import get_tokenizer
+    from jobs.chat_format import get_tokenizer
     get_tokenizer()  # load it now, not on the first request
     register_error_handlers(app)
     app.register_blueprint(api)
@@ -58,7 +58,7 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
 
 
 def _celery_enqueue():
-    from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
+    from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
 
     def enqueue(record) -> None:  # to the queue of the record's model pool
         celery_app.send_task(RUN_CHAT_COMPLETION, args=[record.id], queue=record.queue)

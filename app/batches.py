@@ -25,7 +25,7 @@ from app.serving import build_generation_request, parse_request, resolve_model, 
 from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
-from workers.chat_format import is_valid_unicode
+from jobs.chat_format import is_valid_unicode
 from jobs.records import JobEvent, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 

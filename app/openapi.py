@@ -4,7 +4,7 @@ The chat request schema is generated from `app.protocol.ChatCompletionRequest` (
 2020-12, which is what OpenAPI 3.1 uses), then completed with the rules that live outside the pydantic
 field types, so that a client (or a fuzzer) generating "valid" requests from this document gets valid
 requests: `null` means "the default" for every optional field (a `model_validator` does that), roles are
-system/user/assistant (`workers/chat_format.py`), contents and stop sequences are not empty, at most four
+system/user/assistant (`jobs/chat_format.py`), contents and stop sequences are not empty, at most four
 stop sequences of at most 256 characters. Rules that no JSON Schema can say (alternating roles, prompt +
 max_tokens within the context window, which models are served) are in the descriptions; breaking them is
 a 400 (404 for the model).

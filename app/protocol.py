@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import SERVED_MODEL_ID
-from workers.chat_format import is_valid_unicode
+from jobs.chat_format import is_valid_unicode
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_MESSAGES = 10000        # checked before validation, so a huge bad array cannot stall the server

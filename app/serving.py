@@ -24,7 +24,7 @@ from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobStatus
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
-from workers.chat_format import ConversationError, Message, encode_conversation, min_tokens
+from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
 log = logging.getLogger(__name__)
 

@@ -355,7 +355,7 @@ def token_prompts(count: int, length: int) -> list[list[int]]:
 
 def text_prompts(count: int, length: int) -> list[str]:
     """Deterministic texts whose chat-formatted prompt (the API's tokenization) is about `length` tokens."""
-    from workers.chat_format import Message, encode_conversation
+    from jobs.chat_format import Message, encode_conversation
 
     def tokens(words: list[str]) -> int:
         return len(encode_conversation([Message("user", " ".join(words))]))

@@ -39,7 +39,7 @@ def worker_argv(settings, extra: list[str]) -> list[str]:
 
 def run_child(extra: list[str]) -> None:
     setup_logging("worker", take_over_celery=True)
-    from workers.celery_app import celery_app
+    from jobs.celery_app import celery_app
     celery_app.worker_main(worker_argv(get_settings(), extra))
 
 

@@ -20,8 +20,8 @@ from config.settings import get_settings
 from jobs.records import JobError, JobEvent, JobStatus
 from jobs.models import model_entry
 from jobs.store import FENCED, JobNotFound, JobStore
-from workers.celery_app import RUN_CHAT_COMPLETION, celery_app
-from workers.chat_format import raw_tokenizer
+from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
+from jobs.chat_format import raw_tokenizer
 
 log = logging.getLogger("workers")
 

@@ -65,7 +65,7 @@ BUG_EVENTS_NEVER_END = (
 BUG_SURROGATE = (
     "BUG: a lone UTF-16 surrogate (JSON escape '\\ud800', which json.loads and pydantic accept) -> 500: in "
     "messages[].content sentencepiece raises RuntimeError 'Unable to cast Python instance of type str' "
-    "(workers/chat_format.encode_conversation); in stop, storing the job record raises "
+    "(jobs/chat_format.encode_conversation); in stop, storing the job record raises "
     "PydanticSerializationError (UnicodeEncodeError: surrogates not allowed).")
 BUG_BATCH_WINDOW = (
     "BUG: POST /v1/batches {\"endpoint\": \"/v1/chat/completions\", \"completion_window\": []} (or {}) -> 500: "

@@ -31,7 +31,7 @@ def test_non_stream_shape_and_usage(client):
     assert choice.finish_reason == "length"
     assert completion.usage.completion_tokens == 12
     # The real tokenizer's count: [INST] Hello, who are you? [/INST] with BOS.
-    from workers.chat_format import Message, encode_conversation
+    from jobs.chat_format import Message, encode_conversation
     assert completion.usage.prompt_tokens == len(encode_conversation([Message("user", HELLO[0]["content"])]))
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 12
     assert len(choice.message.content) > 0
@@ -109,7 +109,7 @@ def test_max_tokens_length_finish(client):
 
 def token_pieces(token_ids: list[int]) -> list[str]:
     """The text each generated token added, as the worker's detokenizer emits it."""
-    from workers.chat_format import raw_tokenizer
+    from jobs.chat_format import raw_tokenizer
     from workers.text.detokenizer import IncrementalDetokenizer
     detokenizer = IncrementalDetokenizer(raw_tokenizer())
     return [detokenizer.feed(t) for t in token_ids]
@@ -170,7 +170,7 @@ def test_penalties_change_greedy_output(stack, client):
 def test_system_message_is_folded(client):
     messages = [{"role": "system", "content": "Be brief."}] + HELLO
     completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
-    from workers.chat_format import Message, encode_conversation
+    from jobs.chat_format import Message, encode_conversation
     expected = encode_conversation([Message("system", "Be brief."), Message("user", HELLO[0]["content"])])
     assert completion.usage.prompt_tokens == len(expected)
 

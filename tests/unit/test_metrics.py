@@ -243,7 +243,7 @@ def test_celery_keeps_the_json_logging(tmp_path):
         import logging, sys
         from config.logging import setup_logging
         setup_logging("worker", take_over_celery=True)
-        from workers.celery_app import celery_app
+        from jobs.celery_app import celery_app
         celery_app.log.setup(loglevel="INFO", redirect_stdouts=True)
         logging.getLogger("celery.worker").info("from celery")
         print("printed", flush=True)

@@ -1,5 +1,5 @@
 """TextAssembler: detokenizing + stop matching + EOS, with the real tokenizer."""
-from workers.chat_format import raw_tokenizer
+from jobs.chat_format import raw_tokenizer
 from workers.text.output import TextAssembler
 
 TOK = raw_tokenizer()
