@@ -4,7 +4,7 @@
 #   make redis        make sure a Redis answers at REDIS_URL (starts the project's own if none)
 #   make run          Redis + API (gunicorn, PORT) + WORKERS Celery workers in the foreground
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
-#   make bench        scripts/bench.py (engine, service and HF baselines; see README)
+#   make bench        scripts/bench/ (engine, service and HF baselines; see README)
 #   make fairness     interactive TTFT with and without a large batch running
 #   make worker       one more worker (e.g. on another machine, same REDIS_URL)
 #   make api          one more API server on PORT (e.g. behind a load balancer)

@@ -1,10 +1,10 @@
-"""The benchmark's arithmetic (scripts/bench.py): vLLM's metric definitions, ratios taken within a round, the
+"""The benchmark's arithmetic (scripts/bench/report.py): vLLM's metric definitions, ratios taken within a round, the
 median round reported, and the targets judged on it. The numbers in the README come from these functions."""
 from __future__ import annotations
 
 import pytest
 
-from scripts.bench import Req, add_ratios, labels, summarize, summary, table, targets
+from scripts.bench.report import Req, add_ratios, labels, summarize, summary, table, targets
 
 
 def req(start: float, times: list[float], tokens: int, prompt: int = 4) -> Req:
