@@ -3,16 +3,15 @@
 Several gunicorn worker processes (`make run` starts 2) serve the API, and a scrape reaches only one of
 them, so what each process counts must be summed over all of them. Two kinds of metric:
 
-* Counted by the API processes (requests, errors, latencies, tokens): prometheus_client's multiprocess mode.
-  Each process writes its counters and histograms to its own memory-mapped files in one shared directory,
-  and a scrape sums every file there. The directory is `{METRICS_DIR}/parent-{pid}-{start}`: one per
-  gunicorn master (the workers' parent process), created empty when its first worker starts, so a restart
-  of the API begins at zero while a restarted worker (same master) keeps adding to the master's totals.
-  Directories of masters that are gone are deleted then too. No fixed directory is wiped, so two servers
-  (`make run` and the tests' API) never clean each other's files. PROMETHEUS_MULTIPROC_DIR, if set, is used
-  as is (whoever sets it cleans it); one that this code set itself and a child process inherited is not
-  (LLMQ_METRICS_DIR_IN_USE tells them apart). Only counters and histograms live in these files, no live
-  gauges, so nothing needs `mark_process_dead`.
+* Counted by the API processes (requests, errors, latencies, tokens): prometheus_client's multiprocess mode,
+  set up as its documentation says (https://prometheus.github.io/client_python/multiprocess/). gunicorn
+  loads config/gunicorn.py, which sets PROMETHEUS_MULTIPROC_DIR for the whole server (a fresh directory per
+  gunicorn master, under METRICS_DIR) before any worker imports prometheus_client, and marks each worker
+  that exits dead (`child_exit`). Each process writes its counters and histograms to its own memory-mapped
+  files there, and `/metrics` sums every file with a `MultiProcessCollector` in a registry of its own. Only
+  counters and histograms live in these files, no live gauges. Without PROMETHEUS_MULTIPROC_DIR (the Flask
+  test client, a gunicorn started without that config file) the metrics are this process's own, in the
+  same registry.
 * State that lives elsewhere (queue depths, jobs by state, worker load): read from Redis at scrape time by a
   custom collector: O(1)/O(log n) commands, pipelined (four round trips, whatever the load). Every API
   process gives the same answer.
@@ -27,15 +26,11 @@ latencies and tokens, `observe_error` for errors sent inside a stream, and `timi
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Iterable, Optional
 
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
@@ -57,7 +52,7 @@ _LABEL_OK = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _QUIET_RULES = frozenset({"/metrics", "/health", "/ready"})  # probes: their access lines go at DEBUG
 
 
-# --- process-wide state: the metric objects exist once per process, after multiprocess mode is set up
+# --- process-wide state: the metric objects exist once per process (init_metrics)
 class _Metrics:
     def __init__(self):
         from prometheus_client import Counter, Histogram
@@ -82,75 +77,17 @@ class _Metrics:
 
 
 _lock = threading.Lock()
-_OWN_DIR_ENV = "LLMQ_METRICS_DIR_IN_USE"  # marks a PROMETHEUS_MULTIPROC_DIR that init_multiprocess chose
 _metrics: Optional[_Metrics] = None
-_metrics_dir: Optional[str] = None
 
 
-def _proc_start_time(pid: int) -> str:
-    """A process's start time (clock ticks since boot, from /proc): with the pid, a unique process id."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start == "0" or _proc_start_time(pid) == start
-
-
-def _server_dir(base: Path) -> Path:
-    """This server's directory under `base` (created), after deleting those of servers that are gone."""
-    base.mkdir(parents=True, exist_ok=True)
-    parent = os.getppid()
-    mine = base / f"parent-{parent}-{_proc_start_time(parent)}"
-    with open(base / ".lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)  # workers of one master start together: one at a time here
-        for entry in base.iterdir():
-            match = re.fullmatch(r"parent-(\d+)-(\d+)", entry.name)
-            if entry != mine and entry.is_dir() and match and not _alive(int(match[1]), match[2]):
-                shutil.rmtree(entry, ignore_errors=True)
-        mine.mkdir(exist_ok=True)
-    return mine
-
-
-def init_multiprocess(metrics_dir: str) -> str:
-    """Put this process in prometheus_client's multiprocess mode (once) and create the metric objects;
-    returns the directory its files go to. Later calls return the first call's directory."""
-    global _metrics, _metrics_dir
+def init_metrics() -> _Metrics:
+    """The metric objects of this process, created at the first call. When PROMETHEUS_MULTIPROC_DIR was set
+    before prometheus_client was imported (config/gunicorn.py), they write to files there."""
+    global _metrics
     with _lock:
-        if _metrics is not None:
-            return _metrics_dir
-        from prometheus_client import values
-
-        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if path and path != os.environ.get(_OWN_DIR_ENV):  # set by the operator: used as is
-            Path(path).mkdir(parents=True, exist_ok=True)
-        else:  # unset, or inherited from a process that computed its own (e.g. a test run spawning servers)
-            try:
-                path = str(_server_dir(Path(metrics_dir).resolve()))
-            except OSError as exc:  # e.g. a read-only checkout: a per-user temporary directory instead
-                fallback = Path(tempfile.gettempdir()) / f"llmq-prometheus-{os.getuid()}"
-                log.warning("metrics: cannot use %s (%s); using %s", metrics_dir, exc, fallback)
-                path = str(_server_dir(fallback))
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # read by prometheus_client when it opens files
-            os.environ[_OWN_DIR_ENV] = path
-        if not getattr(values.ValueClass, "_multiprocess", False):
-            values.ValueClass = values.MultiProcessValue()  # metrics created from now on are file-backed
-        _metrics_dir = path
-        _metrics = _Metrics()
-        return path
-
-
-def multiprocess_dir() -> Optional[str]:
-    return _metrics_dir
+        if _metrics is None:
+            _metrics = _Metrics()
+        return _metrics
 
 
 # --- the functions the request path calls (all no-ops until setup_metrics ran, or when metrics are off)
@@ -369,7 +306,9 @@ def metrics_endpoint():
 def setup_metrics(app: Flask, settings=None, store=None) -> None:
     """Call once in create_app, after the JobStore exists. Registers the request hooks (request start time;
     no job id bound in the logging context before a request nor after it; counting every request and error
-    response; one access log line) and, when METRICS_ENABLED, multiprocess mode and the `/metrics` route."""
+    response; one access log line) and, when METRICS_ENABLED, the metric objects and the `/metrics` route.
+    Its registry sums every process's files when PROMETHEUS_MULTIPROC_DIR is set; otherwise it holds this
+    process's metric objects."""
     settings = settings or app.config["SETTINGS"]
     app.before_request(_before_request)
     app.teardown_request(_teardown_request)
@@ -382,9 +321,13 @@ def setup_metrics(app: Flask, settings=None, store=None) -> None:
     if store is None:
         from jobs.store import JobStore
         store = JobStore.from_settings(settings)
-    path = init_multiprocess(settings.metrics_dir)
+    own = init_metrics()
     registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry, path=path)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)  # every process's files (this one's included), summed
+    else:  # one process alone: its metric objects themselves
+        for metric in vars(own).values():
+            registry.register(metric)
     registry.register(RedisStateCollector(settings, store))
     app.extensions["metrics_registry"] = registry
     app.register_blueprint(metrics_bp)

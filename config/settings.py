@@ -145,8 +145,9 @@ class Settings(BaseSettings):
     # --- Metrics and logs (app/metrics.py, config/logging.py)
     # GET /metrics (Prometheus) on the API. Off: no route, and the metric functions do nothing.
     metrics_enabled: bool = True
-    # Where gunicorn worker processes keep their metric files (prometheus_client multiprocess mode); each
-    # gunicorn master gets its own subdirectory, created empty. PROMETHEUS_MULTIPROC_DIR, if set, wins.
+    # Where gunicorn worker processes keep their metric files (prometheus_client multiprocess mode):
+    # config/gunicorn.py gives each gunicorn master its own subdirectory, gunicorn-{pid}, created empty,
+    # and sets PROMETHEUS_MULTIPROC_DIR to it (an inherited value is replaced).
     metrics_dir: str = ".run/prometheus"
     # Require a Bearer key (one of API_KEYS, when set) on GET /metrics. Off by default, like /health.
     metrics_require_auth: bool = False

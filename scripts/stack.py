@@ -77,9 +77,9 @@ class Stack:
     def start_api(self, name: str = "api", port: int | None = None, processes: int = 1,
                   extra_env: dict | None = None):
         """An API server (gunicorn, gevent) on `port` (default: the stack's port)."""
-        cmd = [str(VENV_BIN / "gunicorn"), "--worker-class", "gevent", "--workers", str(processes),
-               "--no-control-socket", "--keep-alive", "30", "--bind", f"127.0.0.1:{port or self.port}",
-               "--graceful-timeout", "5", "app:create_app()"]
+        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "config" / "gunicorn.py"), "--worker-class", "gevent",
+               "--workers", str(processes), "--no-control-socket", "--keep-alive", "30",
+               "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "5", "app:create_app()"]
         self._spawn(name, cmd, extra_env)
 
     def _spawn(self, name, cmd, extra_env=None):

@@ -6,8 +6,8 @@ app/serving.py, jobs/store.py and workers/ (see app/metrics.py); they pass once 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scripts.stack import terminate
+from config.settings import Settings
+from scripts.stack import ROOT
 from tests.conftest import API_KEYS, free_port, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
@@ -155,29 +156,27 @@ def test_logs_are_json_lines_with_the_job_id_and_no_secrets(stack, client):
     assert all({"timestamp", "level", "logger", "message", "service"} <= set(e) for e in entries["worker"])
 
 
-def test_counts_add_up_across_several_gunicorn_workers(stack, tmp_path):
-    """Three API processes behind one port: every scrape, whichever process answers it, sums them all."""
+def _pid(db_file: Path) -> int:
+    return int(db_file.stem.rsplit("_", 1)[1])  # counter_{pid}.db
+
+
+def test_counts_add_up_across_several_gunicorn_workers(stack):
+    """A second API server with three processes behind one port, beside the stack's own and in the same
+    METRICS_DIR: every scrape, whichever process answers it, sums them all; a worker that dies keeps its
+    counts in the sums; neither server touches the other's files, and a stopped one takes its own away."""
     port = free_port()
-    env = {k: v for k, v in stack.env.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMQ_METRICS_DIR_IN_USE")}
-    env.update(PORT=str(port), METRICS_DIR=str(tmp_path / "prometheus"))
-    gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    log = open(tmp_path / "api3.log", "ab")
-    proc = subprocess.Popen([gunicorn, "--worker-class", "gevent", "--workers", "3", "--no-control-socket",
-                             "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5", "app:create_app()"],
-                            cwd=Path(__file__).resolve().parents[2], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    metrics_dir = ROOT / Settings(_env_file=ROOT / ".env").metrics_dir  # the default: the stack's API uses it
+    theirs = metrics_dir / f"gunicorn-{stack.processes['api'].pid}"
+    their_files = set(theirs.glob("counter_*.db"))
+    assert their_files, f"no metric files of the stack's API in {theirs}"
+    their_before = scrape(stack.base_url)
+    stack.start_api("api3", port=port, processes=3)
+    mine = metrics_dir / f"gunicorn-{stack.processes['api3'].pid}"
     try:
-        def up():
-            if proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited; see {tmp_path / 'api3.log'}")
-            try:
-                return httpx.get(base + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(up, 120, "the 3-process API")
+        stack.wait_api(base, timeout=120)
         # Each process creates its metric files when its app is set up: wait for all three.
-        wait_until(lambda: len(list((tmp_path / "prometheus").glob("parent-*/counter_*.db"))) == 3, 120,
-                   "three API processes")
+        wait_until(lambda: len(list(mine.glob("counter_*.db"))) == 3, 120, "three API processes")
         time.sleep(0.5)
         before = scrape(base)  # the readiness polls above were counted too
         n = 120
@@ -193,19 +192,32 @@ def test_counts_add_up_across_several_gunicorn_workers(stack, tmp_path):
             codes = list(pool.map(hit, range(n)))
         answered = {"/health": codes[1::2].count(200), "unmatched": codes[0::2].count(404)}
         assert answered["/health"] >= n // 2 - 3 and answered["unmatched"] >= n // 2 - 3, codes
-        [server_dir] = list((tmp_path / "prometheus").glob("parent-*"))
-        served = [n for n in map(_unmatched_count, server_dir.glob("counter_*.db")) if n]
+        served = {_pid(f): c for f in mine.glob("counter_*.db") if (c := _unmatched_count(f))}
         assert len(served) >= 2, "the requests all went to one process: nothing to sum"
-        seen = set()
-        for _ in range(6):  # each scrape may land on a different process: all give the full sums
+
+        def sums():
             samples = wait_until(lambda: _try_scrape(base), 30, "a scrape")
-            counts = tuple(value(samples, name, **labels) - value(before, name, **labels) for name, labels in (
+            return tuple(value(samples, name, **labels) - value(before, name, **labels) for name, labels in (
                 ("llmq_http_requests_total", dict(endpoint="/health", method="GET", status="200")),
                 ("llmq_http_requests_total", dict(endpoint="unmatched", method="GET", status="404")),
                 ("llmq_errors_total", dict(code="not_found"))))
+
+        seen = set()
+        for _ in range(6):  # each scrape may land on a different process: all give the full sums
+            counts = sums()
             assert answered["/health"] <= counts[0] <= n // 2, counts  # a process alone would have ~1/3
             assert answered["unmatched"] <= counts[1] <= n // 2 and counts[2] == counts[1], counts
             seen.add(counts)
         assert len(seen) == 1, seen  # every process answers with the same sums
+
+        # A worker dies: gunicorn's master marks it dead (child_exit) and starts another; what it counted stays.
+        os.kill(max(served, key=served.get), signal.SIGKILL)
+        wait_until(lambda: len(list(mine.glob("counter_*.db"))) == 4, 60, "a new API process")
+        assert {sums() for _ in range(4)} == seen
     finally:
-        terminate(proc)
+        stack.stop("api3")
+    assert not mine.exists()  # removed when its master stopped (on_exit)
+    assert their_files <= set(theirs.glob("counter_*.db"))  # the stack's API kept its files, and its counts
+    their_after = scrape(stack.base_url)
+    assert (value(their_after, "llmq_http_requests_total", endpoint="/metrics", method="GET", status="200")
+            > value(their_before, "llmq_http_requests_total", endpoint="/metrics", method="GET", status="200"))

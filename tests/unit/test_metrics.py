@@ -1,8 +1,9 @@
-"""Metrics (app/metrics.py, jobs/telemetry.py) and JSON logs (config/logging.py), without the real stack.
+"""Metrics (app/metrics.py, jobs/telemetry.py), gunicorn's multiprocess hooks (config/gunicorn.py) and JSON
+logs (config/logging.py), without the real stack.
 
-prometheus_client's multiprocess mode is process-wide: the first app of this test process chose the metrics
-directory, so in-process checks compare values before and after. Multiprocess summing and the directory
-rules run in subprocesses, each with its own directory."""
+This test process has no PROMETHEUS_MULTIPROC_DIR: its apps' registries hold the process's own metric objects
+(created once per process), so in-process checks compare values before and after. Multiprocess summing runs
+in subprocesses that share a directory, as gunicorn's workers do."""
 from __future__ import annotations
 
 import io
@@ -25,7 +26,7 @@ from flask import Flask, jsonify
 from app import metrics
 from config.logging import bind_job, current_job_id, job_context, setup_logging, unbind_job
 from config.settings import Settings
-from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, Keys, Usage
+from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, Keys, Usage, log_id
 from jobs.store import JobStore
 from jobs.telemetry import JobTelemetry, aggregate_workers, aggregate_workers_by_model, queue_depths, worker_load
 from tests.conftest import REDIS_URL
@@ -210,7 +211,7 @@ def test_a_logged_request_leaks_neither_key_nor_prompt(settings, log_stream, red
             for event in (JobEvent(seq=0, type="delta", text="Hi"),
                           JobEvent(seq=1, type="done", finish_reason="stop", usage=usage)):
                 payload = event.model_dump_json(exclude_none=True)
-                redis_client.xadd(keys.event_log(rec.id), {"e": payload}, id=event.log_id)
+                redis_client.xadd(keys.event_log(rec.id), {"e": payload}, id=log_id(event.seq))
                 redis_client.publish(keys.events(rec.id), payload)
         threading.Thread(target=work, daemon=True).start()
 
@@ -487,62 +488,104 @@ def test_redis_down_still_answers(settings):
     assert "llmq_http_requests_total" in response.get_data(as_text=True)
 
 
-# --- several processes
+# --- several processes (prometheus_client's multiprocess mode) and config/gunicorn.py
 CHILD = textwrap.dedent("""
     import sys
     from app import metrics
-    print(metrics.init_multiprocess(sys.argv[1]), flush=True)
-    for _ in range(int(sys.argv[2])):
+    metrics.init_metrics()
+    for _ in range(int(sys.argv[1])):
         metrics.observe_request("/v1/chat/completions", 200, "POST")
     metrics.observe_stream(0.1, [0.01, 0.02], 0.5, prompt_tokens=10, completion_tokens=3)
 """)
+SCRAPER = textwrap.dedent("""
+    from flask import Flask
+    from app import metrics
+    from config.settings import Settings
+    app = Flask(__name__)
+    settings = Settings()
+    app.config["SETTINGS"] = settings
+    metrics.setup_metrics(app, settings)
+    print(app.test_client().get("/metrics").get_data(as_text=True))
+""")
 
 
-def _child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMQ_METRICS_DIR_IN_USE")}
-    return {**env, **extra}
-
-
-def _run_child(base: str, count: int, env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", CHILD, base, str(count)], cwd=ROOT, env=env, capture_output=True,
+def _run(script: str, *args: str, env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return out.stdout
 
 
 def test_counts_of_several_processes_are_summed(tmp_path):
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    """Processes that share a PROMETHEUS_MULTIPROC_DIR (set before they import prometheus_client), as
+    config/gunicorn.py sets it for a server's workers: /metrics of any of them sums all their counts."""
+    from prometheus_client.parser import text_string_to_metric_families
 
     shared = tmp_path / "shared"
-    env = _child_env(PROMETHEUS_MULTIPROC_DIR=str(shared))  # set by the operator: used as is
-    dirs = {_run_child(str(tmp_path / "unused"), n, env) for n in (3, 5)}
-    assert dirs == {str(shared)} and len(list(shared.glob("*.db"))) >= 2  # one file set per process
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(shared))
-    get = registry.get_sample_value
-    assert get("llmq_http_requests_total",
-               {"endpoint": "/v1/chat/completions", "method": "POST", "status": "200"}) == 8
-    assert get("llmq_time_to_first_token_seconds_count") == 2
-    assert get("llmq_inter_token_latency_seconds_count") == 4
-    assert get("llmq_e2e_request_latency_seconds_count", {"stream": "true"}) == 2
-    assert get("llmq_prompt_tokens_total") == 20 and get("llmq_generation_tokens_total") == 6
+    shared.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared), "REDIS_URL": REDIS_URL}
+    for n in (3, 5):
+        _run(CHILD, str(n), env=env)
+    assert len(list(shared.glob("counter_*.db"))) == 2  # one file per process
+    text = _run(SCRAPER, env=env)  # a third process, which counted nothing itself
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(text) for s in family.samples}
+    assert got[("llmq_http_requests_total",
+                (("endpoint", "/v1/chat/completions"), ("method", "POST"), ("status", "200")))] == 8
+    assert got[("llmq_time_to_first_token_seconds_count", ())] == 2
+    assert got[("llmq_inter_token_latency_seconds_count", ())] == 4
+    assert got[("llmq_e2e_request_latency_seconds_count", (("stream", "true"),))] == 2
+    assert got[("llmq_prompt_tokens_total", ())] == 20 and got[("llmq_generation_tokens_total", ())] == 6
+    assert got[("llmq_redis_up", ())] == 1  # the Redis collector sits in the same registry
 
 
-def test_one_fresh_directory_per_server_and_dead_servers_are_cleaned(tmp_path):
+@pytest.fixture
+def gunicorn_conf(monkeypatch, tmp_path):
+    """config/gunicorn.py loaded as gunicorn loads it (a file, not a package module), with METRICS_DIR in
+    tmp_path; whatever its hooks set in os.environ is undone after the test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "config" / "gunicorn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("METRICS_DIR", str(tmp_path / "prometheus"))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "inherited"))  # replaced by on_starting
+    return module
+
+
+def _server(pid: int):
+    return types.SimpleNamespace(pid=pid, log=logging.getLogger("test.gunicorn"))
+
+
+def test_each_gunicorn_master_gets_a_fresh_directory_of_its_own(gunicorn_conf, tmp_path):
     base = tmp_path / "prometheus"
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    stale = base / f"parent-{gone.pid}-1"
+    stale = base / "gunicorn-101"  # left by a dead master whose pid the new one has
     stale.mkdir(parents=True)
-    (stale / "counter_1.db").write_bytes(b"")
-    alive = base / f"parent-{os.getpid()}-{metrics._proc_start_time(os.getpid())}"  # this process: kept
-    env = _child_env()
-    first = _run_child(str(base), 2, env)
-    second = _run_child(str(base), 4, env)  # same parent (this test process): same directory
-    assert first == second == str(base.resolve() / alive.name)
-    assert not stale.exists()
-    # A PROMETHEUS_MULTIPROC_DIR inherited from a process that chose its own is not taken as the operator's.
-    inherited = _run_child(str(base), 1, _child_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "theirs"),
-                                                    LLMQ_METRICS_DIR_IN_USE=str(tmp_path / "theirs")))
-    assert inherited == first
+    (stale / "counter_7.db").write_bytes(b"old")
+    gunicorn_conf.on_starting(_server(101))
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(stale) and list(stale.iterdir()) == []  # wiped
+    (stale / "counter_8.db").write_bytes(b"first server's")
+    gunicorn_conf.on_starting(_server(202))  # a second server at the same time
+    second = base / "gunicorn-202"
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(second) and second.is_dir()
+    gunicorn_conf.on_exit(_server(202))  # the second stops: its directory goes, the first's stays
+    assert not second.exists() and (stale / "counter_8.db").read_bytes() == b"first server's"
+
+
+def test_child_exit_marks_the_dead_worker(gunicorn_conf, monkeypatch, tmp_path):
+    """The API has no live gauges (checked here, as config/gunicorn.py says), so nothing of its own is removed;
+    child_exit still calls mark_process_dead with the worker's pid, which drops that pid's live-gauge files."""
+    from prometheus_client import Gauge, multiprocess
+
+    assert not any(isinstance(m, Gauge) for m in vars(metrics.init_metrics()).values())
+    gunicorn_conf.on_starting(_server(303))
+    directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    for name in ("gauge_livesum_41.db", "gauge_liveall_41.db", "counter_41.db", "gauge_livesum_42.db"):
+        (directory / name).write_bytes(b"")
+    calls = []
+    real = multiprocess.mark_process_dead
+    monkeypatch.setattr(multiprocess, "mark_process_dead", lambda pid, path=None: (calls.append(pid),
+                                                                                    real(pid, path)))
+    gunicorn_conf.child_exit(_server(303), types.SimpleNamespace(pid=41))
+    assert calls == [41]
+    assert sorted(f.name for f in directory.iterdir()) == ["counter_41.db", "gauge_livesum_42.db"]
