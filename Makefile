@@ -125,7 +125,7 @@ worker: install
 
 # One more API server (for instance behind a load balancer: PORT=8001 make api).
 api: install
-	@exec '$(VENV)/bin/gunicorn' --worker-class gevent --workers 2 --worker-connections 1000 \
+	@exec '$(VENV)/bin/gunicorn' -c config/gunicorn.py --worker-class gevent --workers 2 --worker-connections 1000 \
 	    --bind 0.0.0.0:$(PORT) --timeout 60 --graceful-timeout 30 --keep-alive 30 --no-control-socket 'app:create_app()'
 
 # --- Test --------------------------------------------------------------------------------------

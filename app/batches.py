@@ -26,8 +26,9 @@ from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
 from jobs.chat_format import is_valid_unicode
-from jobs.records import JobEvent, JobRecord, JobStatus
+from jobs.records import JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
+from jobs.transition import Ending, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +294,9 @@ class BatchDispatcher:
                 pipe.execute()
 
     def _cancel_inflight(self, batch_id: str) -> None:
+        """Lines no attempt runs end here; running ones are asked to stop (the next ticks collect them)."""
         for job_id in self.jobs.redis.smembers(self.jobs.keys.batch_inflight(batch_id)):
-            if not self.jobs.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
-                                    only_from=[JobStatus.QUEUED]):
+            if self.jobs.end(job_id, Ending.cancelled()).outcome is Outcome.RUNNING:
                 self.jobs.request_cancel(job_id)
 
     def _finalize(self, batch: dict, final_status: str) -> None:

@@ -22,8 +22,9 @@ from app.metrics import StreamTimer, observe_completion, observe_error, timing_h
 from app.relay import EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
 from jobs.models import ModelDirectory, ModelRoute
-from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobStatus
+from jobs.records import GenerationRequest, JobError, JobRecord
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
+from jobs.transition import Ending, Outcome
 from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,9 @@ class ChatService:
         if record is None:
             return protocol.expired_job_object(job_id)
         if not record.status.is_terminal:
-            # Still queued: cancel it here (the worker will skip it). Running: the worker stops it.
-            if not self.store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
-                                     only_from=[JobStatus.QUEUED]):
+            # No attempt runs it (queued, maybe put back by the reaper): it ends here. Running: the attempt
+            # stops it, asked through the cancel flag.
+            if self.store.end(job_id, Ending.cancelled()).outcome is Outcome.RUNNING:
                 self.store.request_cancel(job_id)
             record = self.store.get(job_id)
         return protocol.job_object(record, system_fingerprint(record.request.model))
@@ -211,8 +212,7 @@ class ChatService:
             error = JobError(message="The job could not be queued; it was not run.", type="service_unavailable",
                              code="queue_unavailable")
             try:
-                self.store.finish(record.id, JobStatus.FAILED, JobEvent(seq=0, type="error", error=error),
-                                  error=error, only_from=[JobStatus.QUEUED])
+                self.store.end(record.id, Ending.failed(error))
             except REDIS_DOWN:
                 log.warning("job %s: neither queued nor withdrawn, Redis is unavailable", record.id)
             raise

@@ -136,12 +136,13 @@ class JobRecord(BaseModel):
         return cls.model_validate(data)
 
 
-# --- Events: what a worker publishes on a job's channel, in order. `seq` starts at 0 and grows by one.
+# --- Events: what a worker publishes on a job's channel, in order. `seq` starts at 0 and grows by one; the
+# job store numbers each event as it logs it (jobs/transition.py), so a writer leaves it out.
 EventType = Literal["delta", "done", "error", "cancelled"]
 
 
 class JobEvent(BaseModel):
-    seq: int
+    seq: Optional[int] = None
     type: EventType
     text: str = ""                         # delta: new text, never half a character or part of a stop
     token_ids: Optional[list[int]] = None  # delta: the generated tokens behind it (a new attempt resumes there)
@@ -153,13 +154,9 @@ class JobEvent(BaseModel):
     def is_final(self) -> bool:
         return self.type != "delta"
 
-    @property
-    def log_id(self) -> str:
-        """Its entry id in the job's event log (ids must be > 0-0 and increasing)."""
-        return log_id(self.seq)
-
 
 def log_id(seq: int) -> str:
+    """The entry id of event `seq` in its job's event log (ids must be > 0-0 and increasing)."""
     return f"0-{seq + 1}"
 
 

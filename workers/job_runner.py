@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from jobs.records import JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
+from jobs.records import JobError, JobEvent, JobRecord, JobResult, Usage
 from jobs.store import REDIS_DOWN, JobStore
+from jobs.transition import Attempt, Ending
 from workers.engine.interface import EngineRequest, RequestStream, SamplingParams
 from workers.text.output import TextAssembler
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same inter
     from workers.engine.engine import Engine
 
 log = logging.getLogger(__name__)
-
 
 
 def sampling_params(record: JobRecord) -> SamplingParams:
@@ -39,14 +39,14 @@ class Published:
     """What earlier attempts of a job already published: where this attempt resumes."""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    next_seq: int = 0
+    events: int = 0
     final: bool = False
 
     @classmethod
     def read(cls, store: JobStore, job_id: str) -> "Published":
         published = cls()
         for event in store.read_log(job_id):
-            published.next_seq = event.seq + 1
+            published.events = event.seq + 1
             if event.is_final:
                 published.final = True
             else:
@@ -75,20 +75,11 @@ def deadline_error(deadline_s: float) -> JobError:
                     type="timeout", code="deadline_exceeded")
 
 
-@dataclass
-class Final:
-    """The terminal write of a run: its status, final event and record fields."""
-    status: JobStatus
-    event: JobEvent
-    result: Optional[JobResult] = None
-    error: Optional[JobError] = None
-
-
 class JobRun:
-    def __init__(self, record: JobRecord, token: str, tokenizer, published: Published, deadline_at: float,
+    def __init__(self, record: JobRecord, attempt: Attempt, tokenizer, published: Published, deadline_at: float,
                  deadline_s: float):
         self.record = record
-        self.token = token
+        self.attempt = attempt
         self.deadline_at = deadline_at
         self.deadline_s = deadline_s
         self.assembler = TextAssembler(tokenizer, record.request.stop)
@@ -96,10 +87,12 @@ class JobRun:
         if replayed != published.text:
             log.warning("job %s: replayed text differs from the published text", record.id)
         self.resumed_tokens = published.token_ids
-        self.seq = published.next_seq
+        self.resumed_events = published.events
         self.outbox: list[JobEvent] = []           # events made, not yet written
+        self.acknowledged = 0                      # this attempt's events the store has logged
+        self.write_errors = 0                      # writes the store refused with an error
         self._unpublished_tokens: list[int] = []   # consumed, but their text is still held back
-        self.final: Optional[Final] = None
+        self.ending: Optional[Ending] = None
         self.stream: Optional[RequestStream] = None
         self.cancel_requested = False
         self.last_checked = time.monotonic()       # when Redis last told us about a cancel
@@ -109,6 +102,11 @@ class JobRun:
     @property
     def id(self) -> str:
         return self.record.id
+
+    @property
+    def first_text_pending(self) -> bool:
+        """Whether the outbox holds the job's first text (for the time-to-first-token metric)."""
+        return bool(self.outbox) and self.resumed_events + self.acknowledged == 0
 
     # --- driving the engine
     def start(self, engine: Engine) -> None:
@@ -121,13 +119,13 @@ class JobRun:
         priority = 1 if self.record.kind == "batch" else 0  # batch work never delays interactive admission
         # The resumed tokens are prompt to the engine's cache, but output to its sampler: penalties count them, and
         # the draws go on from their position, so a seeded job continues exactly as if it had never stopped.
-        self.stream = engine.submit(EngineRequest(self.id, request.prompt_token_ids + self.resumed_tokens,
+        self.stream = engine.submit(EngineRequest(self.attempt.name, request.prompt_token_ids + self.resumed_tokens,
                                                   sampling_params(self.record), remaining, priority,
                                                   num_resumed_tokens=len(self.resumed_tokens)))
 
     def absorb(self, engine: Engine) -> None:
         """Take whatever the engine produced for this run: text into the outbox, and the end if it came."""
-        if self.final is not None or self.stream is None:
+        if self.ending is not None or self.stream is None:
             return
         outputs = self.stream.drain()
         if outputs:
@@ -144,20 +142,20 @@ class JobRun:
             self._emit(piece, token_ids)
             if finish_reason is not None:
                 if self.cancel_requested and self.assembler.finish_reason is None:
-                    self.final = Final(JobStatus.CANCELLED, JobEvent(seq=self.seq, type="cancelled"))
+                    self.ending = Ending.cancelled()
                 else:
                     self._complete("length" if finish_reason == "length" else "stop")
                 return
             if self.assembler.done and not was_done:
-                engine.cancel(self.id)  # a stop sequence matched: the engine can drop the sequence now
+                engine.cancel(self.attempt.name)  # a stop sequence matched: the engine can drop it now
         if time.time() > self.deadline_at:
-            engine.cancel(self.id)
+            engine.cancel(self.attempt.name)
             self._fail(deadline_error(self.deadline_s))
 
     def cancel_requested_by_client(self, engine: Engine) -> None:
         if not self.cancel_requested:
             self.cancel_requested = True
-            engine.cancel(self.id)
+            engine.cancel(self.attempt.name)
 
     def end(self, status: str) -> None:
         self.status = status
@@ -167,8 +165,7 @@ class JobRun:
     def _emit(self, text: str, token_ids: list[int]) -> None:
         self._unpublished_tokens += token_ids
         if text:
-            self.outbox.append(JobEvent(seq=self.seq, type="delta", text=text, token_ids=self._unpublished_tokens))
-            self.seq += 1
+            self.outbox.append(JobEvent(type="delta", text=text, token_ids=self._unpublished_tokens))
             self._unpublished_tokens = []
 
     def _complete(self, engine_reason: str) -> None:
@@ -176,9 +173,7 @@ class JobRun:
         prompt_tokens = len(self.record.request.prompt_token_ids)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.assembler.token_count,
                       total_tokens=prompt_tokens + self.assembler.token_count)
-        result = JobResult(text=self.assembler.text, finish_reason=reason, usage=usage)
-        self.final = Final(JobStatus.COMPLETED, JobEvent(seq=self.seq, type="done", finish_reason=reason,
-                                                         usage=usage), result=result)
+        self.ending = Ending.completed(JobResult(text=self.assembler.text, finish_reason=reason, usage=usage))
 
     def _fail(self, error: JobError) -> None:
-        self.final = Final(JobStatus.FAILED, JobEvent(seq=self.seq, type="error", error=error), error=error)
+        self.ending = Ending.failed(error)

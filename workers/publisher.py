@@ -2,10 +2,13 @@
 in one Redis pipeline per cycle.
 
 Each cycle: wait until the engine produced something (or a short tick), let every run absorb its outputs
-(detokenize, match stops: all off the engine's thread), then one pipeline carries every run's deltas and
-final writes. Each write also renews the run's lease and reports a client's cancel; a write refused because
-the lease is gone (FENCED) stops that run. While Redis is away, events wait in the runs' outboxes and the
-same writes are retried (they are idempotent), for up to `redis_retry_s`.
+(detokenize, match stops: all off the engine's thread), then one pipeline carries every run's events and
+end, each as one job-store transition (jobs/transition.py) that also reports a client's cancel. A write
+refused because the attempt lost its lease (FENCED) stops that run; a write that fails with an error fails
+that run alone. Runs are known by their attempt (job id, lease token), so a stale attempt of a job and a
+new one on the same worker never touch each other. While Redis is away, events wait in the runs' outboxes
+and the same writes are retried (they are idempotent), for up to `redis_retry_s`. Leases are renewed by the
+worker's housekeeping, and only while the engine makes progress (workers/tasks.py).
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from jobs.store import FENCED, REDIS_DOWN, JobStore
+from jobs.records import JobError
+from jobs.store import REDIS_DOWN, JobStore
+from jobs.transition import Attempt, Ending, Outcome, Transition
 from workers.job_runner import JobRun
 
 if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same interface)
@@ -36,7 +41,7 @@ class Publisher:
         # ... and with many streams, at most `max_events_per_s` events in all: each cycle writes up to one
         # event per run, so the interval grows with the number of runs (the relay's cost is per event).
         self.max_events_per_s = max_events_per_s
-        self._runs: dict[str, JobRun] = {}
+        self._runs: dict[Attempt, JobRun] = {}  # by attempt: a stale attempt of a job never hides a new one
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         # A run's first output cuts a cycle's pause short: the pacing is for the flow of tokens, not for
@@ -46,15 +51,19 @@ class Publisher:
         self._outage_since: float | None = None
         threading.Thread(target=self._loop, name="publisher", daemon=True).start()
 
-    def run(self, job_run: JobRun) -> str:
-        """Run a job to its end (called from the job's own thread, which waits here); returns its status."""
+    def run(self, job_run: JobRun, grace_s: float = 60.0) -> str:
+        """Run a job to its end (called from the job's own thread, which waits here); returns its status.
+        The wait is bounded: a run still here `grace_s` after its job's deadline (which its own cycle
+        enforces) is given up, so no thread waits forever on a run that something failed to close."""
         job_run.start(self.engine)
         if job_run.stream is not None:
             job_run.stream.notify = self._first_output_signal
         with self._lock:
-            self._runs[job_run.id] = job_run
+            self._runs[job_run.attempt] = job_run
         self._wakeup.set()
-        job_run.over.wait()
+        if not job_run.over.wait(max(0.0, job_run.deadline_at + grace_s - time.time())):
+            log.error("job %s: attempt %s still open past its deadline; given up", job_run.id, job_run.attempt.name)
+            self._close(job_run, "abandoned")
         return job_run.status
 
     def _loop(self) -> None:
@@ -88,7 +97,7 @@ class Publisher:
         for run in runs:
             run.absorb(self.engine)
         due = [run for run in runs
-               if run.outbox or run.final is not None or now - run.last_checked >= self.cancel_poll_s]
+               if run.outbox or run.ending is not None or now - run.last_checked >= self.cancel_poll_s]
         if not due:
             return
         try:
@@ -105,55 +114,62 @@ class Publisher:
             return
         self._outage_since = None
         self.store.telemetry.record(  # metrics: first text published, jobs finished (best effort)
-            first_tokens=[run.id for run, (delta, _) in zip(due, answers)
-                          if delta != FENCED and run.outbox and run.outbox[0].seq == 0],
-            states=[(run.id, run.final.status) for run, (_, final) in zip(due, answers) if final == 1])
-        for run, (delta_answer, final_answer) in zip(due, answers):
+            first_tokens=[run.id for run, done in zip(due, answers)
+                          if isinstance(done, Transition) and done.applied and run.first_text_pending],
+            states=[(run.id, run.ending.status) for run, done in zip(due, answers)
+                    if isinstance(done, Transition) and done.applied and run.ending is not None])
+        for run, done in zip(due, answers):
             run.last_checked = now
-            if delta_answer == FENCED or final_answer == FENCED:
-                log.warning("job %s: this attempt lost its lease to another attempt; stopped", run.id)
+            if isinstance(done, Exception):  # this run's write failed (a bug, bad data): this run fails
+                self._fail_run(run, done)
+            elif done.outcome is Outcome.FENCED:
+                log.warning("job %s: attempt %s lost its lease to another attempt; stopped", run.id, run.attempt.name)
                 self._close(run, "fenced")
-                continue
-            if run.outbox and run.stream is not None:
-                run.stream.notify = self._wakeup  # its first event is out: paced from now on
-            run.outbox = []
-            if delta_answer == 1:
-                run.cancel_requested_by_client(self.engine)
-            if final_answer is not None:
-                self._close(run, run.final.status.value if final_answer == 1 else "skipped")
+            elif done.outcome is not Outcome.APPLIED:  # over already (a retried end), or expired
+                self._close(run, "skipped")
+            else:
+                if run.outbox and run.stream is not None:
+                    run.stream.notify = self._wakeup  # its first event is out: paced from now on
+                run.acknowledged += len(run.outbox)
+                run.outbox = []
+                if done.cancel_requested:
+                    run.cancel_requested_by_client(self.engine)
+                if run.ending is not None:
+                    self._close(run, run.ending.status.value)
 
-    def _write(self, runs: list[JobRun]) -> list[tuple]:
-        """One pipeline: each run's deltas (with lease renewal and cancel check), then its final write."""
-        slots: list[bool] = []
-
+    def _write(self, runs: list[JobRun]) -> list:
+        """One pipeline: each run's events and its end (if it came), with its cancel check. Per run, the
+        Transition, or the error its script raised; a Redis outage raises (the caller retries)."""
         def fill(pipe) -> None:
-            slots.clear()  # filled again if the scripts had to be loaded again
             for run in runs:
-                self.store.publish_deltas(run.id, run.token, run.outbox, client=pipe)
-                has_final = run.final is not None
-                if has_final:
-                    final = run.final
-                    self.store.finish(run.id, final.status, final.event, result=final.result, error=final.error,
-                                      token=run.token, client=pipe)
-                slots.append(has_final)
+                self.store.write(run.attempt, run.outbox, run.ending, acknowledged=run.acknowledged, client=pipe)
 
-        results = self.store.scripts.run(fill, transaction=False, raise_on_error=False)
-        answers, i = [], 0
-        for has_final in slots:
-            delta = results[i]
-            final = results[i + 1] if has_final else None
-            i += 2 if has_final else 1
-            for result in (delta, final):
-                if isinstance(result, Exception):  # Redis away (retried next cycle), or a bug (logged)
-                    raise result
-            answers.append((int(delta), None if final is None else int(final)))
+        answers = []
+        for result in self.store.scripts.run(fill, transaction=False, raise_on_error=False):
+            if isinstance(result, REDIS_DOWN):
+                raise result
+            answers.append(result if isinstance(result, Exception) else Transition.from_reply(result))
         return answers
+
+    def _fail_run(self, run: JobRun, error: Exception) -> None:
+        """A run whose write the store refused with an error: end the job as failed if it can still be
+        written; otherwise (its end was what failed) give the attempt up: its lease lapses, another
+        attempt resumes it, and its attempts are counted."""
+        log.error("job %s: attempt %s's write failed: %s", run.id, run.attempt.name, error)
+        run.write_errors += 1
+        if run.write_errors == 1:
+            self.engine.cancel(run.attempt.name)
+            run.outbox = []
+            run.ending = Ending.failed(JobError(message="The job could not be recorded.", code="internal_error"))
+        else:
+            self._close(run, "abandoned")
 
     def _close(self, run: JobRun, status: str) -> None:
         if status in ("fenced", "abandoned"):
-            self.engine.cancel(run.id)
+            self.engine.cancel(run.attempt.name)
         with self._lock:
-            self._runs.pop(run.id, None)
+            if self._runs.get(run.attempt) is run:
+                del self._runs[run.attempt]
         run.end(status)
 
 

@@ -17,9 +17,10 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config.logging import job_context
 from config.settings import get_settings
-from jobs.records import JobError, JobEvent, JobStatus
 from jobs.models import model_entry
-from jobs.store import FENCED, JobNotFound, JobStore
+from jobs.records import JobError, JobStatus
+from jobs.store import JobNotFound, JobStore
+from jobs.transition import Attempt, Ending
 from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
 from jobs.chat_format import raw_tokenizer
 
@@ -52,7 +53,7 @@ class WorkerRuntime:
         self.publisher = Publisher(self.store, self.engine, self.settings.redis_retry_s,
                                    min_interval_s=self.settings.stream_interval_s,
                                    max_events_per_s=self.settings.effective_stream_events_per_s)
-        self.leases: dict[str, str] = {}  # job id -> lease token of the attempts running here
+        self.leases: set[Attempt] = set()  # the attempts running here (two of one job can be: one stale)
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()
         self._started_at = time.time()
@@ -64,13 +65,13 @@ class WorkerRuntime:
         self.batch_consumer.start(self.settings.effective_batch_slots)
 
     # --- leases of the attempts running in this process
-    def hold(self, job_id: str, token: str) -> None:
+    def hold(self, attempt: Attempt) -> None:
         with self._leases_lock:
-            self.leases[job_id] = token
+            self.leases.add(attempt)
 
-    def release(self, job_id: str) -> None:
+    def release(self, attempt: Attempt) -> None:
         with self._leases_lock:
-            self.leases.pop(job_id, None)
+            self.leases.discard(attempt)
 
     def _housekeeping(self) -> None:
         s = self.settings
@@ -96,10 +97,11 @@ class WorkerRuntime:
 
     def _renew_leases(self) -> None:
         with self._leases_lock:
-            leases = dict(self.leases)
+            leases = set(self.leases)
         if leases:
-            for job_id in self.store.renew(leases):
-                log.warning("job %s: lease lost; its next write will stop this attempt", job_id)
+            for attempt in self.store.renew(leases):
+                log.warning("job %s: attempt %s lost its lease; its next write stops it", attempt.job_id,
+                            attempt.name)
 
     def _reap(self) -> None:
         """Jobs whose worker died: back on their queue (exactly one reaper gets each)."""
@@ -183,36 +185,33 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
         return record.status.value
     deadline_at = record.created_at + settings.job_deadline_s
     if cancelled or time.time() > deadline_at:
-        event_seq = Published.read(store, job_id).next_seq
-        final = (JobEvent(seq=event_seq, type="cancelled") if cancelled else
-                 JobEvent(seq=event_seq, type="error", error=deadline_error(settings.job_deadline_s)))
-        store.finish(job_id, JobStatus.CANCELLED if cancelled else JobStatus.FAILED, final,
-                     error=final.error)
-        return final.type
-    attempt, token = retry_redis(lambda: store.acquire(job_id, runtime.name), retry_s)
-    if attempt == 0:
+        # Through the transition like every other end: it ends the job only if no attempt runs it (this may be
+        # a duplicate delivery of a job that another worker is running: that one sees the cancel or deadline).
+        ending = Ending.cancelled() if cancelled else Ending.failed(deadline_error(settings.job_deadline_s))
+        done = retry_redis(lambda: store.end(job_id, ending), retry_s)
+        return ending.event.type if done.applied else "skipped"
+    started, attempt = retry_redis(lambda: store.start(job_id, runtime.name), retry_s)
+    if not started.applied:
+        log.info("job %s: not started (%s), skipped", job_id, started.outcome.value)
         return "skipped"
-    if attempt == FENCED:
-        log.info("job %s: another attempt holds it, skipped", job_id)
-        return "skipped"
-    runtime.hold(job_id, token)
-    started = time.perf_counter()
+    number = started.detail[0]
+    runtime.hold(attempt)
+    began = time.perf_counter()
     try:
         # A first attempt has nothing to resume: events are written only under a lease, which only an
-        # attempt takes (a job cancelled while queued is finished, and acquire answered 0).
-        published = Published() if attempt == 1 else retry_redis(lambda: Published.read(store, job_id), retry_s)
-        if attempt > settings.max_attempts:  # it keeps killing its workers: stop trying
-            error = JobError(message=f"The job was started {attempt - 1} times without finishing.",
-                             code="too_many_attempts")
-            store.finish(job_id, JobStatus.FAILED, JobEvent(seq=published.next_seq, type="error", error=error),
-                         error=error, token=token)
+        # attempt takes (a job cancelled while queued is over, and its start was refused).
+        published = Published() if number == 1 else retry_redis(lambda: Published.read(store, job_id), retry_s)
+        if number > settings.max_attempts:  # it keeps killing its workers: stop trying
+            ending = Ending.failed(JobError(message=f"The job was started {number - 1} times without finishing.",
+                                            code="too_many_attempts"))
+            retry_redis(lambda: store.write(attempt, [], ending), retry_s)
             return JobStatus.FAILED.value
-        if attempt > 1:
-            log.warning("job %s: attempt %d resumes after %d published tokens", job_id, attempt,
+        if number > 1:
+            log.warning("job %s: attempt %d resumes after %d published tokens", job_id, number,
                         len(published.token_ids))
-        run = JobRun(record, token, runtime.tokenizer, published, deadline_at, settings.job_deadline_s)
+        run = JobRun(record, attempt, runtime.tokenizer, published, deadline_at, settings.job_deadline_s)
         status = runtime.publisher.run(run)
     finally:
-        runtime.release(job_id)
-    log.info("job %s: %s in %.2f s (attempt %d)", job_id, status, time.perf_counter() - started, attempt)
+        runtime.release(attempt)
+    log.info("job %s: %s in %.2f s (attempt %d)", job_id, status, time.perf_counter() - began, number)
     return status

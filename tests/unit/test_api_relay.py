@@ -13,6 +13,7 @@ from app import create_app
 from config.settings import Settings
 from jobs.models import model_entry
 from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
+from jobs.transition import Ending
 from tests.conftest import REDIS_URL
 
 BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
@@ -30,8 +31,8 @@ def make_client(redis_client):
 
         def enqueue(record):  # the "worker": runs the script in a thread, as a real worker would
             store = holder["app"].extensions["chat_service"].store
-            _, token = store.acquire(record.id, "scripted-worker")
-            events = ScriptedEvents(store, record.id, token)
+            _, attempt = store.start(record.id, "scripted-worker")
+            events = ScriptedEvents(store, attempt)
             threading.Thread(target=script, args=(events,), daemon=True).start()
 
         holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
@@ -47,22 +48,20 @@ def make_client(redis_client):
 
 
 class ScriptedEvents:
-    """Writes a job's events the way the worker does (lease-checked Lua scripts), one call at a time."""
+    """Writes a job's events the way the worker does (the attempt's transitions), one call at a time."""
 
-    def __init__(self, store, job_id, token):
-        self.store, self.job_id, self.token, self.seq = store, job_id, token, 0
+    def __init__(self, store, attempt):
+        self.store, self.attempt, self.written = store, attempt, 0
 
     def delta(self, text):
-        self.store.publish_deltas(self.job_id, self.token, [JobEvent(seq=self.seq, type="delta", text=text)])
-        self.seq += 1
+        assert self.store.write(self.attempt, [JobEvent(type="delta", text=text)], acknowledged=self.written).applied
+        self.written += 1
 
     def failed(self, error):
-        self.store.finish(self.job_id, JobStatus.FAILED, JobEvent(seq=self.seq, type="error", error=error),
-                          error=error, token=self.token)
+        assert self.store.write(self.attempt, [], Ending.failed(error), acknowledged=self.written).applied
 
     def completed(self, result):
-        event = JobEvent(seq=self.seq, type="done", finish_reason=result.finish_reason, usage=result.usage)
-        self.store.finish(self.job_id, JobStatus.COMPLETED, event, result=result, token=self.token)
+        assert self.store.write(self.attempt, [], Ending.completed(result), acknowledged=self.written).applied
 
 
 def fails_after_one_delta(events: ScriptedEvents):

@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
-from jobs.records import GenerationRequest, JobEvent, JobRecord, JobStatus
+from jobs.records import GenerationRequest, JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
+from jobs.transition import Ending
 
 REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
                             frequency_penalty=0.0, presence_penalty=0.0, seed=0)
@@ -32,8 +33,8 @@ def new_job(store, queue="q-empty") -> str:
 def test_a_recorded_job_is_watched_until_an_attempt_starts_it(store):
     job_id = new_job(store)
     assert store.reap_lost(stall_s=0) == [(job_id, "background", f"{store.prefix}-q-empty")]
-    attempt, _ = store.acquire(job_id, "w")
-    assert attempt == 1
+    started, _ = store.start(job_id, "w")
+    assert started.detail == (1,)
     assert store.reap_lost(stall_s=0) == []
 
 
@@ -49,7 +50,7 @@ def test_a_reaped_job_is_watched_again_so_a_failed_resend_is_retried(store):
     """The reaper put the job back to queued, then its send failed (Redis restarting): the lost-delivery
     pass must find it, or it would stay queued forever."""
     job_id = new_job(store)
-    store.acquire(job_id, "w")
+    store.start(job_id, "w")
     time.sleep(0.3)  # the lease lapses: the worker died
     assert [j for j, _, _ in store.reap()] == [job_id]
     assert store.get(job_id).status == JobStatus.QUEUED
@@ -58,8 +59,7 @@ def test_a_reaped_job_is_watched_again_so_a_failed_resend_is_retried(store):
 
 def test_a_job_cancelled_while_queued_is_no_longer_watched(store):
     job_id = new_job(store)
-    assert store.finish(job_id, JobStatus.CANCELLED, JobEvent(seq=0, type="cancelled"),
-                        only_from=[JobStatus.QUEUED]) == 1
+    assert store.end(job_id, Ending.cancelled()).applied
     assert store.reap_lost(stall_s=0) == []
 
 

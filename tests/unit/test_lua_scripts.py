@@ -79,7 +79,7 @@ def test_the_store_records_a_job_after_redis_lost_its_scripts(redis_client, pref
     assert store.get(second.id).status == JobStatus.QUEUED
     current, _ = store.telemetry.job_counts()
     assert current["queued"] == 2  # the telemetry script in create's pipeline ran both times
-    attempt, token = store.acquire(second.id, "w")
-    assert attempt == 1
+    started, attempt = store.start(second.id, "w")
+    assert started.detail == (1,)
     redis_client.script_flush()
-    assert store.renew({second.id: token}) == []  # renewed: no lease lost
+    assert store.renew([attempt]) == []  # renewed: no lease lost

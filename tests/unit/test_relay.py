@@ -13,6 +13,7 @@ import redis
 from app.relay import RESYNC, EventHub, EventRelay
 from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, JobStatus, Usage
 from jobs.store import JobStore
+from jobs.transition import Ending
 from tests.conftest import REDIS_URL
 
 
@@ -63,17 +64,16 @@ def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(h
                                 frequency_penalty=0.0, presence_penalty=0.0, seed=0)
     record = JobRecord.new(request, kind="interactive", owner="o", queue="q")
     store.create(record)
-    _, token = store.acquire(record.id, "w")
-    store.publish_deltas(record.id, token, [JobEvent(seq=0, type="delta", text="Hi")])
+    _, attempt = store.start(record.id, "w")
+    store.write(attempt, [JobEvent(type="delta", text="Hi")])
     status_and_log = store.status_and_log
 
     def read_then_the_job_finishes(*args, **kwargs):
         status, events = status_and_log(*args, **kwargs)
         if store.get(record.id).status == JobStatus.IN_PROGRESS:
             usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
-            store.finish(record.id, JobStatus.COMPLETED, JobEvent(seq=1, type="done", finish_reason="stop",
-                                                                  usage=usage),
-                         result=JobResult(text="Hi", finish_reason="stop", usage=usage), token=token)
+            store.write(attempt, [], Ending.completed(JobResult(text="Hi", finish_reason="stop", usage=usage)),
+                        acknowledged=1)
         return status, events
 
     store.status_and_log = read_then_the_job_finishes

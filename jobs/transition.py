@@ -1,0 +1,199 @@
+"""The one way a job's state changes: a single Lua script, run atomically by Redis.
+
+Every change of a job's life goes through it: a worker starting an attempt, an attempt writing its events
+and its end, the reaper putting a dead attempt's job back on the queue, and the API ending a job that no
+attempt runs (a cancel while queued, a job it could not queue). So the rules are in one place:
+
+  * who may act: an attempt only while it holds the job's lease (its token); a caller without an attempt
+    only while none holds it (else the answer is `running`, and the caller asks the attempt to stop by
+    setting the cancel flag); the reaper only once the lease has lapsed;
+  * events are numbered here, from the job's log, never by the caller: `seq` is the log's next entry. A
+    retried write (Redis went away before its reply) carries how many of its attempt's events were already
+    acknowledged, and the script skips those that the earlier call did log, so nothing is repeated;
+  * record, log and live channel change in the same step, and the answer says what happened.
+
+Actions (ARGV[1]):
+  start    queued (or in_progress with a lapsed lease) -> in_progress under a new lease; detail: attempt no.
+  write    the holder's events, and its end if it brings one (then the lease is gone)
+  end      a caller without an attempt ends the job (cancelled, failed) with one event
+  requeue  in_progress whose lease lapsed -> queued; detail: the job's kind and queue (to send it again)
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+from jobs.records import JobError, JobEvent, JobResult, JobStatus
+
+
+class Outcome(str, enum.Enum):
+    APPLIED = "applied"
+    FENCED = "fenced"          # another attempt holds the lease (or none does, for `write`)
+    RUNNING = "running"        # an attempt holds the lease: `end` is not for a running job
+    TERMINAL = "terminal"      # the job is over already
+    MISSING = "missing"        # no such job (expired)
+    NOT_LAPSED = "not_lapsed"  # `requeue`: the lease was renewed since the reaper looked, or the job is queued
+
+
+# KEYS: job, lease, log, leases, queued, cancel.
+# ARGV: action, job id, token, now ms, now s, lease ms, channel, log ttl s, key prefix, worker,
+#       events of this attempt already acknowledged, ending status ('' = none), n record fields, then n
+#       field/value pairs, then one (log json, live json) pair per event, each without its "seq".
+# Returns {outcome, cancel flag set (0/1), detail, detail}.
+SCRIPT = """
+local job, lease, log, leases, queued, cancel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local action, id, token = ARGV[1], ARGV[2], ARGV[3]
+local now_ms, now_s, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local channel, log_ttl, prefix, worker = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local acknowledged, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+local first_event = 14 + 2 * nfields
+
+local cancel_flag = redis.call('EXISTS', cancel)
+local status = redis.call('HGET', job, 'status')
+if not status then return {'missing', cancel_flag, '', ''} end
+if status ~= 'queued' and status ~= 'in_progress' then
+  if action == 'requeue' then redis.call('ZREM', leases, id) end
+  return {'terminal', cancel_flag, status, ''}
+end
+
+-- 1. Who may make this change.
+local holder = redis.call('GET', lease)
+if action == 'start' then
+  if holder then return {'fenced', cancel_flag, '', ''} end
+elseif action == 'write' then
+  if holder ~= token then return {'fenced', cancel_flag, '', ''} end
+elseif action == 'end' then
+  if holder then return {'running', cancel_flag, '', ''} end
+elseif action == 'requeue' then
+  if status ~= 'in_progress' then
+    redis.call('ZREM', leases, id)
+    return {'not_lapsed', cancel_flag, '', ''}
+  end
+  if holder then  -- renewed since the reaper read the index: look again when it may have lapsed
+    redis.call('ZADD', leases, now_ms + redis.call('PTTL', lease), id)
+    return {'not_lapsed', cancel_flag, '', ''}
+  end
+else
+  return redis.error_reply('unknown job transition ' .. tostring(action))
+end
+
+-- 2. The events, numbered from the log. A retried write skips the events its earlier call logged.
+local skip = 0
+if action == 'write' then
+  skip = tonumber(redis.call('HGET', job, 'attempt_events') or '0') - acknowledged
+end
+local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+local seq = 0
+if last[1] then seq = tonumber(string.sub(last[1][1], 3)) end  -- entry ids are 0-(seq + 1)
+local logged = 0
+for i = first_event + 2 * skip, #ARGV, 2 do
+  local head = '{"seq":' .. seq .. ','
+  redis.call('XADD', log, '0-' .. (seq + 1), 'e', head .. string.sub(ARGV[i], 2))
+  redis.call('PUBLISH', channel, head .. string.sub(ARGV[i + 1], 2))
+  seq = seq + 1
+  logged = logged + 1
+end
+if logged > 0 then redis.call('EXPIRE', log, log_ttl) end
+if action == 'write' then redis.call('HINCRBY', job, 'attempt_events', logged) end
+
+-- 3. The state.
+if ending ~= '' then
+  redis.call('HSET', job, 'status', ending, 'finished_at', now_s, unpack(ARGV, 14, first_event - 1))
+  redis.call('DEL', lease)
+  redis.call('ZREM', leases, id)
+  redis.call('ZREM', queued, id)
+  local owner = redis.call('HGET', job, 'owner')
+  if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
+  return {'applied', cancel_flag, '', ''}
+elseif action == 'start' then
+  redis.call('SET', lease, token, 'PX', lease_ms)
+  redis.call('ZADD', leases, now_ms + lease_ms, id)
+  redis.call('ZREM', queued, id)
+  local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s,
+             'attempt_events', 0)
+  redis.call('HDEL', job, 'delivered_to')
+  if redis.call('HEXISTS', job, 'started_at') == 0 then redis.call('HSET', job, 'started_at', now_s) end
+  return {'applied', cancel_flag, attempt, ''}
+elseif action == 'requeue' then
+  redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
+  redis.call('HDEL', job, 'delivered_to')
+  redis.call('ZREM', leases, id)
+  redis.call('ZADD', queued, now_s, id)  -- sent again: watched until an attempt starts it
+  return {'applied', cancel_flag, redis.call('HGET', job, 'kind') or 'interactive',
+          redis.call('HGET', job, 'queue') or 'interactive'}
+end
+return {'applied', cancel_flag, '', ''}
+"""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a job: the job and the lease token it runs under. Two attempts of the same job (one
+    of them stale) never share a name: not in a worker's tables, not in its engine."""
+    job_id: str
+    token: str
+
+    @property
+    def name(self) -> str:
+        """Its id in the engine (and in logs)."""
+        return f"{self.job_id}/{self.token[:12]}"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a job ends: its terminal status, its final event (no seq: the store numbers it), record fields."""
+    status: JobStatus
+    event: JobEvent
+    result: Optional[JobResult] = None
+    error: Optional[JobError] = None
+
+    @classmethod
+    def cancelled(cls) -> "Ending":
+        return cls(JobStatus.CANCELLED, JobEvent(type="cancelled"))
+
+    @classmethod
+    def failed(cls, error: JobError) -> "Ending":
+        return cls(JobStatus.FAILED, JobEvent(type="error", error=error), error=error)
+
+    @classmethod
+    def completed(cls, result: JobResult) -> "Ending":
+        return cls(JobStatus.COMPLETED, JobEvent(type="done", finish_reason=result.finish_reason,
+                                                 usage=result.usage), result=result)
+
+    def fields(self) -> list[str]:
+        """The record fields it sets besides status and finished_at."""
+        fields = []
+        if self.result is not None:
+            fields += ["result", self.result.model_dump_json()]
+        if self.error is not None:
+            fields += ["error", self.error.model_dump_json()]
+        return fields
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What the script did, and whether the client has asked to cancel the job."""
+    outcome: Outcome
+    cancel_requested: bool = False
+    detail: tuple = ()
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome is Outcome.APPLIED
+
+    @classmethod
+    def from_reply(cls, reply) -> "Transition":
+        outcome, cancel, *detail = reply
+        return cls(Outcome(outcome), bool(int(cancel)), tuple(detail))
+
+
+def event_args(events: list[JobEvent]) -> list[str]:
+    """Each event twice, without its seq: for the log (with the token ids a resume needs) and for the live
+    channel (listeners need only the text)."""
+    args = []
+    for event in events:
+        args += [event.model_dump_json(exclude_none=True, exclude={"seq"}),
+                 event.model_dump_json(exclude_none=True, exclude={"seq", "token_ids"})]
+    return args

@@ -1,0 +1,131 @@
+"""The one transition of a job's state (jobs/transition.py), on a real Redis: who may change what, events
+numbered by the store, and what each caller is told."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
+from jobs.store import JobStore
+from jobs.transition import Ending, Outcome
+
+REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
+                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+DONE = Ending.completed(JobResult(text="ab", finish_reason="stop",
+                                  usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)))
+
+
+@pytest.fixture
+def store(redis_client):
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=0.2)
+    for key in redis_client.scan_iter(match=f"{prefix}:*"):
+        redis_client.delete(key)
+
+
+def new_job(store) -> str:
+    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
+    store.create(record)
+    return record.id
+
+
+def delta(text: str) -> JobEvent:
+    return JobEvent(type="delta", text=text, token_ids=[7])
+
+
+def log(store, job_id) -> list[tuple[int, str, str]]:
+    return [(e.seq, e.type, e.text) for e in store.read_log(job_id)]
+
+
+def requeued_after_a_lost_worker(store) -> str:
+    """A job whose first attempt published a delta, then lost its worker: the reaper put it back."""
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    assert store.write(attempt, [delta("a")]).applied
+    time.sleep(0.3)  # the lease lapses
+    assert [j for j, _, _ in store.reap()] == [job_id]
+    return job_id
+
+
+def test_cancelling_a_requeued_job_with_events_ends_it_after_them(store):
+    """Issue 13, case 1: the API used to end such a job with event seq 0, which its log was already past."""
+    job_id = requeued_after_a_lost_worker(store)
+    assert store.get(job_id).status == JobStatus.QUEUED
+    done = store.end(job_id, Ending.cancelled())
+    assert done.outcome is Outcome.APPLIED
+    assert store.get(job_id).status == JobStatus.CANCELLED
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "cancelled", "")]
+    assert store.start(job_id, "w2")[0].outcome is Outcome.TERMINAL  # its queued message is skipped
+    assert store.reap_lost(stall_s=0) == []
+
+
+def test_a_caller_without_an_attempt_cannot_end_a_running_job(store):
+    """Issue 13, case 3: a duplicate delivery that sees the deadline (or the API) must not end a job that
+    another worker is running: it is told `running`, and the job goes on."""
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    error = JobError(message="late", code="deadline_exceeded")
+    assert store.end(job_id, Ending.failed(error)).outcome is Outcome.RUNNING
+    assert store.get(job_id).status == JobStatus.IN_PROGRESS
+    assert store.write(attempt, [delta("a")], DONE).applied
+    assert store.get(job_id).status == JobStatus.COMPLETED
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "done", "")]
+
+
+def test_a_new_attempt_numbers_its_events_after_the_old_ones(store):
+    job_id = requeued_after_a_lost_worker(store)
+    started, new = store.start(job_id, "w2")
+    assert started.detail == (2,)
+    assert store.write(new, [delta("b")]).applied
+    assert store.write(new, [], DONE, acknowledged=1).applied
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "delta", "b"), (2, "done", "")]
+
+
+def test_an_attempt_that_lost_its_lease_is_fenced(store):
+    job_id = new_job(store)
+    _, old = store.start(job_id, "w1")
+    time.sleep(0.3)
+    store.reap()
+    _, new = store.start(job_id, "w2")
+    assert store.write(old, [delta("x")]).outcome is Outcome.FENCED
+    assert store.write(old, [], DONE).outcome is Outcome.FENCED
+    assert store.write(new, [delta("y")]).applied
+    assert log(store, job_id) == [(0, "delta", "y")]
+
+
+def test_a_retried_write_logs_nothing_twice(store):
+    """Redis applied a write but its answer was lost: the retry carries the same events (and more made
+    meanwhile), with the same count of acknowledged ones."""
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    assert store.write(attempt, [delta("a")]).applied
+    assert store.write(attempt, [delta("b")], acknowledged=1).applied        # answer lost
+    assert store.write(attempt, [delta("b"), delta("c")], acknowledged=1).applied  # the retry
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "delta", "b"), (2, "delta", "c")]
+
+
+def test_the_reaper_leaves_a_renewed_lease_alone(store):
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    store.redis.zadd(store.keys.leases(), {job_id: 0})  # its index entry fell due, the lease itself is alive
+    assert store.reap() == []
+    assert store.get(job_id).status == JobStatus.IN_PROGRESS
+    assert store.write(attempt, [], DONE).applied
+
+
+def test_answers_for_missing_and_finished_jobs(store):
+    assert store.end("chatcmpl-gone", Ending.cancelled()).outcome is Outcome.MISSING
+    job_id = new_job(store)
+    assert store.end(job_id, Ending.cancelled()).applied
+    assert store.end(job_id, Ending.cancelled()).outcome is Outcome.TERMINAL
+    assert log(store, job_id) == [(0, "cancelled", "")]
+
+
+def test_the_cancel_flag_comes_with_every_answer(store):
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    assert not store.write(attempt, [delta("a")]).cancel_requested
+    store.request_cancel(job_id)
+    assert store.write(attempt, [], acknowledged=1).cancel_requested
