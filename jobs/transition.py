@@ -83,10 +83,11 @@ local skip = 0
 if action == 'write' then
   skip = tonumber(redis.call('HGET', job, 'attempt_events') or '0') - acknowledged
 end
-local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
-local seq = 0
-if last[1] then seq = tonumber(string.sub(last[1][1], 3)) end  -- entry ids are 0-(seq + 1)
-local logged = 0
+local logged, seq = 0, 0
+if first_event + 2 * skip <= #ARGV then
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if last[1] then seq = tonumber(string.sub(last[1][1], 3)) end  -- entry ids are 0-(seq + 1)
+end
 for i = first_event + 2 * skip, #ARGV, 2 do
   local head = '{"seq":' .. seq .. ','
   redis.call('XADD', log, '0-' .. (seq + 1), 'e', head .. string.sub(ARGV[i], 2))

@@ -1,0 +1,138 @@
+"""The worker's publisher with the real pieces below it: the job store on a real Redis, the engine with the
+real tiny model, the real tokenizer. What it must never do: let a stale attempt of a job hide, wait on or
+cancel a newer attempt on the same worker, or let one run's failed write stop every other run."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+from jobs.chat_format import raw_tokenizer
+from jobs.records import GenerationRequest, JobRecord, JobStatus
+from jobs.store import JobStore
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.job_runner import JobRun, Published
+from workers.model_loader import build_tiny_random
+from workers.publisher import Publisher
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DEADLINE_S = 600.0
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine(build_tiny_random(), torch.device("cpu"), eos_token_id=raw_tokenizer().eos_id,
+                    config=EngineConfig(num_kv_blocks=128))
+    real_run = engine.runner.run
+
+    def paced_run(batch):  # a few ms a step, so that a run is still going when the test acts on it
+        time.sleep(0.004)
+        return real_run(batch)
+
+    engine.runner.run = paced_run
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def store(redis_client):
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=30)
+    for key in redis_client.scan_iter(match=f"{prefix}:*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture
+def publisher(store, engine):
+    return Publisher(store, engine, retry_s=5.0)
+
+
+def new_job(store, max_tokens=120) -> JobRecord:
+    request = GenerationRequest(model="m", prompt_token_ids=[1, 733, 1000, 2000], max_tokens=max_tokens,
+                                temperature=0.0, top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+    record = JobRecord.new(request, kind="background", owner="o", queue=f"{store.prefix}-q")
+    store.create(record)
+    return record
+
+
+class RunThread(threading.Thread):
+    """One job's Celery thread: starts an attempt and waits in the publisher until it is over."""
+
+    def __init__(self, store, publisher, job_id):
+        super().__init__(daemon=True)
+        self.store, self.publisher, self.job_id = store, publisher, job_id
+        started, self.attempt = store.start(job_id, "worker-under-test")
+        assert started.applied
+        self.number = started.detail[0]
+        self.status = None
+
+    def run(self) -> None:
+        record = self.store.get(self.job_id)
+        published = Published.read(self.store, self.job_id) if self.number > 1 else Published()
+        run = JobRun(record, self.attempt, raw_tokenizer(), published, record.created_at + DEADLINE_S, DEADLINE_S)
+        self.status = self.publisher.run(run)
+
+
+def run_to_end(store, publisher, job_id, timeout=60.0) -> str:
+    thread = RunThread(store, publisher, job_id)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive()
+    return thread.status
+
+
+def wait_for(condition, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_two_attempts_of_one_job_on_one_worker(store, publisher, engine):
+    """Issue 13, case 2: a Redis outage longer than the lease gives the job to a second attempt, on this same
+    worker, while the first still runs. Exactly one finishes, with the text of a clean run; the stale one is
+    fenced and leaves the engine; neither thread waits forever."""
+    clean = new_job(store)
+    assert run_to_end(store, publisher, clean.id) == "completed"
+    expected = store.get(clean.id).result
+
+    job = new_job(store)
+    first = RunThread(store, publisher, job.id)
+    first.start()
+    wait_for(lambda: store.read_log(job.id))  # the first attempt is streaming
+    store.redis.delete(store.keys.lease(job.id))  # its lease lapsed while Redis was away
+    store.redis.zadd(store.keys.leases(), {job.id: 0})
+    assert [j for j, _, _ in store.reap()] == [job.id]
+    second = RunThread(store, publisher, job.id)
+    second.start()
+    for thread in (first, second):
+        thread.join(60)
+        assert not thread.is_alive(), "an attempt's thread is still waiting"
+    assert (first.status, second.status) == ("fenced", "completed")
+    record = store.get(job.id)
+    assert record.status == JobStatus.COMPLETED and record.attempts == 2
+    assert record.result == expected  # not cut short by the stale attempt's cancel
+    events = store.read_log(job.id)
+    assert [e.seq for e in events] == list(range(len(events))) and events[-1].type == "done"
+    assert "".join(e.text for e in events) == expected.text
+    wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+
+
+def test_one_runs_failed_write_fails_that_run_alone(store, publisher):
+    """Issue 13, case 6: a script error for one run (here its event log is not a stream) used to fail the
+    publisher's whole cycle, every cycle: no run of the worker got anywhere."""
+    good, bad = new_job(store), new_job(store)
+    store.redis.set(store.keys.event_log(bad.id), "not a stream")
+    threads = [RunThread(store, publisher, job.id) for job in (good, bad)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert threads[0].status == "completed" and store.get(good.id).status == JobStatus.COMPLETED
+    assert threads[1].status == "abandoned"  # its end could not be written either: its lease lapses
+    assert store.get(bad.id).status == JobStatus.IN_PROGRESS
