@@ -209,9 +209,7 @@ class BatchDispatcher:
         keys = self.jobs.keys
         with self.jobs.redis.pipeline() as pipe:  # records, in-flight set, errors and cursor in one step
             for record in new_jobs:
-                pipe.hset(keys.job(record.id), mapping=record.to_redis())
-                pipe.expire(keys.job(record.id), self.jobs.ttl_s)
-                pipe.zadd(keys.queued(), {record.id: record.created_at})
+                self.jobs.add_record(pipe, record)
                 pipe.sadd(keys.batch_inflight(batch_id), record.id)
             if bad_lines:
                 pipe.rpush(keys.file_lines(batch["error_list"]), *bad_lines)
@@ -281,17 +279,15 @@ class BatchDispatcher:
                 continue
             try:
                 record = self.jobs.get(job_id)
-            except JobNotFound:
-                record = None
-            with self.jobs.redis.pipeline() as pipe:
-                pipe.srem(keys.batch_inflight(batch_id), job_id)
-                if record is None:
-                    pipe.hincrby(keys.batch(batch_id), "failed", 1)
-                elif record.status != JobStatus.CANCELLED:  # cancelled lines are neither output nor error
-                    ok, line = output_line(record)
-                    pipe.rpush(keys.file_lines(batch["output_list" if ok else "error_list"]), line)
-                    pipe.hincrby(keys.batch(batch_id), "completed" if ok else "failed", 1)
-                pipe.execute()
+            except JobNotFound:  # expired: counted as failed, no line
+                self.batches.collect(batch_id, job_id)
+                continue
+            if record.status == JobStatus.CANCELLED:  # cancelled lines are neither output nor error
+                self.batches.collect(batch_id, job_id, counter="")
+                continue
+            ok, line = output_line(record)
+            self.batches.collect(batch_id, job_id, line, batch["output_list" if ok else "error_list"],
+                                 "completed" if ok else "failed")
 
     def _cancel_inflight(self, batch_id: str) -> None:
         """Lines no attempt runs end here; running ones are asked to stop (the next ticks collect them)."""

@@ -18,10 +18,32 @@ FINAL = ("completed", "failed", "expired", "cancelled")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 
 
+# KEYS: lease. ARGV: holder, ttl ms. 1 if the holder has the lease now (taken or renewed), else 0: one
+# step, so a lease that lapses between a check and a renewal can never end up held by two drivers.
+_TAKE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: in-flight set, batch, output or error list ('' = none). ARGV: job id, line, the count to add one to
+# ('' = none: a cancelled line). The line goes out only if this call took the job out of the set: with two
+# drivers at once, each finished line is appended and counted exactly once.
+_COLLECT = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if KEYS[3] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
+return 1
+"""
+
+
 class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str):
         self.redis = client
         self.keys = Keys(prefix)
+        self._take_lease = client.register_script(_TAKE_LEASE)
+        self._collect = client.register_script(_COLLECT)
 
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                metadata: Optional[dict]) -> dict:
@@ -69,13 +91,15 @@ class BatchStore:
 
     def take_lease(self, batch_id: str, holder: str, ttl_ms: int) -> bool:
         """One API process drives a batch at a time; the lease is renewed every tick and lapses on a crash."""
-        key = self.keys.batch_lease(batch_id)
-        if self.redis.set(key, holder, nx=True, px=ttl_ms):
-            return True
-        if self.redis.get(key) == holder:
-            self.redis.pexpire(key, ttl_ms)
-            return True
-        return False
+        return bool(self._take_lease(keys=[self.keys.batch_lease(batch_id)], args=[holder, ttl_ms]))
+
+    def collect(self, batch_id: str, job_id: str, line: Optional[str] = None, list_id: str = "",
+                counter: str = "failed") -> bool:
+        """Take a finished line job out of the batch's in-flight set and, if this call did, append its `line`
+        to the list `list_id` (if any) and add one to `counter` (if any). False: another driver had it."""
+        keys = [self.keys.batch_inflight(batch_id), self.keys.batch(batch_id),
+                self.keys.file_lines(list_id) if list_id else ""]
+        return bool(self._collect(keys=keys, args=[job_id, line or "", counter]))
 
 
 def to_api(batch: dict) -> dict:

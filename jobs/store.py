@@ -90,13 +90,9 @@ class JobStore:
 
     # --- records
     def create(self, record: JobRecord) -> None:
-        key = self.keys.job(record.id)
-
         def fill(pipe) -> None:
-            pipe.hset(key, mapping=record.to_redis())
-            pipe.expire(key, self.ttl_s)
+            self.add_record(pipe, record)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
-            pipe.zadd(self.keys.queued(), {record.id: record.created_at})  # until a worker starts it
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
                 pipe.expire(self.keys.owner_unfinished(record.owner), self.ttl_s)
@@ -107,6 +103,14 @@ class JobStore:
                 pipe.expire(index, 2 * self.ttl_s)
 
         self.scripts.run(fill)
+
+    def add_record(self, pipe, record: JobRecord) -> None:
+        """A new queued job's record, as part of the caller's pipeline (a batch's feed writes its line jobs
+        together with its own bookkeeping): watched from now until an attempt starts it."""
+        key = self.keys.job(record.id)
+        pipe.hset(key, mapping=record.to_redis())
+        pipe.expire(key, self.ttl_s)
+        pipe.zadd(self.keys.queued(), {record.id: record.created_at})
 
     def get(self, job_id: str) -> JobRecord:
         fields = self.redis.hgetall(self.keys.job(job_id))
