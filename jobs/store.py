@@ -34,11 +34,13 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
 return 1
 """
 
-# KEYS: queued. ARGV: cutoff s (sent before it), key prefix, limit, now s. A job still queued long after it was
-# sent, while its queue is empty, was taken by a worker that died before starting it (its message waits in
-# that worker's unacked set until the visibility timeout): send it again. Returns [id, kind, queue, ...].
+# KEYS: queued, workers. ARGV: cutoff s (sent before it), key prefix, limit, now s. A job still queued long
+# after it was sent lost its message if the worker it was delivered to is dead (it died before starting it:
+# the message waits in that worker's unacked set until the visibility timeout, an hour). Without a delivery
+# on record, an empty queue says the same (the send itself was lost). Returns [id, kind, queue, ...].
 _REAP_LOST = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local now = tonumber(ARGV[4])
 local out = {}
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. ':job:' .. id
@@ -47,8 +49,17 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1], id)
   else
     local queue = redis.call('HGET', job, 'queue') or 'interactive'
-    if redis.call('LLEN', queue) == 0 then
-      redis.call('ZADD', KEYS[1], ARGV[4], id)
+    local receiver = redis.call('HGET', job, 'delivered_to')
+    local lost
+    if receiver then
+      local alive_until = redis.call('ZSCORE', KEYS[2], receiver)
+      lost = not alive_until or tonumber(alive_until) < now
+    else
+      lost = redis.call('LLEN', queue) == 0
+    end
+    if lost then
+      redis.call('ZADD', KEYS[1], now, id)
+      redis.call('HDEL', job, 'delivered_to')
       out[#out + 1] = id
       out[#out + 1] = redis.call('HGET', job, 'kind') or 'interactive'
       out[#out + 1] = queue
@@ -56,6 +67,13 @@ for _, id in ipairs(ids) do
   end
 end
 return out
+"""
+
+
+# KEYS: job. ARGV: worker. Who holds a queued job's message (cleared when an attempt starts or it is requeued).
+_MARK_DELIVERED = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'delivered_to', ARGV[1]) end
+return 0
 """
 
 
@@ -79,6 +97,7 @@ class JobStore:
         self._transition_script = self.scripts.register(TRANSITION)
         self._renew = self.scripts.register(_RENEW)
         self._reap_lost = self.scripts.register(_REAP_LOST)
+        self._mark_delivered = self.scripts.register(_MARK_DELIVERED)
         self.telemetry = JobTelemetry(client, prefix, ttl_s, scripts=self.scripts)
 
     @classmethod
@@ -218,8 +237,14 @@ class JobStore:
     def reap_lost(self, stall_s: float, limit: int = 100) -> list[tuple[str, str, str]]:
         """Queued jobs whose message was lost with a dead worker: [(job id, kind, queue)] to send again."""
         now = time.time()
-        flat = self._reap_lost(keys=[self.keys.queued()], args=[now - stall_s, self.prefix, limit, now])
+        flat = self._reap_lost(keys=[self.keys.queued(), self.keys.workers()],
+                               args=[now - stall_s, self.prefix, limit, now])
         return list(zip(flat[::3], flat[1::3], flat[2::3]))
+
+    def mark_delivered(self, job_id: str, worker: str) -> None:
+        """A worker received the job's message (not started yet): if that worker dies before it starts the
+        job, `reap_lost` sends it again, however busy its queue. Only for a job still queued."""
+        self._mark_delivered(keys=[self.keys.job(job_id)], args=[worker])
 
     # --- events and cancellation
     def status_and_log(self, job_id: str, after_seq: int = -1) -> tuple[Optional[JobStatus], list[JobEvent]]:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config.logging import job_context
 from config.settings import get_settings
@@ -150,6 +150,18 @@ def _load_on_ready(sender=None, **_):
         log.warning("prefork pool: the model loads in each child on its first job; use --pool threads")
         return
     get_runtime()
+
+
+@task_received.connect
+def _mark_delivered(request=None, **_):
+    """This worker holds the job's message now (it starts it when a thread is free): on record, so that if
+    this worker dies first, a reaper sends the job again at once instead of after the visibility timeout."""
+    if _runtime is None or request is None or request.name != RUN_CHAT_COMPLETION or not request.args:
+        return
+    try:
+        _runtime.store.mark_delivered(request.args[0], _runtime.name)
+    except Exception as exc:  # Redis away: the job is still watched (the lost-delivery pass, queue empty)
+        log.warning("job %s: delivery not recorded: %s", request.args[0], exc)
 
 
 @worker_shutdown.connect

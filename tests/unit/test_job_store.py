@@ -71,3 +71,19 @@ def test_a_worker_reads_the_record_and_the_cancel_flag_together(store):
     assert store.get_with_cancel_flag(job_id)[1] is True
     with pytest.raises(JobNotFound):
         store.get_with_cancel_flag("chatcmpl-missing")
+
+
+def test_a_job_delivered_to_a_dead_worker_is_sent_again_however_busy_its_queue(store, redis_client):
+    """Issue 13, case 4: the worker that received the message died before starting the job (its message sits
+    in that worker's unacked set for the visibility timeout, an hour). Under steady load the queue is never
+    empty, so waiting for an empty queue meant waiting out the job's deadline."""
+    job_id = new_job(store, queue="q-busy")
+    redis_client.rpush(f"{store.prefix}-q-busy", "other jobs' messages")
+    store.heartbeat("live-worker", {}, ttl_s=60)
+    store.mark_delivered(job_id, "live-worker")
+    assert store.reap_lost(stall_s=0) == []  # its receiver is alive: it will start it
+    store.mark_delivered(job_id, "dead-worker")  # no heartbeat: gone
+    assert store.reap_lost(stall_s=0) == [(job_id, "background", f"{store.prefix}-q-busy")]
+    assert store.reap_lost(stall_s=0) == []  # sent once: delivered to no one now, and its queue is busy
+    store.start(job_id, "w")
+    assert "delivered_to" not in redis_client.hgetall(store.keys.job(job_id))
