@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # A job still queued this long after it was sent, while its queue is empty, lost its message (a worker
     # took it and died before starting it): the reaper sends it again.
     lost_delivery_s: float = 30.0
+    # A worker whose engine made no step for this long while it had work (a hung kernel, a stopped process)
+    # stops renewing its jobs' leases and exits, so its jobs resume on another worker (its supervisor starts
+    # a fresh one). A step takes milliseconds; loading and warm-up happen before any work arrives.
+    engine_stall_s: float = 120.0
     # A job started this many times without finishing (each attempt's worker died) fails.
     max_attempts: int = 5
     # A job not finished this long after it was created ends with a `deadline_exceeded` error.

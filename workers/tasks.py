@@ -77,7 +77,7 @@ class WorkerRuntime:
         s = self.settings
         period = min(s.heartbeat_interval_s, s.job_lease_s / 3, s.reaper_interval_s)
         while not self._stop.is_set():
-            for chore in (self._heartbeat, self._renew_leases, self._reap):
+            for chore in (self._check_engine, self._heartbeat, self._renew_leases, self._reap):
                 try:
                     chore()
                 except Exception as exc:  # Redis away: keep trying, the worker itself is fine
@@ -95,10 +95,23 @@ class WorkerRuntime:
             info.update(stats())
         self.store.heartbeat(self.name, info, self.settings.heartbeat_ttl_s, model=model_entry(self.settings))
 
+    def _check_engine(self) -> None:
+        """A hung engine must not keep its jobs: past `engine_stall_s` without a step, end it and this
+        worker (its jobs' leases lapse and other workers resume them; the supervisor starts a fresh worker)."""
+        stalled = self.engine.stalled_for()
+        if stalled >= self.settings.engine_stall_s:
+            log.critical("the engine made no step for %.0f s while it had work: exiting, so that this worker's "
+                         "jobs resume elsewhere", stalled)
+            self.engine.kill()
+            logging.shutdown()
+            os._exit(71)
+
     def _renew_leases(self) -> None:
+        """Renew the leases of the attempts running here, but only while the engine makes progress: the
+        lease is the promise that this worker is moving the job along."""
         with self._leases_lock:
             leases = set(self.leases)
-        if leases:
+        if leases and self.engine.stalled_for() < self.settings.engine_stall_s:
             for attempt in self.store.renew(leases):
                 log.warning("job %s: attempt %s lost its lease; its next write stops it", attempt.job_id,
                             attempt.name)

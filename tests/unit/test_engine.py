@@ -397,3 +397,47 @@ def test_shutdown_ends_every_request(model):
     assert list(late)[-1].finish_reason == "error"
     with pytest.raises(RuntimeError):
         engine.warmup()
+
+
+def test_a_broken_device_ends_the_engine_instead_of_failing_every_request(model):
+    """Issue 13, case 5: a sticky CUDA error makes every later step fail. The engine reports it once through
+    on_fatal (the engine process exits there, and its jobs resume elsewhere) instead of failing request after
+    request; so does any error that fails `max_failed_steps` steps in a row. A single failed step does not."""
+    for error, failing_calls in ((RuntimeError("CUDA error: an illegal memory access was encountered"), 1),
+                                 (ValueError("something else, every step"), 3)):
+        engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                        config=EngineConfig(num_kv_blocks=64, max_failed_steps=3))
+        fatal, calls = [], []
+
+        def broken_run(batch, error=error):
+            calls.append(1)
+            raise error
+
+        engine.on_fatal = fatal.append
+        engine.runner.run = broken_run
+        try:
+            for i in range(failing_calls):
+                assert run(engine, [1, 733], 4, request_id=f"r{i}", temperature=0.0)[1] == "error"
+            assert fatal == [error] and len(calls) == failing_calls
+        finally:
+            engine.shutdown()
+
+
+def test_one_failed_step_is_not_fatal(model):
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=64))
+    fatal, real_run, calls = [], engine.runner.run, []
+
+    def fails_now_and_then(batch):
+        calls.append(1)
+        if len(calls) % 2:
+            raise ValueError("flaky")
+        return real_run(batch)
+
+    engine.on_fatal = fatal.append
+    engine.runner.run = fails_now_and_then
+    try:
+        for i in range(4):
+            run(engine, [1, 733], 1, request_id=f"r{i}", temperature=0.0)
+        assert fatal == []
+    finally:
+        engine.shutdown()

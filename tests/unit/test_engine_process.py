@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -97,3 +98,51 @@ def test_when_the_process_dies_open_streams_end_with_an_error_and_the_owner_is_t
         assert collect(later) == ([], "error")
     finally:
         engine.shutdown()
+
+
+def build_engine_on_a_broken_device():
+    """An engine whose every step fails as a sticky CUDA error does (in the engine process)."""
+    engine, info = build_tiny_engine()
+
+    def broken_run(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.run = broken_run
+    return engine, info
+
+
+def test_a_broken_device_ends_the_engine_process_and_the_owner_hears_first():
+    """Issue 13, case 5: the process exits on the first CUDA error, and the owner is told before its open
+    streams end with an error: a worker exits there, so its jobs resume on another worker, not failed."""
+    streams_ended_before_told = []
+    stream_holder = {}
+
+    def told():
+        streams_ended_before_told.append(stream_holder["stream"].drain())
+
+    engine = EngineProcess(build_engine_on_a_broken_device, on_exit=told)
+    try:
+        stream_holder["stream"] = stream = engine.submit(EngineRequest("r", PROMPTS[0], SamplingParams(), 5))
+        tokens, reason = collect(stream)
+        assert reason == "error"
+        assert streams_ended_before_told == [[]]  # told while the stream still had nothing
+        engine._process.join(10)
+        assert engine._process.exitcode == 75
+    finally:
+        engine.shutdown()
+
+
+def test_stalled_for_grows_only_while_the_engine_has_work(engine_process):
+    assert engine_process.stalled_for() == 0.0
+    stream = engine_process.submit(EngineRequest("s", PROMPTS[0], SamplingParams(temperature=0.0), 2000))
+    next(iter(stream))
+    assert engine_process.stalled_for() < 1.5  # it steps, and says so
+    os.kill(engine_process.pid, signal.SIGSTOP)  # hung
+    try:
+        time.sleep(2.0)
+        assert engine_process.stalled_for() >= 2.0
+    finally:
+        os.kill(engine_process.pid, signal.SIGCONT)
+    engine_process.cancel("s")
+    collect(stream)
+    assert engine_process.stalled_for() == 0.0

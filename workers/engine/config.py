@@ -15,9 +15,11 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512      # most prompt tokens computed in one step
     max_model_len: int = 32768           # longest sequence (prompt + output) the engine runs
     use_cuda_graphs: bool = True         # capture the decode step (CUDA only)
+    max_failed_steps: int = 3            # this many failed steps in a row: the device is broken (see Engine.on_fatal)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "block_size", "kv_cpu_tokens", "prefill_chunk_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "block_size", "kv_cpu_tokens", "prefill_chunk_tokens", "max_model_len",
+                     "max_failed_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

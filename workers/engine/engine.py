@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineConfig", "EngineOutput", "EngineRequest", "RequestStream"]
 
 
+def is_device_error(exc: BaseException) -> bool:
+    """A CUDA error: sticky (every later kernel launch fails too), so the process cannot go on."""
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
+
+
 class Engine:
     def __init__(self, model, device: torch.device, eos_token_id: int, config: Optional[EngineConfig] = None):
         self.model = model
@@ -46,6 +51,11 @@ class Engine:
         # Called on the engine thread after every pass of its loop that may have produced outputs (the
         # engine process sends each step's outputs in one message through it).
         self.on_step: Optional[Callable[[], None]] = None
+        # Called on the engine thread when the device is broken (a CUDA error, or every step failing): the
+        # engine process exits there, so its requests resume on another worker instead of failing one by one.
+        # Unset (an engine inside a test or the benchmark), failed steps fail their requests and it goes on.
+        self.on_fatal: Optional[Callable[[BaseException], None]] = None
+        self._failed_steps = 0  # in a row
         # Shared with other threads, under _cond.
         self._cond = threading.Condition()
         self._new: list[Sequence] = []
@@ -140,9 +150,15 @@ class Engine:
             self._reset_slots(batch.admitted)
             tokens = self._sample(sampled, self.runner.run(batch))
         except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
+            self._failed_steps += 1
+            if self.on_fatal is not None and (is_device_error(exc) or
+                                              self._failed_steps >= self.config.max_failed_steps):
+                log.critical("engine step failed (%d in a row); the device is unusable: %s", self._failed_steps, exc)
+                self.on_fatal(exc)
             log.exception("engine step failed for %d sequences", len(batch.decode) + len(batch.prefill))
             self._fail(batch.decode + batch.prefill, exc)
             return True
+        self._failed_steps = 0
         self._postprocess(batch, sampled, tokens)
         self._steps += 1
         return True

@@ -20,8 +20,10 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
@@ -56,6 +58,7 @@ class EngineProcess:
         self._closed = False     # no more submits: the process is gone or being stopped
         self._stopping = False
         self._on_exit = on_exit
+        self._last_progress = time.monotonic()  # when the engine last reported a step (or got work when idle)
         self._receiver = threading.Thread(target=self._receive, name="engine-outputs", daemon=True)
         self._receiver.start()
 
@@ -69,6 +72,8 @@ class EngineProcess:
         with self._send_lock:
             if not self._closed:
                 key = next(self._keys)
+                if not self._streams:  # idle until now: its stall clock starts here
+                    self._last_progress = time.monotonic()
                 self._streams[key] = stream  # before the send: its outputs cannot come first
                 if self._send(("submit", key, request)):
                     return stream
@@ -87,6 +92,18 @@ class EngineProcess:
     def stats(self) -> dict:
         """The engine's stats as of its last step (see Engine.stats)."""
         return dict(self._stats)
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had requests without reporting a step (it reports at least every
+        PROGRESS_EVERY_S while it steps); 0 while it has none. A hung engine (a stuck kernel, a stopped
+        process) grows this without bound."""
+        with self._send_lock:
+            busy = bool(self._streams)
+        return time.monotonic() - self._last_progress if busy else 0.0
+
+    def kill(self) -> None:
+        """End the engine process at once (SIGKILL also ends a stopped or hung one)."""
+        self._process.kill()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         with self._send_lock:
@@ -130,6 +147,7 @@ class EngineProcess:
             while True:
                 kind, outputs, stats = self._conn.recv()
                 self._stats = stats
+                self._last_progress = time.monotonic()
                 for key, token_ids, finish_reason, error in outputs:
                     stream = self._streams.get(key)
                     if stream is None:
@@ -143,25 +161,30 @@ class EngineProcess:
             self._closed = True
             open_streams, self._streams = self._streams, {}
             expected = self._stopping
-        for stream in open_streams.values():
-            stream.put(EngineOutput([], "error", error="the engine process exited"))
         if not expected:
             log.error("the engine process exited (code %s) with %d requests running", self._process.exitcode,
                       len(open_streams))
-            if self._on_exit is not None:
+            if self._on_exit is not None:  # first: a worker exits here, so its jobs resume elsewhere, unfailed
                 self._on_exit()
+        for stream in open_streams.values():
+            stream.put(EngineOutput([], "error", error="the engine process exited"))
 
 
 # --- the engine process
 
+PROGRESS_EVERY_S = 1.0  # a stepping engine with nothing to send still reports this often (it is not hung)
+
+
 class _Outbox:
-    """Outputs of the engine's streams, sent to the worker in one message per engine step."""
+    """Outputs of the engine's streams, sent to the worker in one message per engine step (and at least one
+    per PROGRESS_EVERY_S while it steps: the worker's evidence that the engine makes progress)."""
 
     def __init__(self, conn, engine_stats: Callable[[], dict]):
         self.conn = conn
         self.engine_stats = engine_stats
         self._items: list[tuple] = []
         self._lock = threading.Lock()
+        self._last_sent = time.monotonic()
 
     def add(self, key: int, output: EngineOutput) -> None:
         with self._lock:
@@ -170,7 +193,8 @@ class _Outbox:
     def flush(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-            if items:
+            if items or time.monotonic() - self._last_sent >= PROGRESS_EVERY_S:
+                self._last_sent = time.monotonic()
                 try:
                     self.conn.send(("outputs", items, self.engine_stats()))
                 except (BrokenPipeError, OSError):
@@ -201,6 +225,7 @@ def serve(conn, build: EngineBuild) -> None:
         return
     outbox = _Outbox(conn, engine.stats)
     engine.on_step = outbox.flush  # one message per step, sent from the engine thread
+    engine.on_fatal = _exit_on_fatal
     conn.send(("ready", info, engine.stats()))
     while True:
         try:
@@ -215,3 +240,11 @@ def serve(conn, build: EngineBuild) -> None:
         elif message[0] == "stop":
             break
     engine.shutdown()  # fails whatever is still running (sent by its last on_step)
+
+
+def _exit_on_fatal(exc: BaseException) -> None:
+    """The device is broken: end this process now, without failing the requests (the worker sees the pipe
+    close and exits too, so its jobs resume on a healthy worker)."""
+    log.critical("the engine cannot go on (%s: %s); the engine process exits", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(75)
