@@ -1,6 +1,8 @@
-"""Chaos: a few hundred jobs, some streamed, while workers are SIGKILLed and Redis restarts. Then every job
-is checked: completed exactly once, its event log contiguous with one final event, its streamed text equal
-to its final text, none lost. Prints the figures. Bounded in time (about two minutes here).
+"""Chaos: a few hundred jobs, some streamed, while workers are SIGKILLed and Redis restarts, and clients cancel
+background jobs (queued, running, or put back on the queue by a kill) all the while. Then every job is
+checked: ended exactly once (completed, or cancelled if a cancel was asked for; every cancel answered 200),
+its event log contiguous with one final event, its streamed text equal to its final text, none lost. Prints
+the figures. Bounded in time (about two minutes here).
 
 The streams are read as users read them: a third with the official SDK's sync client, a third with its async
 client, and a third as raw lines, which resume after their last event id."""
@@ -142,6 +144,8 @@ def test_chaos(chaos_stack, terminal_report):
     redis_restarts = 0
     stream_errors = collections.Counter()
     chaos_over = threading.Event()
+    cancels: dict[str, str] = {}  # job id -> the status the cancel answered
+    cancel_answers = collections.Counter()
 
     def submit_jobs():
         # N_JOBS, then more (a few a second) until the chaos is over: on a fast machine N_JOBS alone can be
@@ -193,8 +197,28 @@ def test_chaos(chaos_stack, terminal_report):
             time.sleep(5)
         chaos_over.set()
 
-    threads = [threading.Thread(target=submit_jobs)] + [threading.Thread(target=stream_one, args=(i,))
-                                                       for i in range(N_STREAMS)]
+    def cancel_some():
+        """A cancel every half second or so, of a random accepted background job, until the chaos is over."""
+        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+            while not chaos_over.is_set() and time.monotonic() < deadline:
+                time.sleep(rng.uniform(0.2, 0.8))
+                candidates = [j for j in accepted[-60:] if j not in cancels]
+                if not candidates:
+                    continue
+                job_id = rng.choice(candidates)
+                try:
+                    response = client.post(f"/v1/chat/completions/{job_id}/cancel", headers=AUTH)
+                except httpx.TransportError:
+                    cancel_answers["connection error"] += 1  # Redis or the API restarting: not asked
+                    continue
+                cancel_answers[response.status_code] += 1
+                if response.status_code == 200:
+                    cancels[job_id] = response.json()["status"]
+                elif response.status_code != 503:  # 503: Redis was away; asked again later maybe
+                    cancel_answers[f"{response.status_code} {response.text[:120]}"] += 1
+
+    threads = [threading.Thread(target=submit_jobs), threading.Thread(target=cancel_some)] + [
+        threading.Thread(target=stream_one, args=(i,)) for i in range(N_STREAMS)]
     chaos_thread = threading.Thread(target=chaos)
     chaos_thread.start()
     for t in threads:
@@ -220,7 +244,7 @@ def test_chaos(chaos_stack, terminal_report):
               "submitted:", len(accepted), "streams:", len(streams))
         raise
 
-    lost = duplicated = 0
+    lost = duplicated = cancelled = 0
     failures = collections.Counter()
     recoveries = []
     for job_id in all_ids:
@@ -228,12 +252,18 @@ def test_chaos(chaos_stack, terminal_report):
         events = [json.loads(f["e"]) for _, f in stack.redis.xrange(f"{stack.prefix}:job:{job_id}:log")]
         finals = [e for e in events if e["type"] != "delta"]
         text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
-        if record.get("status") != "completed" or not finals:
+        # A job whose cancel answered `cancelled` is over as cancelled; one asked while it ran ends either way.
+        allowed = {"cancelled"} if cancels.get(job_id) == "cancelled" else \
+            {"completed", "cancelled"} if job_id in cancels else {"completed"}
+        if record.get("status") not in allowed or not finals:
             lost += 1
             failures[(record.get("status"), (record.get("error") or "")[:160])] += 1
             continue
-        if (len(finals) != 1 or [e["seq"] for e in events] != list(range(len(events)))
-                or text != json.loads(record["result"])["text"]):
+        cancelled += record["status"] == "cancelled"
+        expected_final = "done" if record["status"] == "completed" else "cancelled"
+        if (len(finals) != 1 or finals[0]["type"] != expected_final
+                or [e["seq"] for e in events] != list(range(len(events)))
+                or (record["status"] == "completed" and text != json.loads(record["result"])["text"])):
             duplicated += 1
         if int(record.get("attempts", 1)) > 1 and "requeued_at" in record:
             # Recovery: from the kill to the job being back on its queue (the reaper's requeue).
@@ -254,9 +284,11 @@ def test_chaos(chaos_stack, terminal_report):
     terminal_report([
         "", f"chaos: jobs={len(all_ids)} (background {len(accepted)}, streamed {len(streams)}), "
             f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
-            f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s",
+            f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s, "
+            f"cancels asked={len(cancels)} (ended cancelled {cancelled}), cancel answers={dict(cancel_answers)}",
         *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5)),
         *(f"chaos stream failure: {count} {error}" for error, count in stream_errors.most_common(5))])
     assert len(accepted) >= N_JOBS and len(streams) == N_STREAMS
     assert kills and redis_restarts == 1
     assert lost == 0 and duplicated == 0 and stream_mismatch == 0
+    assert cancels and all(isinstance(code, int) and code in (200, 503) for code in cancel_answers), cancel_answers
