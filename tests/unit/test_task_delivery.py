@@ -1,0 +1,63 @@
+"""A job's Celery task meeting a job it must not run, on a real Redis (the worker runtime a stand-in: store,
+settings and name; no engine is reached). A duplicate delivery that sees the cancel flag or the deadline
+goes through the job store's transition like everyone else: it ends a job that no attempt runs, and leaves
+alone a job that another worker is running (that worker's attempt sees the cancel or the deadline)."""
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from config.settings import Settings
+from jobs.records import GenerationRequest, JobRecord, JobStatus
+from jobs.store import JobStore
+from tests.conftest import REDIS_URL
+from workers.tasks import _execute_job
+
+REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
+                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+
+
+@pytest.fixture
+def store(redis_client):
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=30)
+    for key in redis_client.scan_iter(match=f"{prefix}:*"):
+        redis_client.delete(key)
+
+
+def runtime(store, **settings) -> SimpleNamespace:
+    return SimpleNamespace(store=store, name="duplicate-worker",
+                           settings=Settings(redis_url=REDIS_URL, redis_prefix=store.prefix, **settings))
+
+
+def new_job(store, age_s: float = 0.0) -> str:
+    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
+    record.created_at -= age_s
+    store.create(record)
+    return record.id
+
+
+@pytest.mark.parametrize("why", ["cancel", "deadline"])
+def test_a_duplicate_delivery_leaves_a_job_running_elsewhere_alone(store, why):
+    """Issue 13, case 3: it used to end the job (cancelled, or failed past its deadline) under the feet of
+    the worker running it."""
+    job_id = new_job(store, age_s=100 if why == "deadline" else 0)
+    store.start(job_id, "the-worker-running-it")
+    if why == "cancel":
+        store.request_cancel(job_id)
+    assert _execute_job(runtime(store, job_deadline_s=50), job_id) == "skipped"
+    assert store.get(job_id).status == JobStatus.IN_PROGRESS
+    assert store.read_log(job_id) == []
+
+
+@pytest.mark.parametrize("why", ["cancel", "deadline"])
+def test_a_delivery_that_sees_the_cancel_or_deadline_ends_a_job_nobody_runs(store, why):
+    job_id = new_job(store, age_s=100 if why == "deadline" else 0)
+    if why == "cancel":
+        store.request_cancel(job_id)
+    expected = ("cancelled", JobStatus.CANCELLED) if why == "cancel" else ("error", JobStatus.FAILED)
+    assert _execute_job(runtime(store, job_deadline_s=50), job_id) == expected[0]
+    assert store.get(job_id).status == expected[1]
+    assert [e.type for e in store.read_log(job_id)] == [expected[0]]
