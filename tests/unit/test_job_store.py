@@ -4,34 +4,21 @@ never happened, is found and sent again."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
-from jobs.records import GenerationRequest, JobRecord, JobStatus
-from jobs.store import JobNotFound, JobStore
+from jobs.records import JobStatus
+from jobs.store import JobNotFound
 from jobs.transition import Ending
-
-REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
-                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
-
+from tests.unit.conftest import new_job
 
 @pytest.fixture
-def store(redis_client):
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
-    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=0.2)
-    for key in redis_client.scan_iter(match=f"{prefix}:*"):
-        redis_client.delete(key)
-
-
-def new_job(store, queue="q-empty") -> str:
-    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-{queue}")
-    store.create(record)
-    return record.id
+def store(make_store):
+    return make_store(lease_s=0.2)
 
 
 def test_a_recorded_job_is_watched_until_an_attempt_starts_it(store):
-    job_id = new_job(store)
+    job_id = new_job(store, queue="q-empty")
     assert store.reap_lost(stall_s=0) == [(job_id, "background", f"{store.prefix}-q-empty")]
     started, _ = store.start(job_id, "w")
     assert started.detail == (1,)

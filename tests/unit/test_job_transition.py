@@ -3,32 +3,20 @@ numbered by the store, and what each caller is told."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
-from jobs.records import GenerationRequest, JobError, JobEvent, JobRecord, JobResult, JobStatus, Usage
-from jobs.store import JobStore
+from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
 from jobs.transition import Ending, Outcome
+from tests.unit.conftest import new_job
 
-REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
-                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
 DONE = Ending.completed(JobResult(text="ab", finish_reason="stop",
                                   usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)))
 
 
 @pytest.fixture
-def store(redis_client):
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
-    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=0.2)
-    for key in redis_client.scan_iter(match=f"{prefix}:*"):
-        redis_client.delete(key)
-
-
-def new_job(store) -> str:
-    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
-    store.create(record)
-    return record.id
+def store(make_store):
+    return make_store(lease_s=0.2)
 
 
 def delta(text: str) -> JobEvent:

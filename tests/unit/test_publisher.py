@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 import torch
 
 from jobs.chat_format import raw_tokenizer
-from jobs.records import GenerationRequest, JobRecord, JobStatus
-from jobs.store import JobStore
+from jobs.records import JobStatus
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.job_runner import JobRun, Published
 from workers.model_loader import build_tiny_random
 from workers.publisher import Publisher
+from tests.unit.conftest import REQUEST, new_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEADLINE_S = 600.0
@@ -39,11 +38,8 @@ def engine():
 
 
 @pytest.fixture
-def store(redis_client):
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
-    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=30)
-    for key in redis_client.scan_iter(match=f"{prefix}:*"):
-        redis_client.delete(key)
+def store(make_store):
+    return make_store(lease_s=30)
 
 
 @pytest.fixture
@@ -51,12 +47,9 @@ def publisher(store, engine):
     return Publisher(store, engine, retry_s=5.0)
 
 
-def new_job(store, max_tokens=120) -> JobRecord:
-    request = GenerationRequest(model="m", prompt_token_ids=[1, 733, 1000, 2000], max_tokens=max_tokens,
-                                temperature=0.0, top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=0)
-    record = JobRecord.new(request, kind="background", owner="o", queue=f"{store.prefix}-q")
-    store.create(record)
-    return record
+def new_long_job(store) -> str:
+    return new_job(store, request=REQUEST.model_copy(update=dict(prompt_token_ids=[1, 733, 1000, 2000],
+                                                                  max_tokens=120)))
 
 
 class RunThread(threading.Thread):
@@ -96,27 +89,27 @@ def test_two_attempts_of_one_job_on_one_worker(store, publisher, engine):
     """Issue 13, case 2: a Redis outage longer than the lease gives the job to a second attempt, on this same
     worker, while the first still runs. Exactly one finishes, with the text of a clean run; the stale one is
     fenced and leaves the engine; neither thread waits forever."""
-    clean = new_job(store)
-    assert run_to_end(store, publisher, clean.id) == "completed"
-    expected = store.get(clean.id).result
+    clean = new_long_job(store)
+    assert run_to_end(store, publisher, clean) == "completed"
+    expected = store.get(clean).result
 
-    job = new_job(store)
-    first = RunThread(store, publisher, job.id)
+    job_id = new_long_job(store)
+    first = RunThread(store, publisher, job_id)
     first.start()
-    wait_for(lambda: store.read_log(job.id))  # the first attempt is streaming
-    store.redis.delete(store.keys.lease(job.id))  # its lease lapsed while Redis was away
-    store.redis.zadd(store.keys.leases(), {job.id: 0})
-    assert [j for j, _, _ in store.reap()] == [job.id]
-    second = RunThread(store, publisher, job.id)
+    wait_for(lambda: store.read_log(job_id))  # the first attempt is streaming
+    store.redis.delete(store.keys.lease(job_id))  # its lease lapsed while Redis was away
+    store.redis.zadd(store.keys.leases(), {job_id: 0})
+    assert [j for j, _, _ in store.reap()] == [job_id]
+    second = RunThread(store, publisher, job_id)
     second.start()
     for thread in (first, second):
         thread.join(60)
         assert not thread.is_alive(), "an attempt's thread is still waiting"
     assert (first.status, second.status) == ("fenced", "completed")
-    record = store.get(job.id)
+    record = store.get(job_id)
     assert record.status == JobStatus.COMPLETED and record.attempts == 2
     assert record.result == expected  # not cut short by the stale attempt's cancel
-    events = store.read_log(job.id)
+    events = store.read_log(job_id)
     assert [e.seq for e in events] == list(range(len(events))) and events[-1].type == "done"
     assert "".join(e.text for e in events) == expected.text
     wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
@@ -125,14 +118,14 @@ def test_two_attempts_of_one_job_on_one_worker(store, publisher, engine):
 def test_one_runs_failed_write_fails_that_run_alone(store, publisher):
     """Issue 13, case 6: a script error for one run (here its event log is not a stream) used to fail the
     publisher's whole cycle, every cycle: no run of the worker got anywhere."""
-    good, bad = new_job(store), new_job(store)
-    store.redis.set(store.keys.event_log(bad.id), "not a stream")
-    threads = [RunThread(store, publisher, job.id) for job in (good, bad)]
+    good, bad = new_long_job(store), new_long_job(store)
+    store.redis.set(store.keys.event_log(bad), "not a stream")
+    threads = [RunThread(store, publisher, job_id) for job_id in (good, bad)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
         assert not thread.is_alive()
-    assert threads[0].status == "completed" and store.get(good.id).status == JobStatus.COMPLETED
+    assert threads[0].status == "completed" and store.get(good).status == JobStatus.COMPLETED
     assert threads[1].status == "abandoned"  # its end could not be written either: its lease lapses
-    assert store.get(bad.id).status == JobStatus.IN_PROGRESS
+    assert store.get(bad).status == JobStatus.IN_PROGRESS

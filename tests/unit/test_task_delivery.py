@@ -4,39 +4,24 @@ goes through the job store's transition like everyone else: it ends a job that n
 alone a job that another worker is running (that worker's attempt sees the cancel or the deadline)."""
 from __future__ import annotations
 
-import uuid
 from types import SimpleNamespace
 
 import pytest
 
 from config.settings import Settings
-from jobs.records import GenerationRequest, JobRecord, JobStatus
-from jobs.store import JobStore
+from jobs.records import JobStatus
 from tests.conftest import REDIS_URL
+from tests.unit.conftest import new_job
 from workers.tasks import _execute_job
 
-REQUEST = GenerationRequest(model="m", prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0,
-                            frequency_penalty=0.0, presence_penalty=0.0, seed=0)
-
-
 @pytest.fixture
-def store(redis_client):
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
-    yield JobStore(redis_client, prefix, ttl_s=600, lease_s=30)
-    for key in redis_client.scan_iter(match=f"{prefix}:*"):
-        redis_client.delete(key)
+def store(make_store):
+    return make_store(lease_s=30)
 
 
 def runtime(store, **settings) -> SimpleNamespace:
     return SimpleNamespace(store=store, name="duplicate-worker",
                            settings=Settings(redis_url=REDIS_URL, redis_prefix=store.prefix, **settings))
-
-
-def new_job(store, age_s: float = 0.0) -> str:
-    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
-    record.created_at -= age_s
-    store.create(record)
-    return record.id
 
 
 @pytest.mark.parametrize("why", ["cancel", "deadline"])
