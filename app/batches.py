@@ -23,9 +23,9 @@ from app.errors import APIError
 from app.protocol import completion_from_record
 from app.serving import build_generation_request, parse_request, resolve_model, system_fingerprint
 from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
+from jobs.chat_format import is_valid_unicode
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
-from jobs.chat_format import is_valid_unicode
 from jobs.records import JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
 from jobs.transition import Ending, Outcome

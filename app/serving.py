@@ -21,11 +21,11 @@ from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
 from app.relay import EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
+from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobRecord
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
 from jobs.transition import Ending, Outcome
-from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
 
 log = logging.getLogger(__name__)
 

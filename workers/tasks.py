@@ -17,12 +17,12 @@ from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config.logging import job_context
 from config.settings import get_settings
+from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
+from jobs.chat_format import raw_tokenizer
 from jobs.models import model_entry
 from jobs.records import JobError, JobStatus
 from jobs.store import JobNotFound, JobStore
 from jobs.transition import Attempt, Ending
-from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
-from jobs.chat_format import raw_tokenizer
 
 log = logging.getLogger("workers")
 
