@@ -20,9 +20,9 @@ import redis
 from jobs.paging import newest_first
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
+from jobs.telemetry import JobTelemetry
 from jobs.transition import SCRIPT as TRANSITION
 from jobs.transition import Attempt, Ending, Transition, event_args
-from jobs.telemetry import JobTelemetry
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis away (a restart): retry, don't fail the job
 
@@ -201,8 +201,11 @@ class JobStore:
         due = self.redis.zrangebyscore(self.keys.leases(), "-inf", _now_ms(), start=0, num=limit)
         if not due:
             return []
-        replies = self.scripts.run(lambda pipe: [self._transition(job_id, "requeue", client=pipe) for job_id in due],
-                                   transaction=False)
+        def fill(pipe) -> None:
+            for job_id in due:
+                self._transition(job_id, "requeue", client=pipe)
+
+        replies = self.scripts.run(fill, transaction=False)
         requeued = [(job_id, *done.detail) for job_id, done in zip(due, map(Transition.from_reply, replies))
                     if done.applied]
         self.telemetry.record(states=[(job_id, JobStatus.QUEUED) for job_id, _, _ in requeued])
