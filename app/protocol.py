@@ -1,17 +1,21 @@
-"""The wire format: request and response schemas of the OpenAI-compatible API (pydantic).
+"""The wire format: the chat request model of the OpenAI-compatible API (pydantic), and the builders of its
+responses (whose models are in app/schemas.py).
 
 Validation rules here are the provider docs' ranges; `serving.py` holds the logic. Requests are parsed in
-strict mode (a string is not a number) and unknown fields are refused, as OpenAI does.
+strict mode (a string is not a number) and unknown fields are refused, as OpenAI does. This model is also
+the request schema of `/openapi.json` (app/openapi.py): a rule checked outside the pydantic types (a check
+before validation, a validator, jobs/chat_format.py) is declared next to its field with `Rule`, so that the
+schema shows it, and one that no JSON Schema can say is in the field's description.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import SERVED_MODEL_ID
-from jobs.chat_format import is_valid_unicode
+from jobs.chat_format import SUPPORTED_ROLES, is_valid_unicode
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_MESSAGES = 10000        # checked before validation, so a huge bad array cannot stall the server
@@ -19,6 +23,33 @@ MAX_CONTENT_PARTS = 256
 MAX_STOP_SEQUENCES = 4      # OpenAI's limit
 MAX_STOP_LENGTH = 256       # characters per stop sequence
 INT64_MAX = 2**63 - 1
+NOT_NULLABLE = ("messages",)  # every other field takes `null` for "the default" (_null_means_default)
+
+
+class Rule:
+    """JSON Schema keywords for a rule that is checked outside the pydantic type: `Annotated[T, Rule(...)]`
+    adds them to T's schema, and leaves validation (and its error messages) as they are."""
+
+    def __init__(self, **keywords):
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return {**handler(core_schema), **self.keywords}
+
+
+def _nullable(schema: dict) -> dict:
+    """`schema` or null (keeping the title, description and default outside the anyOf)."""
+    if "anyOf" in schema and {"type": "null"} in schema["anyOf"]:
+        return schema
+    outer = {k: schema.pop(k) for k in ("title", "description", "default") if k in schema}
+    return {"anyOf": [schema, {"type": "null"}], **outer}
+
+
+def _null_for_defaults(schema: dict, model=None) -> None:
+    """A model's `json_schema_extra`: every field but those NOT_NULLABLE also takes null."""
+    for name, field in schema["properties"].items():
+        if name not in NOT_NULLABLE:
+            schema["properties"][name] = _nullable(field)
 
 
 class StrictModel(BaseModel):
@@ -30,9 +61,15 @@ class TextContentPart(StrictModel):
     text: str
 
 
+StopString = Annotated[str, Rule(minLength=1, maxLength=MAX_STOP_LENGTH)]  # _check_stop
+
+
 class ChatMessage(StrictModel):
-    role: str
-    content: Union[str, list[TextContentPart]]
+    role: Annotated[str, Rule(enum=list(SUPPORTED_ROLES))] = Field(description=(
+        "Checked with the conversation (jobs/chat_format.py): another role is a 400 invalid_conversation."))
+    # An empty content is refused with the conversation; the number of parts is checked before validation.
+    content: Union[Annotated[str, Rule(minLength=1)],
+                   Annotated[list[TextContentPart], Rule(minItems=1, maxItems=MAX_CONTENT_PARTS)]]
     name: Optional[str] = None
 
     @property
@@ -46,23 +83,34 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+_MAX_TOKENS = f"At least 1; defaults to {DEFAULT_MAX_TOKENS}. Prompt + max_tokens must fit the context."
+
+
 class ChatCompletionRequest(StrictModel):
-    model: str = SERVED_MODEL_ID
-    messages: list[ChatMessage]
-    max_tokens: Optional[int] = Field(default=None, ge=1)
+    model_config = ConfigDict(json_schema_extra=_null_for_defaults)
+
+    model: str = Field(default=SERVED_MODEL_ID, description=(
+        f"A served model (GET /v1/models), by its id or an alias, case-insensitive; default '{SERVED_MODEL_ID}'. "
+        "Any other name is a 404 model_not_found."))
+    # The array's length is checked before validation (serving.parse_request).
+    messages: Annotated[list[ChatMessage], Rule(minItems=1, maxItems=MAX_MESSAGES)] = Field(description=(
+        "After optional system messages, user and assistant turns alternate, ending with a user turn. "
+        "The prompt plus max_tokens must fit the context window (else 400 context_length_exceeded)."))
+    max_tokens: Optional[int] = Field(default=None, ge=1, description=_MAX_TOKENS)
     # Newer OpenAI SDKs send this name; it means the same as max_tokens.
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    stream: bool = False
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, description=_MAX_TOKENS)
+    stream: bool = Field(default=False, description="Answer with server-sent events (text/event-stream).")
     stream_options: Optional[StreamOptions] = None
     temperature: float = Field(default=0.3, ge=0.0, le=1.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
+    stop: Union[StopString, Annotated[list[StopString], Rule(maxItems=MAX_STOP_SEQUENCES)], None] = None
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int = Field(default=0, ge=-(2**63), le=INT64_MAX)
     # Accepted for compatibility with what OpenAI clients send, within what this server does.
     # Submit and poll: answer 202 with a job object at once (GET /v1/chat/completions/{id} to poll).
-    background: bool = False
+    background: bool = Field(default=False, description=(
+        "Answer 202 with a job object at once; poll or replay its events."))
     n: int = Field(default=1, ge=1, le=1)
     user: Optional[str] = None
     logprobs: Optional[Literal[False]] = None
@@ -72,7 +120,7 @@ class ChatCompletionRequest(StrictModel):
     def _null_means_default(cls, data):
         """OpenAI accepts `null` for optional fields: treat it as "not given"."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in ("messages",)}
+            return {k: v for k, v in data.items() if v is not None or k in NOT_NULLABLE}
         return data
 
     @field_validator("stop")
