@@ -73,11 +73,9 @@ class BatchService:
         return to_api(self._owned(batch_id, owner))
 
     def cancel(self, batch_id: str, owner: str) -> dict:
-        batch = self._owned(batch_id, owner)
-        if batch["status"] in ("validating", "in_progress"):
-            self.batches.set_status(batch_id, "cancelling")
-            batch = self.batches.get(batch_id)
-        return to_api(batch)
+        self._owned(batch_id, owner)
+        self.batches.move(batch_id, "cancelling", only_from=("validating", "in_progress"))
+        return to_api(self.batches.get(batch_id))
 
     def list(self, owner: str, limit: int, after: Optional[str]) -> dict:
         ids, has_more = self.batches.list_ids(owner, limit, after)
@@ -161,7 +159,7 @@ class BatchDispatcher:
         batch = self.batches.get(batch_id)
         inflight = self.jobs.redis.scard(self.jobs.keys.batch_inflight(batch_id))
         if batch["status"] == "in_progress" and time.time() > batch["expires_at"]:
-            self.batches.update(batch_id, status="cancelling", final_status="expired")
+            self.batches.move(batch_id, "cancelling", only_from=("in_progress",), final_status="expired")
             batch = self.batches.get(batch_id)
         if batch["status"] == "in_progress":
             if batch["cursor"] < self._input_lines(batch):
@@ -186,13 +184,12 @@ class BatchDispatcher:
         if meta is None:
             errors = {"object": "list", "data": [{"code": "file_not_found", "message": "The input file is gone.",
                                                   "param": "input_file_id", "line": None}]}
-            self.batches.update(batch["id"], errors=json.dumps(errors))
-            self.batches.set_status(batch["id"], "failed")
-            self.batches.deactivate(batch["id"])
+            if self.batches.move(batch["id"], "failed", only_from=("validating",), errors=json.dumps(errors)):
+                self.batches.deactivate(batch["id"])
             return
         total = sum(1 for line in self.files.iter_lines(meta.id) if line.strip())
         self.batches.update(batch["id"], total=total)
-        self.batches.set_status(batch["id"], "in_progress")
+        self.batches.move(batch["id"], "in_progress", only_from=("validating",))  # unless cancelled meanwhile
 
     def _feed(self, batch: dict, inflight: int) -> None:
         room = self.settings.batch_window - inflight
@@ -297,9 +294,9 @@ class BatchDispatcher:
 
     def _finalize(self, batch: dict, final_status: str) -> None:
         """Publish the output and error files (if they have lines), then the final status."""
-        if batch["status"] != "finalizing" and final_status == "completed":
-            self.batches.update(batch["id"], final_status=final_status)
-            self.batches.set_status(batch["id"], "finalizing")
+        if batch["status"] == "in_progress" and not self.batches.move(
+                batch["id"], "finalizing", only_from=("in_progress",), final_status=final_status):
+            return  # cancelled meanwhile: the next step cancels it
         keys = self.jobs.keys
         published = {}
         for kind, list_name, field in (("output", "output_list", "output_file_id"),
@@ -311,6 +308,6 @@ class BatchDispatcher:
                                                 batch["owner"])
                 published[field] = file_id
         self.batches.update(batch["id"], **published)
-        self.batches.set_status(batch["id"], final_status)
-        self.batches.deactivate(batch["id"])
-        log.info("batch %s: %s", batch["id"], final_status)
+        if self.batches.move(batch["id"], final_status, only_from=("finalizing", "cancelling")):
+            self.batches.deactivate(batch["id"])
+            log.info("batch %s: %s", batch["id"], final_status)

@@ -18,6 +18,16 @@ FINAL = ("completed", "failed", "expired", "cancelled")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 
 
+# KEYS: batch. ARGV: new status, its timestamp field, now, the statuses it may come from (comma-separated),
+# then field/value pairs to set with it. 1 if the batch moved. A batch changes status only through this: a
+# cancel and the driver's next step can never overwrite each other's change.
+_MOVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or not string.find(',' .. ARGV[4] .. ',', ',' .. status .. ',', 1, true) then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, 5))
+return 1
+"""
+
 # KEYS: lease. ARGV: holder, ttl ms. 1 if the holder has the lease now (taken or renewed), else 0: one
 # step, so a lease that lapses between a check and a renewal can never end up held by two drivers.
 _TAKE_LEASE = """
@@ -42,6 +52,7 @@ class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str):
         self.redis = client
         self.keys = Keys(prefix)
+        self._move = client.register_script(_MOVE)
         self._take_lease = client.register_script(_TAKE_LEASE)
         self._collect = client.register_script(_COLLECT)
 
@@ -77,8 +88,11 @@ class BatchStore:
             return
         self.redis.hset(self.keys.batch(batch_id), mapping={k: str(v) for k, v in fields.items()})
 
-    def set_status(self, batch_id: str, status: str) -> None:
-        self.update(batch_id, status=status, **{f"{status}_at": int(time.time())})
+    def move(self, batch_id: str, status: str, only_from: tuple[str, ...], **fields) -> bool:
+        """Set the batch's status (and its `{status}_at`, and `fields`) if it is now one of `only_from`."""
+        extra = [str(v) for pair in fields.items() for v in pair]
+        return bool(self._move(keys=[self.keys.batch(batch_id)],
+                               args=[status, f"{status}_at", int(time.time()), ",".join(only_from), *extra]))
 
     def list_ids(self, owner: str, limit: int, after: Optional[str]) -> tuple[list[str], bool]:
         return newest_first(self.redis, self.keys.owner_batches(owner), limit, after)

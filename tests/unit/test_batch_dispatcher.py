@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from app.batches import BatchDispatcher
+from app.batches import BatchDispatcher, BatchService
 from config.settings import Settings
 from jobs.batches import BatchStore
 from jobs.files import FileStore
@@ -40,17 +40,22 @@ def driver(settings, redis_client) -> BatchDispatcher:
                            FileStore(redis_client, settings.redis_prefix), jobs, models, lambda record: None)
 
 
-def started_batch(d: BatchDispatcher) -> str:
-    """A batch of LINES requests, validated and fed: every line a queued job."""
+def new_batch(d: BatchDispatcher) -> str:
+    """A batch of LINES requests, still validating."""
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 3}})
              for i in range(LINES)]
     meta = d.files.save_stream(io.BytesIO("\n".join(lines).encode()), "in.jsonl", "batch", "owner")
-    batch = d.batches.create("owner", meta.id, "/v1/chat/completions", "24h", None)
-    d.drive(batch["id"])  # validating -> in_progress
-    d.drive(batch["id"])  # feeds every line
-    assert len(line_jobs(d, batch["id"])) == LINES
-    return batch["id"]
+    return d.batches.create("owner", meta.id, "/v1/chat/completions", "24h", None)["id"]
+
+
+def started_batch(d: BatchDispatcher) -> str:
+    """A batch of LINES requests, validated and fed: every line a queued job."""
+    batch_id = new_batch(d)
+    d.drive(batch_id)  # validating -> in_progress
+    d.drive(batch_id)  # feeds every line
+    assert len(line_jobs(d, batch_id)) == LINES
+    return batch_id
 
 
 def line_jobs(d: BatchDispatcher, batch_id: str) -> list[str]:
@@ -113,7 +118,7 @@ def test_cancelling_a_batch_whose_lines_a_lost_worker_requeued(settings, redis_c
         assert d.jobs.write(attempt, [JobEvent(type="delta", text="par")]).applied
     time.sleep(0.3)
     assert sorted(j for j, _, _ in d.jobs.reap()) == sorted(ids[1:3])
-    d.batches.set_status(batch_id, "cancelling")
+    BatchService(d.batches, d.files).cancel(batch_id, "owner")
     for _ in range(3):
         d.drive(batch_id)
     batch = d.batches.get(batch_id)
@@ -121,3 +126,34 @@ def test_cancelling_a_batch_whose_lines_a_lost_worker_requeued(settings, redis_c
     assert [d.jobs.get(j).status for j in ids] == [JobStatus.COMPLETED] + [JobStatus.CANCELLED] * 3
     assert [e.type for e in d.jobs.read_log(ids[1])] == ["delta", "cancelled"]
     assert [line["custom_id"] for line in output_lines(d, batch_id)] == [d.jobs.get(ids[0]).custom_id]
+
+
+def test_a_cancel_while_the_driver_validates_is_not_overwritten(settings, redis_client):
+    """The driver read the batch (validating), the cancel landed, then the driver set it in_progress over
+    the cancel and ran it to completion (the fuzzer's `cancelled-at-once` batch, now and then)."""
+    d = driver(settings, redis_client)
+    batch_id = new_batch(d)
+    count_lines = d.files.iter_lines
+
+    def cancelled_meanwhile(file_id):
+        BatchService(d.batches, d.files).cancel(batch_id, "owner")
+        return count_lines(file_id)
+
+    d.files.iter_lines = cancelled_meanwhile
+    d.drive(batch_id)
+    assert d.batches.get(batch_id)["status"] == "cancelling"
+    d.drive(batch_id)
+    batch = d.batches.get(batch_id)
+    assert batch["status"] == "cancelled" and line_jobs(d, batch_id) == [] and batch["completed"] == 0
+
+
+def test_a_cancel_after_the_batch_completed_changes_nothing(settings, redis_client):
+    d = driver(settings, redis_client)
+    batch_id = started_batch(d)
+    for job_id in line_jobs(d, batch_id):
+        complete(d.jobs, job_id)
+    d.drive(batch_id)  # collects, then finalizes
+    assert d.batches.get(batch_id)["status"] == "completed"
+    assert BatchService(d.batches, d.files).cancel(batch_id, "owner")["status"] == "completed"
+    d.drive(batch_id)
+    assert d.batches.get(batch_id)["status"] == "completed"

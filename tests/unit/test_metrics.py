@@ -26,9 +26,10 @@ from flask import Flask, jsonify
 from app import metrics
 from config.logging import bind_job, current_job_id, job_context, setup_logging, unbind_job
 from config.settings import Settings
-from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, Keys, Usage, log_id
+from jobs.records import GenerationRequest, JobEvent, JobRecord, JobResult, Keys, Usage
 from jobs.store import JobStore
 from jobs.telemetry import JobTelemetry, aggregate_workers, aggregate_workers_by_model, queue_depths, worker_load
+from jobs.transition import Ending
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,20 +200,14 @@ def test_a_logged_request_leaks_neither_key_nor_prompt(settings, log_stream, red
 
     settings = settings.model_copy(update={"api_keys": [SECRET_KEY], "sse_keepalive_s": 0.2,
                                            "request_timeout_s": 5})
-    keys = Keys(settings.redis_prefix)
 
-    def enqueue(rec):  # a stand-in worker: writes the job's outcome and events as jobs/records.py defines them
+    def enqueue(rec):  # a stand-in worker: one attempt that writes the whole answer, through the job store
         def work():
+            store = holder["app"].extensions["chat_service"].store
             usage = Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)
-            result = JobResult(text="Hi", finish_reason="stop", usage=usage)
-            redis_client.hset(keys.job(rec.id), mapping={
-                "status": "completed", "started_at": repr(time.time()), "finished_at": repr(time.time()),
-                "result": result.model_dump_json()})
-            for event in (JobEvent(seq=0, type="delta", text="Hi"),
-                          JobEvent(seq=1, type="done", finish_reason="stop", usage=usage)):
-                payload = event.model_dump_json(exclude_none=True)
-                redis_client.xadd(keys.event_log(rec.id), {"e": payload}, id=log_id(event.seq))
-                redis_client.publish(keys.events(rec.id), payload)
+            _, attempt = store.start(rec.id, "stand-in-worker")
+            store.write(attempt, [JobEvent(type="delta", text="Hi")],
+                        Ending.completed(JobResult(text="Hi", finish_reason="stop", usage=usage)))
         threading.Thread(target=work, daemon=True).start()
 
     holder = {}
