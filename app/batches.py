@@ -19,10 +19,12 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from app.errors import APIError
-from app.protocol import completion_from_record
+from pydantic import ValidationError
+
+from app.errors import APIError, from_validation_error
+from app.protocol import CreateBatchRequest, completion_from_record
 from app.serving import build_generation_request, parse_request, resolve_model, system_fingerprint
-from jobs.batches import COMPLETION_WINDOWS, FINAL, BatchStore, to_api
+from jobs.batches import FINAL, BatchStore, to_api
 from jobs.chat_format import is_valid_unicode
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
@@ -31,8 +33,6 @@ from jobs.store import JobNotFound, JobStore
 from jobs.transition import Ending, Outcome
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
 
 
 class BatchService:
@@ -43,31 +43,19 @@ class BatchService:
     def create(self, data, owner: str) -> dict:
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        unknown = set(data) - {"input_file_id", "endpoint", "completion_window", "metadata"}
-        if unknown:
-            raise APIError(400, f"Unrecognized request argument supplied: {sorted(unknown)[0]}",
-                           param=sorted(unknown)[0], code="invalid_value")
-        endpoint = data.get("endpoint")
-        if not isinstance(endpoint, str) or endpoint not in SUPPORTED_ENDPOINTS:
-            raise APIError(400, f"endpoint must be one of {list(SUPPORTED_ENDPOINTS)}.", param="endpoint",
-                           code="invalid_value")
-        window = data.get("completion_window")
-        if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
-            raise APIError(400, f"completion_window must be one of {list(COMPLETION_WINDOWS)}.",
-                           param="completion_window", code="invalid_value")
-        metadata = data.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-            raise APIError(400, "metadata must be an object of at most 16 string values.", param="metadata",
-                           code="invalid_value")
-        file_id = data.get("input_file_id")
-        meta = self.files.get(file_id) if isinstance(file_id, str) else None
+        try:
+            request = CreateBatchRequest.model_validate(data)
+        except ValidationError as exc:
+            raise from_validation_error(exc)
+        meta = self.files.get(request.input_file_id)
         if meta is None or meta.owner != owner:
-            raise APIError(404, f"No file found with id '{file_id}'.", param="input_file_id", code="file_not_found")
+            raise APIError(404, f"No file found with id '{request.input_file_id}'.", param="input_file_id",
+                           code="file_not_found")
         if meta.purpose != "batch":
             raise APIError(400, "The input file must have been uploaded with purpose 'batch'.",
                            param="input_file_id", code="invalid_value")
-        return to_api(self.batches.create(owner, file_id, endpoint, window, metadata))
+        return to_api(self.batches.create(owner, request.input_file_id, request.endpoint,
+                                          request.completion_window, request.metadata))
 
     def get(self, batch_id: str, owner: str) -> dict:
         return to_api(self._owned(batch_id, owner))

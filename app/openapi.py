@@ -1,9 +1,9 @@
 """`GET /openapi.json`: the OpenAPI 3.1 document of the HTTP API, generated from its pydantic models.
 
 The contract is the models (pydantic emits JSON Schema 2020-12, which is what OpenAPI 3.1 uses):
-  - request bodies: `app.protocol.ChatCompletionRequest`, the model the chat route validates with, and
-    `app.schemas.CreateBatchRequest` / `UploadFileRequest`, which describe what app/batches.py and
-    app/files.py check (a test holds them to it);
+  - request bodies: `app.protocol.ChatCompletionRequest` and `CreateBatchRequest`, the models the chat and
+    batch routes validate with, and `app.schemas.UploadFileRequest`, which describes the multipart form that
+    app/files.py reads;
   - responses: the models of `app/schemas.py`, which the real responses validate against (tested), every
     error being OpenAI's `{"error": {"message", "type", "param", "code"}}` (`schemas.Error`).
 This module only says which route takes and answers which model, with which status codes, parameters and
@@ -20,12 +20,12 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from app import schemas as s
-from app.protocol import ChatCompletionRequest
+from app.protocol import ChatCompletionRequest, CreateBatchRequest
 
 openapi = Blueprint("openapi", __name__)
 
 REF = "#/components/schemas/{model}"
-REQUESTS = (ChatCompletionRequest, s.CreateBatchRequest, s.UploadFileRequest)
+REQUESTS = (ChatCompletionRequest, CreateBatchRequest, s.UploadFileRequest)
 RESPONSES = (s.Error, s.ChatCompletion, s.ChatCompletionChunk, s.ChatCompletionJob, s.ChatCompletionJobList,
              s.File, s.FileList, s.FileDeleted, s.Batch, s.BatchList, s.Model, s.ModelList, s.Health, s.Ready)
 
@@ -152,7 +152,7 @@ def paths() -> dict:
         },
         "/v1/batches": {
             "post": _op("createBatch", "Start a batch over an uploaded file.", "batches", batch, (*COMMON, "413"),
-                        body=s.CreateBatchRequest),
+                        body=CreateBatchRequest),
             "get": _op("listBatches", "List your batches, newest first.", "batches",
                        {"200": _json("A page of batches.", s.BatchList)}, parameters=[LIMIT, AFTER]),
         },

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import SERVED_MODEL_ID
+from jobs.batches import COMPLETION_WINDOWS
 from jobs.chat_format import SUPPORTED_ROLES, is_valid_unicode
 
 DEFAULT_MAX_TOKENS = 1024
@@ -231,3 +232,14 @@ def model_card(model_id: str, created: int) -> dict:
 
 def now() -> int:
     return int(time.time())
+
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)  # what a batch's lines may call
+
+
+class CreateBatchRequest(StrictModel):
+    """POST /v1/batches (OpenAI's fields). The input file's existence and purpose are checked after it."""
+    input_file_id: str = Field(description="A file uploaded with purpose 'batch'.")
+    endpoint: Literal[SUPPORTED_ENDPOINTS]
+    completion_window: Literal[tuple(COMPLETION_WINDOWS)]
+    metadata: Optional[dict[str, str]] = Field(default=None, max_length=16)

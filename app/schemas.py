@@ -1,4 +1,4 @@
-"""The response models of the HTTP API, and the request models of the endpoints that validate by hand.
+"""The response models of the HTTP API, and the multipart upload form (read by app/files.py).
 
 These, with `app.protocol.ChatCompletionRequest`, are the contract that `/openapi.json` (app/openapi.py) is
 generated from. The responses are built as plain dicts (app/protocol.py, app/routes.py, jobs/files.py,
@@ -12,10 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.batches import SUPPORTED_ENDPOINTS
 from app.files import UPLOAD_PURPOSES
-from app.protocol import StrictModel
-from jobs.batches import COMPLETION_WINDOWS
 
 FinishReason = Literal["stop", "length"]
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled", "expired"]
@@ -174,15 +171,6 @@ class Batch(Response):
 
 class BatchList(Page):
     data: list[Batch]
-
-
-class CreateBatchRequest(StrictModel):
-    """POST /v1/batches. BatchService.create (app/batches.py) checks these fields one by one, with OpenAI's
-    messages; tests/unit/test_openapi.py checks that it accepts and refuses what this model does."""
-    input_file_id: str = Field(description="A file uploaded with purpose 'batch'.")
-    endpoint: Literal[SUPPORTED_ENDPOINTS]
-    completion_window: Literal[tuple(COMPLETION_WINDOWS)]
-    metadata: Optional[dict[str, str]] = Field(default=None, max_length=16)
 
 
 class UploadFileRequest(BaseModel):

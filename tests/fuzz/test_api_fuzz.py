@@ -793,7 +793,7 @@ def test_hostile_uploads(stack):
     ({"endpoint": "/v1/chat/completions", "completion_window": "24h", "input_file_id": "x",
       "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"endpoint": "/v1/chat/completions", "completion_window": "24h", "input_file_id": "x", "metadata": {"a": 1}},
-     "metadata"),
+     "metadata.a"),
     ({"endpoint": "/v1/chat/completions", "completion_window": "24h", "input_file_id": "x", "extra": 1}, "extra"),
 ])
 def test_hostile_batch_create(stack, body, param):

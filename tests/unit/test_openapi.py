@@ -16,6 +16,7 @@ from app import schemas as s
 from app.batches import BatchService
 from app.errors import APIError
 from app.openapi import REQUESTS, RESPONSES, build_document
+from app.protocol import CreateBatchRequest
 from jobs.records import JobResult, Usage
 from tests.unit.test_api_relay import BODY, fails_after_one_delta, make_client  # noqa: F401  (a fixture)
 
@@ -78,7 +79,8 @@ def test_the_chat_request_schema_shows_the_rules_that_validation_enforces():
     assert [part.get("minLength", part.get("minItems")) for part in message["properties"]["content"]["anyOf"]] == [1, 1]
 
 
-def test_create_batch_request_accepts_and_refuses_what_the_batch_service_does():
+def test_the_batch_route_accepts_and_refuses_what_its_model_does():
+    """The route validates with CreateBatchRequest, then checks the input file: nothing else may refuse."""
     class Accepted(Exception):
         pass
 
@@ -95,7 +97,7 @@ def test_create_batch_request_accepts_and_refuses_what_the_batch_service_does():
               *({**ok, field: value} for field in (*ok, "metadata") for value in values)]
     for body in bodies:
         try:
-            s.CreateBatchRequest.model_validate(body, strict=True)
+            CreateBatchRequest.model_validate(body, strict=True)
             model_accepts = True
         except ValidationError:
             model_accepts = False
