@@ -4,7 +4,7 @@ mid-stream and not, which the real tiny-model worker cannot be made to produce o
 from __future__ import annotations
 
 import json
-import threading
+import time
 import uuid
 
 import pytest
@@ -12,59 +12,13 @@ import pytest
 from app import create_app
 from config.settings import Settings
 from jobs.models import model_entry
-from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
-from jobs.transition import Ending
+from jobs.records import JobError, JobResult, JobStatus, Usage
 from tests.conftest import REDIS_URL
 
 BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
 
 
-@pytest.fixture
-def make_client(redis_client):
-    prefixes = []
-
-    def make(script):
-        settings = Settings(redis_url=REDIS_URL, redis_prefix=f"unit-{uuid.uuid4().hex[:8]}", api_keys=[],
-                            sse_keepalive_s=0.2, request_timeout_s=5)
-        prefixes.append(settings.redis_prefix)
-        holder = {}
-
-        def enqueue(record):  # the "worker": runs the script in a thread, as a real worker would
-            store = holder["app"].extensions["chat_service"].store
-            _, attempt = store.start(record.id, "scripted-worker")
-            events = ScriptedEvents(store, attempt)
-            threading.Thread(target=script, args=(events,), daemon=True).start()
-
-        holder["app"] = create_app(settings, enqueue=enqueue, drive_batches=False)
-        # Advertise the model, as a worker's heartbeat would, so requests are routed to "its" queue.
-        holder["app"].extensions["chat_service"].store.heartbeat(
-            "scripted-worker", {"model_id": settings.served_model_name}, ttl_s=60, model=model_entry(settings))
-        return holder["app"].test_client()
-
-    yield make
-    for prefix in prefixes:
-        for key in redis_client.scan_iter(match=f"{prefix}:*"):
-            redis_client.delete(key)
-
-
-class ScriptedEvents:
-    """Writes a job's events the way the worker does (the attempt's transitions), one call at a time."""
-
-    def __init__(self, store, attempt):
-        self.store, self.attempt, self.written = store, attempt, 0
-
-    def delta(self, text):
-        assert self.store.write(self.attempt, [JobEvent(type="delta", text=text)], acknowledged=self.written).applied
-        self.written += 1
-
-    def failed(self, error):
-        assert self.store.write(self.attempt, [], Ending.failed(error), acknowledged=self.written).applied
-
-    def completed(self, result):
-        assert self.store.write(self.attempt, [], Ending.completed(result), acknowledged=self.written).applied
-
-
-def fails_after_one_delta(events: ScriptedEvents):
+def fails_after_one_delta(events):
     events.delta("Hel")
     events.failed(JobError(message="CUDA error: out of memory", code="generation_failed"))
 
@@ -89,8 +43,7 @@ def test_worker_error_non_stream_is_500_in_openai_shape_not_retried(make_client)
 
 
 def test_keepalive_comments_while_waiting(make_client):
-    def slow(events: ScriptedEvents):
-        import time
+    def slow(events):
         time.sleep(0.7)
         usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
         events.delta("x")

@@ -18,7 +18,7 @@ from app.errors import APIError
 from app.openapi import REQUESTS, RESPONSES, build_document
 from app.protocol import CreateBatchRequest
 from jobs.records import JobResult, Usage
-from tests.unit.test_api_relay import BODY, fails_after_one_delta, make_client  # noqa: F401  (a fixture)
+from tests.unit.test_api_relay import BODY, fails_after_one_delta
 
 DOCUMENT = build_document()
 SCHEMAS = DOCUMENT["components"]["schemas"]
