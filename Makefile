@@ -73,18 +73,16 @@ $(STAMP): pyproject.toml | $(PY)
 	'$(PY)' -m pip install --quiet --upgrade pip
 	# torch FIRST and pinned, so that resolving the project's `torch>=2.4` later installs nothing.
 	if [[ "$$flavor" == cuda ]]; then
-	    echo "install: CUDA found: torch from PyPI (a CUDA build), then the project with [test,gpu]"
+	    echo "install: CUDA found: torch from PyPI (a CUDA build), then the project with [test]"
 	    '$(PY)' -m pip install torch
-	    extras='test,gpu'
 	elif [[ "$$flavor" == cpu ]]; then
 	    echo "install: no CUDA: torch==$(TORCH_CPU_VERSION) (CPU build), then the project with [test]"
 	    '$(PY)' -m pip install 'torch==$(TORCH_CPU_VERSION)' $(TORCH_CPU_PIP_ARGS)
-	    extras='test'
 	else
 	    echo "install: TORCH must be auto, cuda or cpu, not '$$flavor'" >&2
 	    exit 1
 	fi
-	'$(PY)' -m pip install -e ".[$$extras]"
+	'$(PY)' -m pip install -e ".[test]"
 	'$(PY)' -c 'import torch; print("install: torch", torch.__version__, "CUDA" if torch.cuda.is_available() else "(no CUDA)")'
 	touch '$@'
 

@@ -1,4 +1,4 @@
-"""Loading the model a worker serves: Mistral-7B-Instruct-v0.2 in 4 bits, or the built-in tiny model.
+"""Loading the model a worker serves: Mistral-7B-Instruct-v0.2 in 4 bits (NF4), or the built-in tiny model.
 
 Called once per worker process, in the process that uses the model (CUDA cannot be used in a forked child
 of a process that initialised it).
@@ -45,14 +45,15 @@ def build_tiny_random(seed: int = 0, dtype: torch.dtype = torch.float32, device:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_nf4(path: str) -> MistralForCausalLM:
-    """The real weights (Hugging Face id or local directory), quantized to NF4 with bf16 compute."""
+def load_nf4(path: str, device: torch.device, compute_dtype: torch.dtype) -> MistralForCausalLM:
+    """The real weights (Hugging Face id or local directory), quantized to NF4 as they load, on `device`.
+    bitsandbytes (>= 0.50) runs NF4 layers on the CPU too: that is how CI tests this path."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
+                                      bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype,
+                                                 device_map={"": str(device)})
     return model.eval()
 
 
@@ -68,17 +69,20 @@ def weights_available(path: str) -> bool:
 
 
 def load_model(settings) -> LoadedModel:
+    """MODEL_SOURCE=tiny-random: the built-in tiny model. auto: the real weights in NF4 where there is a CUDA
+    device and the weights are here, else the tiny model. hf: the real weights in NF4 always, on the GPU if
+    there is one (bf16 compute), else on the CPU (float32 compute: slow, but exactly the GPU's code path)."""
     source = settings.model_source
     if source == TINY_RANDOM:
         return _tiny("MODEL_SOURCE=tiny-random")
     cuda = torch.cuda.is_available()
-    have_weights = weights_available(settings.model_path)
-    if source == "auto" and not (cuda and have_weights):
+    if source == "auto" and not (cuda and weights_available(settings.model_path)):
         why = "no CUDA device" if not cuda else f"no weights found at {settings.model_path!r}"
         return _tiny(f"MODEL_SOURCE=auto and {why}")
-    model = load_nf4(settings.model_path)
-    return LoadedModel(model, torch.device("cuda", 0), settings.model_path,
-                       f"MODEL_SOURCE={source}, CUDA and weights present: NF4 4-bit, bf16 compute")
+    device, compute_dtype = (torch.device("cuda", 0), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    model = load_nf4(settings.model_path, device, compute_dtype)
+    return LoadedModel(model, device, settings.model_path,
+                       f"MODEL_SOURCE={source}: NF4 4-bit on {device}, {str(compute_dtype).removeprefix('torch.')} compute")
 
 
 def _tiny(reason: str) -> LoadedModel:
