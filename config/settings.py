@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     stream_events_per_s: float = Field(default=-1.0, ge=-1.0)
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
+    # Decode attention: "auto" (the Triton paged kernel on CUDA, if it passes its start-up check; SDPA on the CPU),
+    # "triton" or "sdpa" (workers/engine/config.py).
+    decode_attention: Literal["auto", "triton", "sdpa"] = "auto"
     # Queue of batch line jobs, and how many of them one worker process runs at once: batch work never
     # takes more than these slots of a worker, the rest stay free for interactive requests (0 = a quarter
     # of max_num_seqs, at least 1).

@@ -15,6 +15,9 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512      # most prompt tokens computed in one step
     max_model_len: int = 32768           # longest sequence (prompt + output) the engine runs
     use_cuda_graphs: bool = True         # capture the decode step (CUDA only)
+    # Decode attention: "triton" reads the KV blocks in place (workers/engine/paged_attention.py), "sdpa"
+    # gathers each row's context first; "auto" is triton on CUDA (if it passes its start-up check), sdpa on CPU.
+    attention: str = "auto"
     max_failed_steps: int = 3            # this many failed steps in a row: the device is broken (see Engine.on_fatal)
 
     def __post_init__(self) -> None:
@@ -24,6 +27,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be > 0 or None, got {self.num_kv_blocks}")
+        if self.attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"attention must be auto, triton or sdpa, got {self.attention!r}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
@@ -39,4 +44,5 @@ class EngineConfig:
         return cls(max_num_seqs=settings.max_num_seqs, block_size=block_size,
                    num_kv_blocks=-(-tokens // block_size) if tokens > 0 else None,
                    kv_memory_fraction=settings.kv_memory_fraction, kv_cpu_tokens=settings.kv_cpu_tokens,
-                   prefill_chunk_tokens=settings.prefill_chunk_tokens, max_model_len=settings.max_model_len)
+                   prefill_chunk_tokens=settings.prefill_chunk_tokens, max_model_len=settings.max_model_len,
+                   attention=settings.decode_attention)

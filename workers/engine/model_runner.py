@@ -152,11 +152,50 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._arange = torch.arange(config.max_blocks_per_seq * self.block_size, device=self.device)
         self.graphs: Optional["DecodeGraphs"] = None
+        self.paged_kernel = self._paged_kernel(config.attention)  # None: decode attention through SDPA
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
                  self.dtype)
 
     # --- set-up
+    def _paged_kernel(self, choice: str):
+        """The Triton paged decode kernel where asked for ("triton"; on CUDA for "auto"), else None."""
+        if choice == "sdpa" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        try:
+            from workers.engine.paged_attention import paged_decode_attention
+        except ImportError:
+            if choice == "triton":
+                raise
+            log.warning("triton is not installed: decode attention through SDPA")
+            return None
+        return paged_decode_attention
+
+    def _check_paged_kernel(self) -> None:
+        """At start-up, on this device: the kernel must agree with SDPA on a small ragged batch, or the engine
+        keeps SDPA (auto) or refuses to start (triton)."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        shape = (8, self.block_size, self.num_kv_heads, self.head_dim)
+        k, v = (torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype) for _ in range(2))
+        q = torch.randn(3, self.num_heads, self.head_dim, generator=gen, device=self.device, dtype=self.dtype)
+        tables = torch.tensor([[0, 1, 7], [2, 7, 7], [3, 4, 5]], device=self.device)
+        positions = torch.tensor([self.block_size + 3, 0, 3 * self.block_size - 1], device=self.device)
+        visible = self._arange[:3 * self.block_size][None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        expected = decode_attention(q, k, v, tables, mask.view(3, 1, 1, -1), self.scale).float()
+        try:
+            error = (self.paged_kernel(q, k, v, tables, positions, self.scale).float() - expected).abs().max().item()
+            problem = None if error <= (1e-4 if self.dtype == torch.float32 else 2e-2) else f"max error {error:.3g}"
+        except Exception as exc:  # a compile or launch failure
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            log.info("decode attention: the Triton paged kernel (checked against SDPA)")
+            return
+        if self.config.attention == "triton":
+            raise RuntimeError(f"the Triton paged decode kernel failed its check: {problem}")
+        log.error("the Triton paged decode kernel failed its check (%s): decode attention through SDPA", problem)
+        self.paged_kernel = None
+
     def _rope(self, cfg, inner, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         params = getattr(cfg, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
@@ -231,7 +270,7 @@ class ModelRunner:
         cos = self.cos[inp.positions].unsqueeze(1)                        # [N, 1, D]
         sin = self.sin[inp.positions].unsqueeze(1)
         mask = None
-        if inp.num_decode:
+        if inp.num_decode and self.paged_kernel is None:  # the kernel reads each row's own length instead
             length = inp.decode_block_tables.shape[1] * self.block_size
             context = inp.positions[:inp.num_decode] + 1                  # [Bd]
             visible = self._arange[:length][None, :] < context[:, None]  # [Bd, L]
@@ -261,11 +300,10 @@ class ModelRunner:
     def _attention(self, q, k, v, k_cache, v_cache, inp: StepInputs, decode_mask) -> torch.Tensor:
         bd = inp.num_decode
         if bd and not inp.chunks:
-            return decode_attention(q, k_cache, v_cache, inp.decode_block_tables, decode_mask, self.scale)
+            return self._decode_attention(q, k_cache, v_cache, inp, decode_mask)
         parts = []
         if bd:
-            parts.append(decode_attention(q[:bd], k_cache, v_cache, inp.decode_block_tables, decode_mask,
-                                          self.scale))
+            parts.append(self._decode_attention(q[:bd], k_cache, v_cache, inp, decode_mask))
         for c in inp.chunks:
             rows = slice(c.row, c.row + c.length)
             if c.start == 0:
@@ -273,6 +311,12 @@ class ModelRunner:
             else:
                 parts.append(chunk_attention(q[rows], k_cache, v_cache, c.block_table, c.start, self.scale))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _decode_attention(self, q, k_cache, v_cache, inp: StepInputs, decode_mask) -> torch.Tensor:
+        if self.paged_kernel is not None:
+            return self.paged_kernel(q, k_cache, v_cache, inp.decode_block_tables, inp.positions[:inp.num_decode],
+                                     self.scale)
+        return decode_attention(q, k_cache, v_cache, inp.decode_block_tables, decode_mask, self.scale)
 
     # --- a step
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -285,6 +329,8 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Start-up work, never on a user's request: one dummy decode; on CUDA, capture the decode graphs."""
+        if self.paged_kernel is not None:
+            self._check_paged_kernel()
         null = torch.full((1, 1), self.null_block, dtype=torch.long, device=self.device)
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.forward(self.decode_inputs(zero, zero, null))
@@ -333,6 +379,8 @@ class DecodeGraphs:
         self.pool = None
 
     def _fits(self, batch: int, width: int) -> bool:
+        if self.runner.paged_kernel is not None:
+            return True  # it reads the blocks in place: no gathered copy to bound
         per_token = 2 * self.runner.num_kv_heads * self.runner.head_dim * self.runner.k_cache.element_size()
         return batch * width * self.runner.block_size * per_token <= self.MAX_GATHER_BYTES
 
