@@ -5,8 +5,17 @@ Each test session uses its own key prefix and queue names, so it never sees anot
 """
 from __future__ import annotations
 
-import pytest
-import redis
+import os
+import shutil
+
+# Triton kernels run on CPU tensors under Triton's interpreter (tests/unit/test_paged_attention.py). Triton
+# reads this when it is first imported, and bitsandbytes imports it early (at collection), so it is set here,
+# before anything: on a machine without an NVIDIA GPU only.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
 
 from scripts.stack import DEFAULT_REDIS_URL as REDIS_URL
 from scripts.stack import Stack, free_port, stack_env, wait_until  # noqa: F401  (tests import these)
