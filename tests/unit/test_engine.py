@@ -284,21 +284,25 @@ def test_request_larger_than_the_cache_gets_an_error(model):
         engine.shutdown()
 
 
-def test_static_decode_path_matches_generate(model):
-    """The CUDA-graph decode path (padded batch, static buffers, null block) run eagerly on CPU."""
+def static_decode_tokens(model, prompts, max_tokens, **config) -> list[list[int]]:
+    """Each prompt's greedy tokens through the CUDA-graph decode path (padded batch, static buffers, null
+    block), run eagerly on the CPU, the prompts decoding together."""
     from workers.engine.model_runner import DecodeGraphs
 
     engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
-                    config=EngineConfig(max_model_len=1024, max_num_seqs=8))
+                    config=EngineConfig(max_model_len=1024, max_num_seqs=8, **config))
     try:
         engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
-        prompts = prompts_of([5, 40, 17, 90, 3], seed=4)
-        runs = [start(engine, f"g{i}", p, 30, temperature=0.0) for i, p in enumerate(prompts)]
+        runs = [start(engine, f"g{i}", p, max_tokens, temperature=0.0) for i, p in enumerate(prompts)]
         finish_all([thread for _, _, thread in runs])
     finally:
         engine.shutdown()
-    for (result, _, _), prompt in zip(runs, prompts):
-        assert result["tokens"] == expected_greedy(model, prompt, 30)
+    return [result["tokens"] for result, _, _ in runs]
+
+
+def test_static_decode_path_matches_generate(model):
+    prompts = prompts_of([5, 40, 17, 90, 3], seed=4)
+    assert static_decode_tokens(model, prompts, 30) == [expected_greedy(model, p, 30) for p in prompts]
 
 
 def test_stats_and_config_from_settings():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config.settings import Settings
-from tests.unit.test_engine import EOS, expected_greedy, finish_all, prompts_of, start
+from tests.unit.test_engine import EOS, expected_greedy, finish_all, prompts_of, start, static_decode_tokens
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.model_loader import build_tiny_random, load_model, load_nf4
@@ -63,17 +63,5 @@ def test_engine_greedy_equals_generate_on_nf4_alone_and_batched(nf4_model):
 
 
 def test_static_decode_path_on_nf4_equals_generate(nf4_model):
-    """The CUDA-graph decode path (padded batch, static buffers, null block), run eagerly on the CPU."""
-    from workers.engine.model_runner import DecodeGraphs
-
-    engine = Engine(nf4_model, torch.device("cpu"), eos_token_id=EOS,
-                    config=EngineConfig(max_model_len=1024, max_num_seqs=8))
-    try:
-        engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
-        prompts = prompts_of([5, 33, 12], seed=6)
-        runs = [start(engine, f"g{i}", p, 20, temperature=0.0) for i, p in enumerate(prompts)]
-        finish_all([thread for _, _, thread in runs])
-    finally:
-        engine.shutdown()
-    for (result, _, _), prompt in zip(runs, prompts):
-        assert result["tokens"] == expected_greedy(nf4_model, prompt, 20)
+    prompts = prompts_of([5, 33, 12], seed=6)
+    assert static_decode_tokens(nf4_model, prompts, 20) == [expected_greedy(nf4_model, p, 20) for p in prompts]
