@@ -165,6 +165,7 @@ def test_staggered_batch_matches_hf_generate(model):
     # Batched: far fewer steps than tokens (one request at a time needs one step per token, plus chunks).
     assert stats["steps"] < generated * 0.6
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["eager_steps"] == stats["steps"] and stats["graph_steps"] == 0  # on the CPU, every step is eager
 
 
 def reference_sample(model, prompt, max_tokens, params: SamplingParams):
@@ -316,7 +317,8 @@ def test_stats_and_config_from_settings():
     engine = Engine(build_tiny_random(), torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(kv_cpu_tokens=1000))
     try:
         engine.warmup()
-        assert engine.stats() == dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=63, steps=0)
+        assert engine.stats() == dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=63, steps=0,
+                                      graph_steps=0, eager_steps=0)
     finally:
         engine.shutdown()
 

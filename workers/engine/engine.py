@@ -100,7 +100,8 @@ class Engine:
     def stats(self) -> dict:
         """A read-only snapshot for metrics (racy by a step at most)."""
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._new),
-                    kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks, steps=self._steps)
+                    kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks, steps=self._steps,
+                    graph_steps=self.runner.graph_steps, eager_steps=self.runner.eager_steps)
 
     def shutdown(self) -> None:
         with self._cond:

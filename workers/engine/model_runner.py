@@ -153,6 +153,10 @@ class ModelRunner:
         self._arange = torch.arange(config.max_blocks_per_seq * self.block_size, device=self.device)
         self.graphs: Optional["DecodeGraphs"] = None
         self.paged_kernel = self._paged_kernel(config.attention)  # None: decode attention through SDPA
+        # Steps replayed from a CUDA graph, and steps run eagerly (every step with a prefill, every step on
+        # the CPU, decode steps no graph bucket fits): the eager ones are what a GPU step's speed loses to.
+        self.graph_steps = 0
+        self.eager_steps = 0
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
                  self.dtype)
@@ -324,7 +328,12 @@ class ModelRunner:
         if self.graphs is not None and not batch.prefill:
             logits = self.graphs.run(batch.decode)
             if logits is not None:
+                if self.graphs.use_graphs:
+                    self.graph_steps += 1
+                else:
+                    self.eager_steps += 1
                 return logits
+        self.eager_steps += 1
         return self.forward(self.prepare(batch))
 
     def warmup(self) -> None:
