@@ -30,7 +30,6 @@ from jobs.files import FileStore
 from jobs.models import ModelDirectory
 from jobs.records import JobRecord, JobStatus
 from jobs.store import JobNotFound, JobStore
-from jobs.transition import Ending, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +276,7 @@ class BatchDispatcher:
     def _cancel_inflight(self, batch_id: str) -> None:
         """Lines no attempt runs end here; running ones are asked to stop (the next ticks collect them)."""
         for job_id in self.jobs.redis.smembers(self.jobs.keys.batch_inflight(batch_id)):
-            if self.jobs.end(job_id, Ending.cancelled()).outcome is Outcome.RUNNING:
-                self.jobs.request_cancel(job_id)
+            self.jobs.cancel(job_id)
 
     def _finalize(self, batch: dict, final_status: str) -> None:
         """Publish the output and error files (if they have lines), then the final status."""

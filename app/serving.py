@@ -25,7 +25,7 @@ from jobs.chat_format import ConversationError, Message, encode_conversation, mi
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobRecord
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
-from jobs.transition import Ending, Outcome
+from jobs.transition import Ending
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,7 @@ class ChatService:
         if record is None:
             return protocol.expired_job_object(job_id)
         if not record.status.is_terminal:
-            # No attempt runs it (queued, maybe put back by the reaper): it ends here. Running: the attempt
-            # stops it, asked through the cancel flag.
-            if self.store.end(job_id, Ending.cancelled()).outcome is Outcome.RUNNING:
-                self.store.request_cancel(job_id)
+            self.store.cancel(job_id)  # ends it if queued (maybe put back by the reaper); else asks its attempt
             record = self.store.get(job_id)
         return protocol.job_object(record, system_fingerprint(record.request.model))
 

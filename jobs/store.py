@@ -22,7 +22,7 @@ from jobs.records import JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
 from jobs.telemetry import JobTelemetry
 from jobs.transition import SCRIPT as TRANSITION
-from jobs.transition import Attempt, Ending, Transition, event_args
+from jobs.transition import Attempt, Ending, Outcome, Transition, event_args
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis away (a restart): retry, don't fail the job
 
@@ -175,23 +175,31 @@ class JobStore:
         """An attempt's new events (`acknowledged`: how many of its events earlier writes were answered for,
         so a retry after a lost answer logs nothing twice), and its end if it has one. FENCED once the
         attempt lost its lease. In a pipeline (`client`) the raw answer comes back: `Transition.from_reply`;
-        the caller records the end in telemetry (`record_end`)."""
+        the caller records the end in telemetry."""
         if ending is not None:
             events = [*events, ending.event]
         done = self._transition(attempt.job_id, "write", token=attempt.token, events=events, ending=ending,
                                 acknowledged=acknowledged, client=client)
         if client is None and ending is not None:
-            self.record_end(attempt.job_id, ending, done)
+            self._record_end(attempt.job_id, ending, done)
         return done
 
     def end(self, job_id: str, ending: Ending) -> Transition:
         """End a job that no attempt runs (a cancel while it waits, a job the API could not queue, a duplicate
         delivery past its deadline). RUNNING: an attempt holds it, ask that one to stop (`request_cancel`)."""
         done = self._transition(job_id, "end", events=[ending.event], ending=ending)
-        self.record_end(job_id, ending, done)
+        self._record_end(job_id, ending, done)
         return done
 
-    def record_end(self, job_id: str, ending: Ending, done: Transition) -> None:
+    def cancel(self, job_id: str) -> Transition:
+        """A client's cancel: a job that no attempt runs ends here, cancelled; a running one is asked to stop
+        (the cancel flag, which its attempt's next write reports): then the answer is RUNNING."""
+        done = self.end(job_id, Ending.cancelled())
+        if done.outcome is Outcome.RUNNING:
+            self.request_cancel(job_id)
+        return done
+
+    def _record_end(self, job_id: str, ending: Ending, done: Transition) -> None:
         if done.applied:
             self.telemetry.job_state(job_id, ending.status)
 

@@ -117,3 +117,12 @@ def test_the_cancel_flag_comes_with_every_answer(store):
     assert not store.write(attempt, [delta("a")]).cancel_requested
     store.request_cancel(job_id)
     assert store.write(attempt, [], acknowledged=1).cancel_requested
+
+
+def test_a_cancel_ends_a_waiting_job_and_asks_a_running_one_to_stop(store):
+    waiting, running = new_job(store), new_job(store)
+    _, attempt = store.start(running, "w1")
+    assert store.cancel(waiting).applied and store.get(waiting).status == JobStatus.CANCELLED
+    assert store.cancel(running).outcome is Outcome.RUNNING
+    assert store.get(running).status == JobStatus.IN_PROGRESS
+    assert store.write(attempt, [delta("a")]).cancel_requested  # what its attempt hears on its next write
