@@ -11,7 +11,9 @@ requests/s), over a sweep of concurrency levels, for five ways of generating wit
                      process.py) with the worker's torch threads (--service-torch-threads), the client threads
                      in this process. The service's ratio to it is the cost of HTTP, Redis and Celery alone.
   service            the whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the
-                     tiny model), started with scripts/stack.py, with c concurrent streams, N requests in all:
+                     model: tiny-random, or --model mistral7b/tiny7b on --device through
+                     scripts/bench/service_worker.py), started with scripts/stack.py, with c concurrent streams, N
+                     requests in all:
                      greedy from an aiohttp client (--service-client), and t1.0 from the official openai SDK at
                      concurrency 1 and the highest level (--service-sdk-sampling).
 
@@ -54,6 +56,7 @@ round, and the table shows each row's median round, with the median ratios and t
 #   hf_runners        the baselines: transformers' generate() and generate_batch()
 #   engine_runners    our engine, in this process and in a process of its own
 #   service_runners   the whole service over HTTP (scripts/stack.py), from aiohttp and the openai SDK
+#   service_worker    the service's worker serving the benchmark's model (mistral7b, tiny7b) on its device
 #   report            one request's timeline, the metrics of a level, the ratios, the table and the JSON
 from __future__ import annotations
 

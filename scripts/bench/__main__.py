@@ -23,7 +23,9 @@ from scripts.bench.workloads import (DEFAULT_SAMPLING, DEFAULT_SERVICE_SDK_SAMPL
 
 
 MODES = ("hf_generate", "hf_generate_batch", "engine", "engine_process", "service")
-GPU_DEFAULT_MODES = ("hf_generate", "hf_generate_batch", "engine")  # the service serves the tiny model on CPU only
+# The service mode runs on CUDA too (its worker then serves --model: scripts/bench/service_worker.py), but needs Redis
+# and the service's dependencies, which a bare GPU machine lacks: scripts/gpu_check.sh carries them.
+GPU_DEFAULT_MODES = ("hf_generate", "hf_generate_batch", "engine")
 
 RESULTS: list[dict] = []
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
         meta["model"] = info
         say(f"bench: model {info['model']}, weights {info['weights']}")
     elif "service" in args.modes:
-        meta["model"] = dict(model="tiny-random (served by the worker process)")
+        meta["model"] = dict(model=("tiny-random" if args.model == "tiny" else args.model)
+                             + " (served by the worker process)")
     max_n = max(requests_per_level(args, c) for c in args.levels)
     prompts = token_prompts(max_n, args.input_len)
 

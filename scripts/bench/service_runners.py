@@ -1,5 +1,7 @@
-"""The whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the tiny model, started with
-scripts/stack.py), under a closed loop of c streams from aiohttp or the official openai SDK."""
+"""The whole service over HTTP (API under gunicorn -> Redis/Celery -> a worker holding the model, started with
+scripts/stack.py), under a closed loop of c streams from aiohttp or the official openai SDK. The worker serves the
+tiny-random model (--model tiny, CPU), or the benchmark's own model on its device (--model mistral7b or tiny7b:
+scripts/bench/service_worker.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -165,9 +167,9 @@ def run_service(model_kind, device, args, record, meta) -> None:
         say(f"service: unavailable: {reason}")
         fail_pending("unavailable", reason)
 
-    if model_kind != "tiny" or device.type != "cpu":
-        return unavailable("the service mode runs the worker's tiny-random model on CPU (MODEL_SOURCE=tiny-random): "
-                           "use --model tiny --device cpu")
+    if model_kind == "tiny" and device.type != "cpu":
+        return unavailable("the worker's tiny-random model (MODEL_SOURCE=tiny-random) runs on CPU: use --device cpu, "
+                           "or --model mistral7b / tiny7b on this device")
     try:
         from scripts.stack import DEFAULT_REDIS_URL, Stack, stack_env
         redis_url = find_redis(DEFAULT_REDIS_URL)
@@ -181,7 +183,9 @@ def run_service(model_kind, device, args, record, meta) -> None:
         env["KV_CACHE_TOKENS"] = str(args.kv_cache_tokens)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     stack = Stack(env, log_dir)
-    meta["service"] = dict(MODEL_SOURCE=env["MODEL_SOURCE"], MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
+    served = (dict(MODEL_SOURCE=env["MODEL_SOURCE"]) if model_kind == "tiny" else
+              dict(model=f"{model_kind} on {device} (scripts/bench/service_worker.py: build_model, as the engine modes)"))
+    meta["service"] = dict(served, MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
                            MAX_MODEL_LEN=args.max_model_len, workers=1,
                            api=f"gunicorn, {API_PROCESSES} gevent workers (as the Procfile)",
                            redis_url=redis_url, logs=str(log_dir))
@@ -190,7 +194,11 @@ def run_service(model_kind, device, args, record, meta) -> None:
         worker_env = {"MAX_NUM_SEQS": str(max_c)}
         if args.service_torch_threads:
             worker_env["TORCH_THREADS"] = str(args.service_torch_threads)
-        stack.start_worker(concurrency=max_c, extra_env=worker_env)
+        if model_kind == "tiny":
+            stack.start_worker(concurrency=max_c, extra_env=worker_env)
+        else:
+            from scripts.bench.service_worker import start_bench_worker
+            start_bench_worker(stack, model_kind, device, max_c, worker_env)
         stack.start_api(processes=API_PROCESSES)
         stack.wait_ready(timeout=args.service_start_timeout)
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
