@@ -286,14 +286,16 @@ def test_request_larger_than_the_cache_gets_an_error(model):
 
 
 def static_decode_tokens(model, prompts, max_tokens, **config) -> list[list[int]]:
-    """Each prompt's greedy tokens through the CUDA-graph decode path (padded batch, static buffers, null
-    block), run eagerly on the CPU, the prompts decoding together."""
-    from workers.engine.model_runner import DecodeGraphs
+    """Each prompt's greedy tokens through the CUDA-graph paths run eagerly on the CPU (decode-only steps: the
+    padded batch, static buffers, null block; steps with a prefill: the piecewise layout padded to a token
+    bucket), the prompts decoding together."""
+    from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs
 
     engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
                     config=EngineConfig(max_model_len=1024, max_num_seqs=8, **config))
     try:
         engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
+        engine.runner.piecewise = PiecewiseGraphs(engine.runner, capture=False)
         runs = [start(engine, f"g{i}", p, max_tokens, temperature=0.0) for i, p in enumerate(prompts)]
         finish_all([thread for _, _, thread in runs])
     finally:
@@ -447,3 +449,56 @@ def test_one_failed_step_is_not_fatal(model):
         assert fatal == []
     finally:
         engine.shutdown()
+
+
+def test_out_of_memory_preempts_half_the_batch_and_retries(model):
+    """Issue 14: a step that runs out of device memory is retried smaller (the newest half of the batch
+    preempted and recomputed later, the batch capped), and every request still gets exactly its tokens."""
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                    config=EngineConfig(num_kv_blocks=256, max_num_seqs=8, max_model_len=1024))
+    real_run, ooms = engine.runner.run, []
+
+    def runs_out_on_a_big_batch(batch):
+        if len(batch.decode) + len(batch.prefill) >= 6 and not ooms:
+            ooms.append(len(batch.decode) + len(batch.prefill))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(batch)
+
+    fatal = []
+    engine.on_fatal = fatal.append
+    engine.runner.run = runs_out_on_a_big_batch
+    prompts = prompts_of([5, 9, 3, 12, 7, 4, 8, 6], seed=9)
+    try:
+        runs = [start(engine, f"o{i}", p, 12, temperature=0.0) for i, p in enumerate(prompts)]
+        finish_all([thread for _, _, thread in runs])
+        assert ooms and fatal == []
+        assert engine.scheduler.num_preempted >= ooms[0] // 2
+        assert engine.scheduler.shrunk  # capped until OOM_RECOVERY_STEPS good steps
+        assert [r["tokens"] for r, _, _ in runs] == [expected_greedy(model, p, 12) for p in prompts]
+        assert {r["reason"] for r, _, _ in runs} <= {"length", "stop"}
+    finally:
+        engine.shutdown()
+
+
+def test_out_of_memory_with_one_sequence_ends_the_engine_or_fails_loudly(model):
+    """Nothing left to preempt: the engine ends through on_fatal (its jobs resume elsewhere); an engine
+    without on_fatal (a test, the benchmark) fails the request with the error, never silently."""
+    for with_fatal in (True, False):
+        engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(num_kv_blocks=64,
+                                                                                          max_failed_steps=3))
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        fatal = []
+
+        def out_of_memory(batch):
+            raise error
+
+        if with_fatal:
+            engine.on_fatal = fatal.append
+        engine.runner.run = out_of_memory
+        try:
+            stream = engine.submit(EngineRequest("alone", [1, 733], SamplingParams(temperature=0.0), 4))
+            outputs = list(stream)
+            assert outputs[-1].finish_reason == "error" and "out of memory" in outputs[-1].error
+            assert fatal == ([error] if with_fatal else [])
+        finally:
+            engine.shutdown()

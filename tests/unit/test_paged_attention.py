@@ -74,7 +74,7 @@ def test_the_engine_with_the_kernel_equals_generate():
     from tests.unit.test_engine import EOS, expected_greedy, finish_all, prompts_of, start
     from workers.engine.config import EngineConfig
     from workers.engine.engine import Engine
-    from workers.engine.model_runner import DecodeGraphs
+    from workers.engine.cuda_graphs import DecodeGraphs
     from workers.model_loader import build_tiny_random
 
     model = build_tiny_random()

@@ -36,6 +36,15 @@ def is_device_error(exc: BaseException) -> bool:
     return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory: not sticky, a smaller step can run."""
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+# Successful steps after an out-of-memory before the batch grows back to its configured size.
+OOM_RECOVERY_STEPS = 256
+
+
 class Engine:
     def __init__(self, model, device: torch.device, eos_token_id: int, config: Optional[EngineConfig] = None):
         self.model = model
@@ -47,6 +56,9 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
+        # The step's sampled tokens come back through this pinned buffer: one non-blocking copy, one wait.
+        self._host_tokens = torch.zeros(self.config.max_num_seqs, dtype=torch.long,
+                                        pin_memory=self.device.type == "cuda")
         self._steps = 0
         # Called on the engine thread after every pass of its loop that may have produced outputs (the
         # engine process sends each step's outputs in one message through it).
@@ -56,6 +68,7 @@ class Engine:
         # Unset (an engine inside a test or the benchmark), failed steps fail their requests and it goes on.
         self.on_fatal: Optional[Callable[[BaseException], None]] = None
         self._failed_steps = 0  # in a row
+        self._steps_since_oom = 0
         # Shared with other threads, under _cond.
         self._cond = threading.Condition()
         self._new: list[Sequence] = []
@@ -152,7 +165,9 @@ class Engine:
             tokens = self._sample(sampled, self.runner.run(batch))
         except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
             self._failed_steps += 1
-            if self.on_fatal is not None and (is_device_error(exc) or
+            if is_out_of_memory(exc) and self._shrink_after_oom(exc):
+                return True
+            if self.on_fatal is not None and (is_device_error(exc) or is_out_of_memory(exc) or
                                               self._failed_steps >= self.config.max_failed_steps):
                 log.critical("engine step failed (%d in a row); the device is unusable: %s", self._failed_steps, exc)
                 self.on_fatal(exc)
@@ -160,8 +175,30 @@ class Engine:
             self._fail(batch.decode + batch.prefill, exc)
             return True
         self._failed_steps = 0
+        self._steps_since_oom += 1
+        if self.scheduler.shrunk and self._steps_since_oom >= OOM_RECOVERY_STEPS:
+            log.info("%d steps without running out of memory: the batch is back to its configured size",
+                     self._steps_since_oom)
+            self.scheduler.restore()
         self._postprocess(batch, sampled, tokens)
         self._steps += 1
+        return True
+
+    def _shrink_after_oom(self, exc: BaseException) -> bool:
+        """Out of device memory in a step: retry it smaller (the newest half of the batch preempted, to be
+        recomputed later), unless one sequence runs or every retry ran out too (max_failed_steps in a row). Then
+        False: the engine ends through on_fatal (a fresh process sizes its memory again, and the jobs resume),
+        or without it the step's requests fail with the error."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._steps_since_oom = 0
+        if len(self.scheduler.running) < 2 or self._failed_steps >= self.config.max_failed_steps:
+            return False
+        preempted = self.scheduler.shrink()
+        log.warning("out of device memory in a step (%s): preempted %d of the batch's sequences, they are "
+                    "recomputed later; the batch is capped at %d and the prefill budget at %d tokens for %d steps",
+                    exc, preempted, self.scheduler.max_num_seqs, self.scheduler.prefill_chunk_tokens,
+                    OOM_RECOVERY_STEPS)
         return True
 
     def _intake(self) -> None:
@@ -214,7 +251,18 @@ class Engine:
                 tokens[rows] = sample(logits[rows], *self._draw_inputs([sampled[i] for i in random]))
         if penalized:
             self.penalties.record(penalized_slots, tokens[torch.tensor(penalized, device=self.device)])
-        return tokens.tolist()
+        return self._to_host(tokens)
+
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        """The step's tokens [S] as a list: on CUDA one non-blocking copy into pinned memory and one wait for
+        the stream (the step's only synchronisation; it also orders the next step's input copies after this
+        one's reads)."""
+        if self.device.type != "cuda":
+            return tokens.tolist()
+        host = self._host_tokens[:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.tolist()
 
     def _draw_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
         """sample()'s per-row inputs: temperature, top_p, seed key, output position."""

@@ -12,38 +12,21 @@ is a "null" block that is never handed out: padding rows of a batch read and wri
 """
 from __future__ import annotations
 
+import gc
 import logging
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from workers.engine.config import EngineConfig
+from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, token_buckets
+from workers.engine.interface import SamplingParams
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.sequence import Sequence
+from workers.engine.step_inputs import InputStager, StepInputs, max_step_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Chunk:
-    """A prefill chunk: rows [row, row + length) of the step are positions [start, start + length)."""
-    row: int
-    length: int
-    start: int
-    block_table: Optional[torch.Tensor] = None  # [nb] blocks holding positions [0, start + length); None if start == 0
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor      # [N]
-    positions: torch.Tensor      # [N]
-    slot_mapping: torch.Tensor   # [N] cache row (block * bs + offset) each token's K/V is written to
-    num_decode: int = 0          # Bd: rows 0..Bd-1 are decode tokens
-    decode_block_tables: Optional[torch.Tensor] = None  # [Bd, MB], padded with the null block
-    chunks: list[Chunk] = field(default_factory=list)
-    logits_rows: Optional[torch.Tensor] = None          # [S]; None = every row
 
 
 # --- the pieces of the forward pass, as small functions
@@ -122,6 +105,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.reshape(batch, heads, head_dim)
 
 
+def kv_blocks_for(free_bytes: int, reserved_bytes: int, fraction: float, bytes_per_block: int) -> int:
+    """KV-cache blocks for a GPU with `free_bytes` free once the weights are loaded: `fraction` of what is left
+    after `reserved_bytes` (the largest step's activations and the CUDA graphs' memory pool)."""
+    blocks = int(max(free_bytes - reserved_bytes, 0) * fraction) // bytes_per_block
+    if blocks < 1:
+        raise RuntimeError(f"no GPU memory left for the KV cache: {free_bytes / 2**30:.2f} GiB free, "
+                           f"{reserved_bytes / 2**30:.2f} GiB needed by activations and CUDA graphs")
+    return blocks
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, config: EngineConfig):
         self.model = model
@@ -129,34 +122,36 @@ class ModelRunner:
         self.config = config
         cfg = model.config
         inner = model.model
-        self.embed = inner.embed_tokens
+        self.embed_tokens = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.lm_head = model.lm_head
         self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
-        self.dtype = self.embed.weight.dtype
+        self.dtype = self.embed_tokens.weight.dtype
         self.block_size = config.block_size
         window = getattr(cfg, "sliding_window", None)
         if window is not None and window < config.max_model_len:
             raise ValueError(f"sliding-window attention ({window}) is not implemented; set max_model_len <= {window}")
 
         self.cos, self.sin = self._rope(cfg, inner, config.max_model_len)  # [max_model_len, D] each
-        self.num_blocks = config.num_kv_blocks or self._derive_num_blocks()
-        self.null_block = self.num_blocks
-        shape = (len(self.layers), self.num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [layers, NB+1, bs, KVH, D]
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._arange = torch.arange(config.max_blocks_per_seq * self.block_size, device=self.device)
-        self.graphs: Optional["DecodeGraphs"] = None
         self.paged_kernel = self._paged_kernel(config.attention)  # None: decode attention through SDPA
-        # Steps replayed from a CUDA graph, and steps run eagerly (every step with a prefill, every step on
-        # the CPU, decode steps no graph bucket fits): the eager ones are what a GPU step's speed loses to.
+        if self.paged_kernel is not None:
+            self._check_paged_kernel()
+        # Decode-only steps replayed whole; steps with a prefill replayed piecewise (cuda_graphs.py). Set by
+        # warmup() on CUDA; a test may set them with capture=False to run their padded paths eagerly.
+        self.graphs: Optional[DecodeGraphs] = None
+        self.piecewise: Optional[PiecewiseGraphs] = None
+        # Steps replayed from CUDA graphs (whole or piecewise), and steps run eagerly (every step on the CPU, a
+        # step no bucket fits): the eager ones are what a GPU step's speed loses to.
         self.graph_steps = 0
         self.eager_steps = 0
+        self._allocate_cache(config.num_kv_blocks or self._derive_num_blocks())
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
                  self.dtype)
@@ -216,47 +211,76 @@ class ModelRunner:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.layers) * self.block_size * self.num_kv_heads * self.head_dim * element
 
+    def _allocate_cache(self, num_blocks: int) -> None:
+        """The KV cache of num_blocks blocks (+ the null block), and the input buffers that name its null block."""
+        self.k_cache = self.v_cache = None  # (a probe cache's memory goes first)
+        self.num_blocks = num_blocks
+        self.null_block = num_blocks
+        shape = (len(self.layers), num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [layers, NB+1, bs, KVH, D]
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.stager = InputStager(self.config, self.block_size, self.null_block, self.device)
+
     def _derive_num_blocks(self) -> int:
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            blocks = int(free * self.config.kv_memory_fraction) // self.bytes_per_block()
-            if blocks < 1:
-                raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB free)")
-            return blocks
+            return self._blocks_after_profiling()
         return -(-self.config.kv_cpu_tokens // self.block_size)
 
+    def _blocks_after_profiling(self) -> int:
+        """Size the KV cache from what is free once the largest step has run and the CUDA graphs are captured:
+        both measured here against a small probe cache, then released (warmup captures again against the real
+        cache, whose addresses the graphs must hold)."""
+        device = self.device
+        self._allocate_cache(self._profile_batch_blocks())
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        self._profile_step()
+        activations = torch.cuda.max_memory_allocated(device) - before
+        graph_pool = 0
+        if self.config.use_cuda_graphs:
+            reserved = torch.cuda.memory_reserved(device)
+            self.capture_graphs()
+            graph_pool = torch.cuda.memory_reserved(device) - reserved
+            self.graphs = self.piecewise = None
+        self.k_cache = self.v_cache = self.stager = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        blocks = kv_blocks_for(free, activations + graph_pool, self.config.kv_memory_fraction, self.bytes_per_block())
+        log.info("KV cache sizing: %.2f GiB free after the weights, largest step's activations %.2f GiB, CUDA "
+                 "graphs %.2f GiB: %d blocks", free / 2**30, activations / 2**30, graph_pool / 2**30, blocks)
+        return blocks
+
+    def _profile_lengths(self) -> list[int]:
+        """The prompts of the largest step there can be: every token a step holds, in as few prompts as
+        max_model_len allows (at most one per batch slot)."""
+        total, longest = max_step_tokens(self.config), self.config.max_model_len - 1
+        lengths = [longest] * (total // longest) + ([total % longest] if total % longest else [])
+        return lengths[:self.config.max_num_seqs]
+
+    def _profile_batch_blocks(self) -> int:
+        return sum(-(-n // self.block_size) for n in self._profile_lengths())
+
+    def _profile_step(self) -> None:
+        """The largest step, run eagerly, with logits for every batch slot: its peak memory is what the KV cache
+        must leave free."""
+        seqs, first_block = [], 0
+        for slot, n in enumerate(self._profile_lengths()):
+            seq = Sequence(f"profile-{slot}", [0] * n, SamplingParams(), 1)
+            blocks = -(-n // self.block_size)
+            seq.block_table, seq.slot = list(range(first_block, first_block + blocks)), slot
+            first_block += blocks
+            seqs.append(seq)
+        lengths = [s.num_tokens for s in seqs]
+        inp = self.stager.prepare(ScheduledBatch(prefill=seqs, prefill_lens=lengths, admitted=seqs))
+        total = sum(lengths)
+        inp.logits_rows = torch.arange(max(total - self.config.max_num_seqs, 0), total, device=self.device)
+        self.forward(inp)
+
     # --- inputs
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flat token inputs for the step, built in Python lists and moved in a few tensors."""
-        bs = self.block_size
-        decode = batch.decode
-        ids = [s.token_ids[-1] for s in decode]
-        positions = [s.num_computed_tokens for s in decode]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decode, positions)]
-        logits_rows = list(range(len(decode)))
-        chunks = []
-        row = len(decode)
-        for seq, n in zip(batch.prefill, batch.prefill_lens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            blocks = None
-            if start > 0:
-                blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long).to(self.device, non_blocking=True)
-            chunks.append(Chunk(row, n, start, blocks))
-            if end == seq.num_tokens:
-                logits_rows.append(row + n - 1)
-            row += n
-        tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
-        inputs = StepInputs(tensor(ids), tensor(positions), tensor(slots), len(decode), None, chunks,
-                            None if len(logits_rows) == row else tensor(logits_rows))
-        if decode:
-            width = max(len(s.block_table) for s in decode)
-            null = [self.null_block] * width
-            inputs.decode_block_tables = tensor([s.block_table + null[len(s.block_table):] for s in decode])
-        return inputs
+    def prepare(self, batch: ScheduledBatch, padded_tokens: Optional[int] = None) -> StepInputs:
+        return self.stager.prepare(batch, padded_tokens)
 
     def decode_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       block_tables: torch.Tensor) -> StepInputs:
@@ -266,42 +290,46 @@ class ModelRunner:
         blocks = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1)    # [B]
         return StepInputs(input_ids, positions, blocks * bs + positions % bs, input_ids.shape[0], block_tables)
 
-    # --- the forward pass
-    @torch.inference_mode()
-    def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Logits [S, V] (float32) of the rows in inp.logits_rows (every row if None)."""
-        x = self.embed(inp.input_ids)                                     # [N, hidden]
-        cos = self.cos[inp.positions].unsqueeze(1)                        # [N, 1, D]
-        sin = self.sin[inp.positions].unsqueeze(1)
-        mask = None
-        if inp.num_decode and self.paged_kernel is None:  # the kernel reads each row's own length instead
-            length = inp.decode_block_tables.shape[1] * self.block_size
-            context = inp.positions[:inp.num_decode] + 1                  # [Bd]
-            visible = self._arange[:length][None, :] < context[:, None]  # [Bd, L]
-            mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-            mask = mask.view(inp.num_decode, 1, 1, length)
-        for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, cos, sin, inp, mask)
-        if inp.logits_rows is not None:
-            x = x[inp.logits_rows]                                        # [S, hidden]
-        return self.lm_head(self.norm(x)).float()                         # [S, V]
+    # --- the pieces of a forward pass (the piecewise graphs replay all but attention)
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hidden states [N, hidden] and the rotary tables cos, sin [N, 1, D] of the rows' positions."""
+        return self.embed_tokens(input_ids), self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-    def _layer(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inp: StepInputs,
-               decode_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def attention_inputs(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `index`'s q [N, H, D], k, v [N, KVH, D] of hidden states x [N, hidden]; k and v also written to
+        the KV cache at slot_mapping [N]."""
         n = x.shape[0]
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)                                      # [N, hidden]
+        attn = self.layers[index].self_attn
+        h = self.layers[index].input_layernorm(x)                                           # [N, hidden]
         q = apply_rope(attn.q_proj(h).view(n, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
         k = apply_rope(attn.k_proj(h).view(n, self.num_kv_heads, self.head_dim), cos, sin)  # [N, KVH, D]
         v = attn.v_proj(h).view(n, self.num_kv_heads, self.head_dim)                       # [N, KVH, D]
-        k_cache, v_cache = self.k_cache[index], self.v_cache[index]      # [NB+1, bs, KVH, D]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inp.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inp.slot_mapping, v)
-        o = self._attention(q, k, v, k_cache, v_cache, inp, decode_mask)  # [N, H, D]
-        x = x + attn.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        self.k_cache[index].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+        self.v_cache[index].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+        return q, k, v
+
+    def attention_output(self, index: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] after layer `index`, given its attention o [N, H, D]: o_proj, residual, MLP."""
+        layer = self.layers[index]
+        x = x + layer.self_attn.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def _attention(self, q, k, v, k_cache, v_cache, inp: StepInputs, decode_mask) -> torch.Tensor:
+    def decode_mask(self, inp: StepInputs) -> Optional[torch.Tensor]:
+        """The additive mask [Bd, 1, 1, MB*bs] of the decode rows' contexts for SDPA; None with the paged kernel
+        (it reads each row's own length) or without decode rows."""
+        if not inp.num_decode or self.paged_kernel is not None:
+            return None
+        length = inp.decode_block_tables.shape[1] * self.block_size
+        context = inp.positions[:inp.num_decode] + 1                      # [Bd]
+        visible = self._arange[:length][None, :] < context[:, None]      # [Bd, L]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return mask.view(inp.num_decode, 1, 1, length)
+
+    def attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: StepInputs,
+                  decode_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Layer `index`'s attention of the step's real rows: q [n, H, D], k/v [n, KVH, D] -> [n, H, D]."""
+        k_cache, v_cache = self.k_cache[index], self.v_cache[index]      # [NB+1, bs, KVH, D]
         bd = inp.num_decode
         if bd and not inp.chunks:
             return self._decode_attention(q, k_cache, v_cache, inp, decode_mask)
@@ -322,122 +350,77 @@ class ModelRunner:
                                      self.scale)
         return decode_attention(q, k_cache, v_cache, inp.decode_block_tables, decode_mask, self.scale)
 
+    # --- the forward pass
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Logits [S, V] (float32) of the rows in inp.logits_rows (every row if None). No padding rows."""
+        x, cos, sin = self.embed(inp.input_ids, inp.positions)           # [N, hidden], [N, 1, D]
+        mask = self.decode_mask(inp)
+        for index in range(len(self.layers)):
+            q, k, v = self.attention_inputs(index, x, cos, sin, inp.slot_mapping)
+            x = self.attention_output(index, x, self.attention(index, q, k, v, inp, mask))
+        if inp.logits_rows is not None:
+            x = x[inp.logits_rows]                                        # [S, hidden]
+        return self.lm_head(self.norm(x)).float()                         # [S, V]
+
     # --- a step
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [S, V] for batch.sampled(), in that order."""
+        """Logits [S, V] for batch.sampled(), in that order: a decode graph, else the piecewise graphs, else
+        eagerly."""
         if self.graphs is not None and not batch.prefill:
             logits = self.graphs.run(batch.decode)
             if logits is not None:
-                if self.graphs.use_graphs:
-                    self.graph_steps += 1
-                else:
-                    self.eager_steps += 1
+                self._count(self.graphs.use_graphs)
                 return logits
-        self.eager_steps += 1
-        return self.forward(self.prepare(batch))
+        if self.piecewise is not None:
+            padded = self.piecewise.bucket(batch.num_tokens)
+            if padded is not None:
+                logits = self.piecewise.run(self.stager.prepare(batch, padded))
+                self._count(self.piecewise.use_graphs)
+                return logits
+        self._count(False)
+        return self.forward(self.stager.prepare(batch))
+
+    def _count(self, replayed: bool) -> None:
+        if replayed:
+            self.graph_steps += 1
+        else:
+            self.eager_steps += 1
+
+    def capture_graphs(self) -> None:
+        """Capture the decode and the piecewise graphs in one memory pool; on failure, run eagerly."""
+        graphs, piecewise = DecodeGraphs(self), PiecewiseGraphs(self)
+        try:
+            pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.stager.clear_tokens()
+            graphs.capture(pool, stream)
+            piecewise.capture(pool, stream)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            log.exception("CUDA graph capture failed; running every step eagerly")
+            torch.cuda.synchronize(self.device)
+            return
+        self.graphs, self.piecewise = graphs, piecewise
+        log.info("captured %d decode CUDA graphs (batch sizes %s, block widths %s) and %d piecewise graphs "
+                 "(token counts %s)", len(graphs.graphs), graphs.batch_sizes, graphs.widths,
+                 sum(map(len, piecewise.graphs.values())), piecewise.sizes)
+
+    def graph_report(self) -> dict:
+        """Buckets captured and expected, per kind of graph (what a GPU check verifies)."""
+        expected = {"decode": len(DecodeGraphs(self).buckets()),
+                    "piecewise": len(token_buckets(max_step_tokens(self.config))) * (len(self.layers) + 1)}
+        captured = {"decode": len(self.graphs.graphs) if self.graphs and self.graphs.use_graphs else 0,
+                    "piecewise": sum(map(len, self.piecewise.graphs.values()))
+                    if self.piecewise and self.piecewise.use_graphs else 0}
+        return {kind: {"expected": expected[kind], "captured": captured[kind]} for kind in expected}
 
     def warmup(self) -> None:
-        """Start-up work, never on a user's request: one dummy decode; on CUDA, capture the decode graphs."""
-        if self.paged_kernel is not None:
-            self._check_paged_kernel()
+        """Start-up work, never on a user's request: one dummy decode; on CUDA, capture the graphs."""
         null = torch.full((1, 1), self.null_block, dtype=torch.long, device=self.device)
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.forward(self.decode_inputs(zero, zero, null))
         if self.device.type == "cuda" and self.config.use_cuda_graphs:
-            graphs = DecodeGraphs(self)
-            try:
-                graphs.capture()
-                self.graphs = graphs
-            except Exception:
-                log.exception("CUDA graph capture failed; decoding eagerly")
-                self.graphs = None
-                torch.cuda.synchronize(self.device)
-
-
-def _buckets(largest: int, first: int) -> list[int]:
-    sizes, size = [], first
-    while size < largest:
-        sizes.append(size)
-        size *= 2
-    return sizes + [largest]
-
-
-class DecodeGraphs:
-    """Decode-only steps replayed from CUDA graphs, one per (batch size, blocks per row) bucket.
-
-    The batch is padded up to the bucket with rows that decode token 0 at position 0 in the null block, and every
-    block table up to the bucket's width with the null block; rows past the real batch are dropped after.
-    `capture=False` runs the same padded, static-buffer path eagerly (to test it without a GPU).
-    """
-
-    # Largest gathered K+V (all rows, one layer) a graph may need; wider steps run eagerly.
-    MAX_GATHER_BYTES = 2 * 2**30
-
-    def __init__(self, runner: ModelRunner, capture: bool = True):
-        self.runner = runner
-        self.use_graphs = capture
-        cfg = runner.config
-        self.batch_sizes = _buckets(cfg.max_num_seqs, 1)
-        self.widths = _buckets(cfg.max_blocks_per_seq, min(16, cfg.max_blocks_per_seq))
-        device = runner.device
-        self.input_ids = torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=device)    # [Bmax]
-        self.positions = torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=device)    # [Bmax]
-        self.block_tables = torch.full((cfg.max_num_seqs, cfg.max_blocks_per_seq), runner.null_block,
-                                       dtype=torch.long, device=device)                    # [Bmax, MBmax]
-        self.graphs: dict[tuple[int, int], tuple[Optional[torch.cuda.CUDAGraph], torch.Tensor]] = {}
-        self.pool = None
-
-    def _fits(self, batch: int, width: int) -> bool:
-        if self.runner.paged_kernel is not None:
-            return True  # it reads the blocks in place: no gathered copy to bound
-        per_token = 2 * self.runner.num_kv_heads * self.runner.head_dim * self.runner.k_cache.element_size()
-        return batch * width * self.runner.block_size * per_token <= self.MAX_GATHER_BYTES
-
-    def _forward(self, batch: int, width: int) -> torch.Tensor:
-        inp = self.runner.decode_inputs(self.input_ids[:batch], self.positions[:batch],
-                                        self.block_tables[:batch, :width])
-        return self.runner.forward(inp)                                   # [batch, V]
-
-    def capture(self) -> None:
-        """Capture every bucket, largest first (they share one memory pool)."""
-        runner = self.runner
-        self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(runner.device)
-        stream.wait_stream(torch.cuda.current_stream(runner.device))
-        for batch in reversed(self.batch_sizes):
-            for width in reversed(self.widths):
-                if not self._fits(batch, width):
-                    continue
-                with torch.cuda.stream(stream):
-                    self._forward(batch, width)  # warm up (allocations, library handles) outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
-                    output = self._forward(batch, width)
-                self.graphs[(batch, width)] = (graph, output)
-        torch.cuda.current_stream(runner.device).wait_stream(stream)
-        torch.cuda.synchronize(runner.device)
-        log.info("captured %d decode CUDA graphs (batch sizes %s, block widths %s)", len(self.graphs),
-                 self.batch_sizes, self.widths)
-
-    def run(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
-        """Logits [B, V] for the decode rows, or None when no bucket fits (the caller runs eagerly)."""
-        count = len(decode)
-        width = max(len(s.block_table) for s in decode)
-        batch = next((b for b in self.batch_sizes if b >= count), None)
-        bucket = next((w for w in self.widths if w >= width), None)
-        if batch is None or bucket is None or (self.use_graphs and (batch, bucket) not in self.graphs):
-            return None
-        null = self.runner.null_block
-        pad = batch - count
-        ids = [s.token_ids[-1] for s in decode] + [0] * pad
-        positions = [s.num_computed_tokens for s in decode] + [0] * pad
-        tables = [s.block_table + [null] * (bucket - len(s.block_table)) for s in decode] + [[null] * bucket] * pad
-        self.input_ids[:batch].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[:batch].copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
-        self.block_tables[:batch, :bucket].copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
-        if self.use_graphs:
-            graph, output = self.graphs[(batch, bucket)]
-            graph.replay()
-        else:
-            output = self._forward(batch, bucket)
-        return output[:count]
+            self.capture_graphs()

@@ -9,6 +9,8 @@
   and free KV blocks for its whole prompt. Decoding takes one more block every `block_size` tokens; when none
   is free a running sequence is preempted: the newest of the least urgent priority (batch work before any
   interactive stream). Its blocks are freed and it waits to be recomputed.
+- After a device out-of-memory the engine shrinks the batch (`shrink`): the newest half of the running
+  sequences is preempted, and the batch and the prefill budget stay at half until `restore`.
 - A request that could never fit (prompt + one token larger than the whole cache, or than max_model_len) is
   refused by `check`; a sequence that alone fills the whole cache ends with "length".
 """
@@ -48,7 +50,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
-        self.max_num_seqs = config.max_num_seqs
+        self.config = config
+        self.max_num_seqs = config.max_num_seqs               # the batch's limit now (shrink lowers it)
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
         self.max_model_len = config.max_model_len
         self.blocks = block_manager
@@ -102,6 +105,30 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    # --- out of device memory
+    def shrink(self) -> int:
+        """Halve the batch: preempt the newest half of the running sequences (the least urgent first), and cap
+        the batch and the prefill budget at half, so that the step that ran out of memory is not rebuilt at
+        once. Returns how many were preempted."""
+        keep = len(self.running) // 2
+        self.max_num_seqs = max(1, keep)
+        self.prefill_chunk_tokens = max(1, self.prefill_chunk_tokens // 2)
+        preempted = 0
+        while len(self.running) > keep:
+            self._preempt(self._victim(), ScheduledBatch())
+            preempted += 1
+        return preempted
+
+    def restore(self) -> None:
+        """Back to the configured batch and prefill budget."""
+        self.max_num_seqs = self.config.max_num_seqs
+        self.prefill_chunk_tokens = self.config.prefill_chunk_tokens
+
+    @property
+    def shrunk(self) -> bool:
+        return (self.max_num_seqs, self.prefill_chunk_tokens) != (self.config.max_num_seqs,
+                                                                  self.config.prefill_chunk_tokens)
 
     # --- the step
     def schedule(self) -> ScheduledBatch:

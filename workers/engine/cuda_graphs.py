@@ -1,0 +1,184 @@
+"""CUDA graphs for the model runner's steps: the step's kernels launched as one replay instead of thousands.
+
+- DecodeGraphs: a decode-only step, attention included, one graph per (batch size, blocks per row) bucket.
+- PiecewiseGraphs: a step with a prefill (most steps once prompts keep arriving). Attention there depends on the
+  chunks' shapes, so it runs eagerly; everything between two attentions (a layer's o_proj, MLP, the next layer's
+  norm, q/k/v projections, rotary embedding and KV-cache write) is one graph per token-count bucket, as vLLM's
+  piecewise graphs do. A step of T tokens is padded up to its bucket with rows that write only the null block.
+
+Both take their inputs from the runner's InputStager (fixed addresses), and both have `capture=False`: the same
+padded, static-buffer path run eagerly, so that the CPU tests prove it without a GPU.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from workers.engine.sequence import Sequence
+from workers.engine.step_inputs import StepInputs
+
+log = logging.getLogger(__name__)
+
+
+def doubling_buckets(largest: int, first: int) -> list[int]:
+    """first, 2*first, 4*first, ... below largest, then largest."""
+    sizes, size = [], first
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return sizes + [largest]
+
+
+def token_buckets(largest: int) -> list[int]:
+    """Token counts a piecewise graph is captured for: 8, 16, 32, 64, then every 64 (padding wastes at most 64
+    rows of a big step, at most half of a small one), and `largest`."""
+    sizes = [s for s in (8, 16, 32) if s < largest]
+    sizes += list(range(64, largest, 64))
+    return sizes + [largest]
+
+
+def smallest_fit(sizes: list[int], n: int) -> Optional[int]:
+    return next((s for s in sizes if s >= n), None)
+
+
+class DecodeGraphs:
+    """Decode-only steps replayed from CUDA graphs, one per (batch size, blocks per row) bucket.
+
+    The batch is padded up to the bucket with rows that decode token 0 at position 0 in the null block, and
+    every block table up to the bucket's width; rows past the real batch are dropped after.
+    """
+
+    # Largest gathered K+V (all rows, one layer) a graph may need when attention goes through SDPA (the paged
+    # kernel reads blocks in place and has no such bound); wider steps go to the piecewise path.
+    MAX_GATHER_BYTES = 2 * 2**30
+
+    def __init__(self, runner, capture: bool = True):
+        self.runner = runner
+        self.use_graphs = capture
+        cfg = runner.config
+        self.batch_sizes = doubling_buckets(cfg.max_num_seqs, 1)
+        self.widths = doubling_buckets(cfg.max_blocks_per_seq, min(16, cfg.max_blocks_per_seq))
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(b, w) for b in self.batch_sizes for w in self.widths if self._fits(b, w)]
+
+    def _fits(self, batch: int, width: int) -> bool:
+        if self.runner.paged_kernel is not None:
+            return True
+        per_token = 2 * self.runner.num_kv_heads * self.runner.head_dim * self.runner.k_cache.element_size()
+        return batch * width * self.runner.block_size * per_token <= self.MAX_GATHER_BYTES
+
+    def _forward(self, batch: int, width: int) -> torch.Tensor:
+        ids, positions, tables = self.runner.stager.decode_views(batch, width)
+        return self.runner.forward(self.runner.decode_inputs(ids, positions, tables))  # [batch, V]
+
+    def capture(self, pool, stream: torch.cuda.Stream) -> None:
+        """Every bucket, largest first (later, smaller ones reuse the pool's memory)."""
+        for batch, width in reversed(self.buckets()):
+            with torch.cuda.stream(stream):
+                self._forward(batch, width)  # warm up (allocations, library handles) outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                output = self._forward(batch, width)
+            self.graphs[(batch, width)] = (graph, output)
+
+    def run(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
+        """Logits [B, V] for the decode rows, or None when no bucket fits (the caller runs another path)."""
+        count = len(decode)
+        batch = smallest_fit(self.batch_sizes, count)
+        width = smallest_fit(self.widths, max(len(s.block_table) for s in decode))
+        if batch is None or width is None or not self._fits(batch, width):
+            return None
+        self.runner.stager.prepare_decode(decode, batch, width)
+        if self.use_graphs:
+            graph, output = self.graphs[(batch, width)]
+            graph.replay()
+        else:
+            output = self._forward(batch, width)
+        return output[:count]
+
+
+class PiecewiseGraphs:
+    """Steps with a prefill: the dense part of the layers replayed from graphs, attention run eagerly between.
+
+    For a bucket of T tokens, piece 0 is the embedding, the rotary tables and layer 0's attention inputs; piece i
+    (1..L-1) is layer i-1's attention output (o_proj, residual, MLP) and layer i's attention inputs; piece L is
+    layer L-1's attention output and the final norm. Pieces pass their results through static buffers (hidden
+    state, q, k, v, attention output, cos, sin), so every temporary inside a piece dies with it and all pieces
+    of all buckets can share one memory pool.
+    """
+
+    def __init__(self, runner, capture: bool = True):
+        self.runner = runner
+        self.use_graphs = capture
+        self.sizes = token_buckets(runner.stager.max_tokens)
+        t, device, dtype = self.sizes[-1], runner.device, runner.dtype
+        h, kvh, d = runner.num_heads, runner.num_kv_heads, runner.head_dim
+        self.hidden = torch.zeros(t, runner.hidden_size, dtype=dtype, device=device)  # [T, hidden]
+        self.q = torch.zeros(t, h, d, dtype=dtype, device=device)                      # [T, H, D]
+        self.k = torch.zeros(t, kvh, d, dtype=dtype, device=device)                    # [T, KVH, D]
+        self.v = torch.zeros(t, kvh, d, dtype=dtype, device=device)
+        self.attn = torch.zeros(t, h, d, dtype=dtype, device=device)                   # [T, H, D]
+        self.cos = torch.zeros(t, 1, d, dtype=dtype, device=device)                    # [T, 1, D]
+        self.sin = torch.zeros(t, 1, d, dtype=dtype, device=device)
+        self.num_pieces = len(runner.layers) + 1
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+
+    def bucket(self, num_tokens: int) -> Optional[int]:
+        return smallest_fit(self.sizes, num_tokens)
+
+    @torch.inference_mode()
+    def _piece(self, piece: int, t: int) -> None:
+        runner = self.runner
+        ids, positions, slots = runner.stager.token_views(t)
+        if piece == 0:
+            x, cos, sin = runner.embed(ids, positions)
+            self.cos[:t].copy_(cos)
+            self.sin[:t].copy_(sin)
+        else:
+            x = runner.attention_output(piece - 1, self.hidden[:t], self.attn[:t])
+        if piece < len(runner.layers):
+            q, k, v = runner.attention_inputs(piece, x, self.cos[:t], self.sin[:t], slots)
+            self.q[:t].copy_(q)
+            self.k[:t].copy_(k)
+            self.v[:t].copy_(v)
+        else:
+            x = runner.norm(x)
+        self.hidden[:t].copy_(x)
+
+    def capture(self, pool, stream: torch.cuda.Stream) -> None:
+        """Every piece of every bucket, largest bucket first. The stager's padding values are in place: a
+        capture-time run writes only the null block."""
+        self.runner.stager.clear_tokens()
+        for t in reversed(self.sizes):
+            pieces = []
+            for piece in range(self.num_pieces):
+                with torch.cuda.stream(stream):
+                    self._piece(piece, t)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._piece(piece, t)
+                pieces.append(graph)
+            self.graphs[t] = pieces
+
+    def _replay(self, piece: int, t: int) -> None:
+        if self.use_graphs:
+            self.graphs[t][piece].replay()
+        else:
+            self._piece(piece, t)
+
+    @torch.inference_mode()
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        """Logits [S, V] of a step whose inputs the stager padded to a bucket (inp.input_ids [T])."""
+        runner, t, n = self.runner, inp.input_ids.shape[0], inp.num_tokens
+        mask = runner.decode_mask(inp)
+        self._replay(0, t)
+        for index in range(len(runner.layers)):
+            out = runner.attention(index, self.q[:n], self.k[:n], self.v[:n], inp, mask)  # [n, H, D]
+            self.attn[:n].copy_(out)
+            self._replay(index + 1, t)
+        hidden = self.hidden[:n] if inp.logits_rows is None else self.hidden[inp.logits_rows]
+        return runner.lm_head(hidden).float()
