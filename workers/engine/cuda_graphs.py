@@ -60,7 +60,9 @@ class DecodeGraphs:
         cfg = runner.config
         self.batch_sizes = doubling_buckets(cfg.max_num_seqs, 1)
         self.widths = doubling_buckets(cfg.max_blocks_per_seq, min(16, cfg.max_blocks_per_seq))
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every graph leaves its logits here (one [B, V] buffer, not one per bucket kept alive in the pool).
+        self.logits = torch.zeros(cfg.max_num_seqs, runner.vocab_size, device=runner.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def buckets(self) -> list[tuple[int, int]]:
         return [(b, w) for b in self.batch_sizes for w in self.widths if self._fits(b, w)]
@@ -71,19 +73,24 @@ class DecodeGraphs:
         per_token = 2 * self.runner.num_kv_heads * self.runner.head_dim * self.runner.k_cache.element_size()
         return batch * width * self.runner.block_size * per_token <= self.MAX_GATHER_BYTES
 
+    @torch.inference_mode()
     def _forward(self, batch: int, width: int) -> torch.Tensor:
         ids, positions, tables = self.runner.stager.decode_views(batch, width)
-        return self.runner.forward(self.runner.decode_inputs(ids, positions, tables))  # [batch, V]
+        self.logits[:batch].copy_(self.runner.forward(self.runner.decode_inputs(ids, positions, tables)))
+        return self.logits[:batch]                                        # [batch, V]
 
-    def capture(self, pool, stream: torch.cuda.Stream) -> None:
-        """Every bucket, largest first (later, smaller ones reuse the pool's memory)."""
-        for batch, width in reversed(self.buckets()):
-            with torch.cuda.stream(stream):
-                self._forward(batch, width)  # warm up (allocations, library handles) outside the graph
+    def capture(self, pool, stream: torch.cuda.Stream, largest_only: bool = False) -> None:
+        """Every bucket (or only the largest: what the pool must hold), largest first: later, smaller ones
+        reuse the pool's memory. The first is run once outside the graph, to warm allocations and handles."""
+        buckets = list(reversed(self.buckets()))
+        for batch, width in buckets[:1] if largest_only else buckets:
+            if not self.graphs:
+                with torch.cuda.stream(stream):
+                    self._forward(batch, width)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                output = self._forward(batch, width)
-            self.graphs[(batch, width)] = (graph, output)
+                self._forward(batch, width)
+            self.graphs[(batch, width)] = graph
 
     def run(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
         """Logits [B, V] for the decode rows, or None when no bucket fits (the caller runs another path)."""
@@ -94,11 +101,9 @@ class DecodeGraphs:
             return None
         self.runner.stager.prepare_decode(decode, batch, width)
         if self.use_graphs:
-            graph, output = self.graphs[(batch, width)]
-            graph.replay()
-        else:
-            output = self._forward(batch, width)
-        return output[:count]
+            self.graphs[(batch, width)].replay()
+            return self.logits[:count]
+        return self._forward(batch, width)[:count]
 
 
 class PiecewiseGraphs:
@@ -149,15 +154,17 @@ class PiecewiseGraphs:
             x = runner.norm(x)
         self.hidden[:t].copy_(x)
 
-    def capture(self, pool, stream: torch.cuda.Stream) -> None:
-        """Every piece of every bucket, largest bucket first. The stager's padding values are in place: a
-        capture-time run writes only the null block."""
-        self.runner.stager.clear_tokens()
-        for t in reversed(self.sizes):
+    def capture(self, pool, stream: torch.cuda.Stream, largest_only: bool = False) -> None:
+        """Every piece of every bucket (or of the largest only), largest bucket first; the largest's pieces are
+        run once outside the graph first. The stager holds padding rows (clear_tokens): capture writes only the
+        null block."""
+        sizes = list(reversed(self.sizes))
+        for t in sizes[:1] if largest_only else sizes:
             pieces = []
             for piece in range(self.num_pieces):
-                with torch.cuda.stream(stream):
-                    self._piece(piece, t)
+                if not self.graphs:
+                    with torch.cuda.stream(stream):
+                        self._piece(piece, t)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     self._piece(piece, t)

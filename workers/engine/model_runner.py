@@ -240,7 +240,7 @@ class ModelRunner:
         graph_pool = 0
         if self.config.use_cuda_graphs:
             reserved = torch.cuda.memory_reserved(device)
-            self.capture_graphs()
+            self.capture_graphs(largest_only=True)
             graph_pool = torch.cuda.memory_reserved(device) - reserved
             self.graphs = self.piecewise = None
         self.k_cache = self.v_cache = self.stager = None
@@ -387,16 +387,17 @@ class ModelRunner:
         else:
             self.eager_steps += 1
 
-    def capture_graphs(self) -> None:
-        """Capture the decode and the piecewise graphs in one memory pool; on failure, run eagerly."""
+    def capture_graphs(self, largest_only: bool = False) -> None:
+        """Capture the decode and the piecewise graphs in one memory pool (only their largest buckets: what KV
+        sizing measures); on failure, run eagerly."""
         graphs, piecewise = DecodeGraphs(self), PiecewiseGraphs(self)
         try:
             pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             self.stager.clear_tokens()
-            graphs.capture(pool, stream)
-            piecewise.capture(pool, stream)
+            graphs.capture(pool, stream, largest_only)
+            piecewise.capture(pool, stream, largest_only)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
         except Exception:
