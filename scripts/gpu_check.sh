@@ -25,7 +25,8 @@ set -uo pipefail
 START=$(date +%s)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+PY=${PYTHON:-python3}
+[[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
 BUDGET_S=${BUDGET_S:-480}
 OUT=${OUT:-bench-results/gpu-check}
 SITE=${SITE:-/tmp/site}
@@ -68,7 +69,10 @@ fi
 run_dir=$(mktemp -d /tmp/gpu-check.XXXXXX)
 redis_pid=
 cleanup() {
-    if [[ -n "$redis_pid" ]] && kill -0 "$redis_pid" 2>/dev/null; then kill "$redis_pid"; wait "$redis_pid" 2>/dev/null; fi
+    if [[ -n "$redis_pid" ]] && kill -0 "$redis_pid" 2>/dev/null; then
+        kill "$redis_pid"
+        wait "$redis_pid" 2>/dev/null
+    fi
     rm -rf "$run_dir"
 }
 trap cleanup EXIT

@@ -184,7 +184,8 @@ def run_service(model_kind, device, args, record, meta) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     stack = Stack(env, log_dir)
     served = (dict(MODEL_SOURCE=env["MODEL_SOURCE"]) if model_kind == "tiny" else
-              dict(model=f"{model_kind} on {device} (scripts/bench/service_worker.py: build_model, as the engine modes)"))
+              dict(model=f"{model_kind} on {device} (scripts/bench/service_worker.py: build_model, as the engine "
+                         "modes)"))
     meta["service"] = dict(served, MAX_NUM_SEQS=max_c, WORKER_CONCURRENCY=max_c,
                            MAX_MODEL_LEN=args.max_model_len, workers=1,
                            api=f"gunicorn, {API_PROCESSES} gevent workers (as the Procfile)",
