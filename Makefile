@@ -6,13 +6,14 @@
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
 #   make bench        scripts/bench/ (engine, service and HF baselines; see README)
 #   make fairness     interactive TTFT with and without a large batch running
+#   make gpu-check    scripts/gpu_check.sh: the GPU check (here, without a GPU: its rehearsal on tiny7b)
 #   make worker       one more worker (e.g. on another machine, same REDIS_URL)
 #   make api          one more API server on PORT (e.g. behind a load balancer)
 #   make redis-stop   stop the Redis servers that scripts/ensure_redis.sh started (.run/redis)
 #   make clean        redis-stop, then remove the venv and .run/
 #
 # Variables: VENV PORT WORKERS PYTHON TORCH TORCH_CPU_VERSION TORCH_CPU_PIP_ARGS TEST_REDIS_URL
-#            PYTEST_ARGS BENCH_ARGS, e.g. `make run PORT=9000 WORKERS=2`.
+#            PYTEST_ARGS BENCH_ARGS GPU_CHECK_ARGS, e.g. `make run PORT=9000 WORKERS=2`.
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -40,13 +41,14 @@ TORCH_CPU_PIP_ARGS ?=
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+GPU_CHECK_ARGS ?=
 
 STAMP = $(VENV)/.installed
 
-.PHONY: help venv install redis redis-stop run worker api test bench fairness clean browser-deps
+.PHONY: help venv install redis redis-stop run worker api test bench fairness gpu-check clean browser-deps
 
 help:
-	@sed -n '3,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- Install -----------------------------------------------------------------------------------
 
@@ -147,6 +149,13 @@ bench: install
 # Interactive TTFT with and without a 2,000-request batch running (scripts/fairness.py).
 fairness: install
 	@'$(PY)' -m scripts.fairness $(FAIRNESS_ARGS)
+
+# The GPU check (scripts/gpu_check.sh; README, "On a GPU machine"): on the GPU where nvidia-smi finds one, else its
+# rehearsal on the CPU (--tiny: tiny7b, concurrency 1 and 8). A lent GPU machine runs the script itself, with the
+# folder scripts/gpu_pack.sh fills.
+gpu-check: install
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then tiny=; else tiny=--tiny; fi
+	PYTHON='$(PY)' scripts/gpu_check.sh $$tiny $(GPU_CHECK_ARGS)
 
 # --- Clean -------------------------------------------------------------------------------------
 

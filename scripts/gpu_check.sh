@@ -59,11 +59,6 @@ if ! "$PY" -c "$needs" 2>/dev/null; then
     fi
     "$PY" -c "$needs" || say "WARNING: still missing (above): the NF4 check or the service rows will fail"
 fi
-# scripts/stack.py starts gunicorn from the interpreter's own bin folder; from the wheels it is in $SITE/bin.
-bindir=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
-if [[ ! -e "$bindir/gunicorn" && -x "$SITE/bin/gunicorn" ]]; then
-    ln -s "$SITE/bin/gunicorn" "$bindir/gunicorn" && say "linked $bindir/gunicorn -> $SITE/bin/gunicorn"
-fi
 
 # --- 2. a private Redis on a free port (its own data folder), stopped when this script ends
 run_dir=$(mktemp -d /tmp/gpu-check.XXXXXX)

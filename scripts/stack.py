@@ -77,7 +77,11 @@ class Stack:
     def start_api(self, name: str = "api", port: int | None = None, processes: int = 1,
                   extra_env: dict | None = None):
         """An API server (gunicorn, gevent) on `port` (default: the stack's port)."""
-        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "config" / "gunicorn.py"), "--worker-class", "gevent",
+        # The interpreter's own gunicorn script; where it has none (gunicorn installed with pip --target, as
+        # scripts/gpu_check.sh does on a GPU machine), the same gunicorn as a module.
+        script = VENV_BIN / "gunicorn"
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
+        cmd = [*launcher, "-c", str(ROOT / "config" / "gunicorn.py"), "--worker-class", "gevent",
                "--workers", str(processes), "--no-control-socket", "--keep-alive", "30",
                "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "5", "app:create_app()"]
         self._spawn(name, cmd, extra_env)
