@@ -184,12 +184,13 @@ def engine_logits(engine, prompt: list[int], generated: list[int], k: int):
             logits, fresh = None, True
             while seq.num_computed_tokens < seq.num_tokens:
                 n = min(engine.config.prefill_chunk_tokens, seq.num_tokens - seq.num_computed_tokens)
-                logits = runner.run(ScheduledBatch(prefill=[seq], prefill_lens=[n], admitted=[seq] if fresh else []))
+                batch = ScheduledBatch(prefill=[seq], prefill_lens=[n], admitted=[seq] if fresh else [])
+                logits = runner.run(batch).logits
                 seq.num_computed_tokens += n
                 fresh = False
             if k > 0:
                 seq.token_ids.append(generated[k - 1])
-                logits = runner.run(ScheduledBatch(decode=[seq]))
+                logits = runner.run(ScheduledBatch(decode=[seq])).logits
             return logits[-1].float().cpu()
     finally:
         blocks.free(seq.block_table)

@@ -502,3 +502,31 @@ def test_out_of_memory_with_one_sequence_ends_the_engine_or_fails_loudly(model):
             assert fatal == ([error] if with_fatal else [])
         finally:
             engine.shutdown()
+
+
+def test_sampling_inside_the_decode_graph_draws_what_the_eager_engine_draws(model):
+    """Issue 14: decode-only steps draw their tokens inside the graph (sampling.sample_static; capture off here,
+    the same padded path); rows with penalties in the batch send the step back to the eager sampler. Every
+    request, seeded, sampled or greedy, penalised or not, gets the tokens of the plain eager engine."""
+    from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs
+
+    prompts = prompts_of([6, 30, 11, 52, 3, 17, 25, 9], seed=12)
+    params = [dict(temperature=0.3, seed=i) if i % 4 else dict(temperature=0.0) for i in range(6)]
+    params += [dict(temperature=0.9, top_p=0.02, seed=3), dict(temperature=0.5, seed=4, frequency_penalty=0.7)]
+
+    def tokens(graph_layout: bool) -> list[list[int]]:
+        engine = Engine(model, torch.device("cpu"), eos_token_id=EOS,
+                        config=EngineConfig(max_model_len=1024, max_num_seqs=8))
+        try:
+            if graph_layout:
+                engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
+                engine.runner.piecewise = PiecewiseGraphs(engine.runner, capture=False)
+            runs = [start(engine, f"s{i}", p, 24, **params[i]) for i, p in enumerate(prompts)]
+            finish_all([thread for _, _, thread in runs])
+            if graph_layout:
+                assert engine.runner.eager_steps > 0  # (capture off: every step counts as eager)
+        finally:
+            engine.shutdown()
+        return [result["tokens"] for result, _, _ in runs]
+
+    assert tokens(True) == tokens(False)

@@ -58,7 +58,7 @@ def drive(model, prompts, arrivals, decode_steps, static=False, piecewise=False,
             continue
         mixed += bool(batch.decode and batch.prefill)
         sampled = batch.sampled()
-        logits = runner.run(batch)                                        # [S, V]
+        logits = runner.run(batch).logits                                 # [S, V]
         assert logits.shape == (len(sampled), model.config.vocab_size)
         for seq in batch.decode:
             seq.num_computed_tokens += 1

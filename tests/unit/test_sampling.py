@@ -263,3 +263,33 @@ def test_sampling_tensors_and_param_validation() -> None:
     for bad in ({"temperature": -0.1}, {"top_p": 1.5}, {"temperature": math.nan}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def static_draw(logits: torch.Tensor, temperature, top_p, keys, positions) -> torch.Tensor:
+    """sample_static, then finish_exact for the rows it left EXACT: what a CUDA-graph step does."""
+    tokens = sampling.sample_static(logits, temperature, top_p, keys, positions)
+    exact = (tokens == sampling.EXACT).nonzero().squeeze(1)
+    if exact.numel():
+        tokens[exact] = sampling.finish_exact(logits[exact], temperature[exact], top_p[exact], keys[exact],
+                                              positions[exact])
+    return tokens
+
+
+@pytest.mark.parametrize("vocab", [32000, 1000])
+def test_the_graph_safe_draw_equals_sample(vocab, kernels):
+    """Issue 14: the sampler inside the decode graph draws exactly sample()'s tokens, for greedy rows, rows
+    without a nucleus, nuclei found by rejection and the exact-nucleus rows (tiny top_p on flat rows), mixed
+    in one batch, and leaves the logits as they were."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 96
+    logits = torch.randn(rows, vocab, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    temperature = torch.tensor([0.0, 0.3, 1.0, 0.7] * (rows // 4))
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.02, 0.0] * (rows // 6))
+    keys = torch.tensor([seed_key(s) for s in range(rows)])
+    positions = torch.arange(rows) * 7
+    before = logits.clone()
+    static = sampling.sample_static(logits, temperature, top_p, keys, positions)
+    assert torch.equal(logits, before)
+    assert (static == sampling.EXACT).sum() > 3  # the exact-nucleus path is exercised
+    assert torch.equal(static_draw(logits, temperature, top_p, keys, positions),
+                       sample(logits.clone(), temperature, top_p, keys, positions))

@@ -1,6 +1,7 @@
 """CUDA graphs for the model runner's steps: the step's kernels launched as one replay instead of thousands.
 
-- DecodeGraphs: a decode-only step, attention included, one graph per (batch size, blocks per row) bucket.
+- DecodeGraphs: a decode-only step, attention and the batched sampler included (sampling.sample_static), one
+  graph per (batch size, blocks per row) bucket.
 - PiecewiseGraphs: a step with a prefill (most steps once prompts keep arriving). Attention there depends on the
   chunks' shapes, so it runs eagerly; everything between two attentions (a layer's o_proj, MLP, the next layer's
   norm, q/k/v projections, rotary embedding and KV-cache write) is one graph per token-count bucket, as vLLM's
@@ -16,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from workers.engine.sampling import sample_static
 from workers.engine.sequence import Sequence
 from workers.engine.step_inputs import StepInputs
 
@@ -62,6 +64,7 @@ class DecodeGraphs:
         self.widths = doubling_buckets(cfg.max_blocks_per_seq, min(16, cfg.max_blocks_per_seq))
         # Every graph leaves its logits here (one [B, V] buffer, not one per bucket kept alive in the pool).
         self.logits = torch.zeros(cfg.max_num_seqs, runner.vocab_size, device=runner.device)
+        self.tokens = torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=runner.device)  # sampled in the graph
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def buckets(self) -> list[tuple[int, int]]:
@@ -75,9 +78,12 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, batch: int, width: int) -> torch.Tensor:
-        ids, positions, tables = self.runner.stager.decode_views(batch, width)
-        self.logits[:batch].copy_(self.runner.forward(self.runner.decode_inputs(ids, positions, tables)))
-        return self.logits[:batch]                                        # [batch, V]
+        stager = self.runner.stager
+        ids, positions, tables = stager.decode_views(batch, width)
+        logits = self.logits[:batch]                                      # [batch, V]
+        logits.copy_(self.runner.forward(self.runner.decode_inputs(ids, positions, tables)))
+        self.tokens[:batch].copy_(sample_static(logits, *stager.sampling_views(batch)))
+        return logits
 
     def capture(self, pool, stream: torch.cuda.Stream, largest_only: bool = False) -> None:
         """Every bucket (or only the largest: what the pool must hold), largest first: later, smaller ones
@@ -93,7 +99,8 @@ class DecodeGraphs:
             self.graphs[(batch, width)] = graph
 
     def run(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
-        """Logits [B, V] for the decode rows, or None when no bucket fits (the caller runs another path)."""
+        """Logits [B, V] for the decode rows (their tokens, sampled without penalties, in self.tokens[:B]), or
+        None when no bucket fits (the caller runs another path)."""
         count = len(decode)
         batch = smallest_fit(self.batch_sizes, count)
         width = smallest_fit(self.widths, max(len(s.block_table) for s in decode))

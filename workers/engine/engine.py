@@ -20,9 +20,9 @@ import torch
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
-from workers.engine.model_runner import ModelRunner
+from workers.engine.model_runner import ModelRunner, StepOutput
 from workers.engine.penalties import PenaltyTable
-from workers.engine.sampling import argmax_rows, sample
+from workers.engine.sampling import EXACT, argmax_rows, finish_exact, sample
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence
 
@@ -232,11 +232,14 @@ class Engine:
                                      seq.sampling.presence_penalty)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: only there can they be worked in place
-    def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row of logits [S, V] (this step's own tensor: penalties and sampling work in it):
-        penalties, then argmax for greedy rows and one batched draw (sampling.py) for the others."""
+    def _sample(self, sampled: list[Sequence], out: StepOutput) -> list[int]:
+        """One token per row of out.logits [S, V]: the tokens a decode graph drew, unless a row has penalties;
+        else penalties, then argmax for greedy rows and one batched draw (sampling.py) for the others."""
         if not sampled:
             return []
+        if out.tokens is not None and not any(s.penalized for s in sampled):
+            return self._finish_graph_draw(sampled, out)
+        logits = out.logits
         penalized = [i for i, s in enumerate(sampled) if s.penalized]
         penalized_slots = [sampled[i].slot for i in penalized]
         if penalized:
@@ -252,6 +255,17 @@ class Engine:
         if penalized:
             self.penalties.record(penalized_slots, tokens[torch.tensor(penalized, device=self.device)])
         return self._to_host(tokens)
+
+    def _finish_graph_draw(self, sampled: list[Sequence], out: StepOutput) -> list[int]:
+        """The graph's tokens, with the rare rows it left EXACT drawn here (as sample() would have drawn them)."""
+        tokens = self._to_host(out.tokens)
+        exact = [i for i, token in enumerate(tokens) if token == EXACT]
+        if exact:
+            rows = torch.tensor(exact, device=self.device)
+            drawn = finish_exact(out.logits[rows], *self._draw_inputs([sampled[i] for i in exact])).tolist()
+            for i, token in zip(exact, drawn):
+                tokens[i] = token
+        return tokens
 
     def _to_host(self, tokens: torch.Tensor) -> list[int]:
         """The step's tokens [S] as a list: on CUDA one non-blocking copy into pinned memory and one wait for

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -103,6 +104,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # [B, KVH, G, D]: the G heads sharing a KV head
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)          # [B, KVH, G, D]
     return out.reshape(batch, heads, head_dim)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor                   # [S, V] float32, this step's own: sampling may work in it
+    tokens: Optional[torch.Tensor] = None  # [S] drawn inside a decode graph, without penalties (EXACT rows:
+                                           # sampling.finish_exact); None where the step sampled nothing
 
 
 def kv_blocks_for(free_bytes: int, reserved_bytes: int, fraction: float, bytes_per_block: int) -> int:
@@ -364,22 +372,22 @@ class ModelRunner:
         return self.lm_head(self.norm(x)).float()                         # [S, V]
 
     # --- a step
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [S, V] for batch.sampled(), in that order: a decode graph, else the piecewise graphs, else
-        eagerly."""
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        """Logits [S, V] for batch.sampled(), in that order: a decode graph (with its sampled tokens), else the
+        piecewise graphs, else eagerly."""
         if self.graphs is not None and not batch.prefill:
             logits = self.graphs.run(batch.decode)
             if logits is not None:
                 self._count(self.graphs.use_graphs)
-                return logits
+                return StepOutput(logits, self.graphs.tokens[:len(batch.decode)])
         if self.piecewise is not None:
             padded = self.piecewise.bucket(batch.num_tokens)
             if padded is not None:
                 logits = self.piecewise.run(self.stager.prepare(batch, padded))
                 self._count(self.piecewise.use_graphs)
-                return logits
+                return StepOutput(logits)
         self._count(False)
-        return self.forward(self.stager.prepare(batch))
+        return StepOutput(self.forward(self.stager.prepare(batch)))
 
     def _count(self, replayed: bool) -> None:
         if replayed:

@@ -194,6 +194,16 @@ def _in_nucleus(probs: torch.Tensor, block_cdf: torch.Tensor, top_p: torch.Tenso
     return tokens
 
 
+def _first_draw(probs: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Draw 0 of every row: tokens int64 [R] and the rows' block CDF float64 [R, NB]."""
+    u = uniforms(keys, positions, 0)  # [R]
+    compiled = cpu_kernels.first_draw(probs, u, _block_size(probs.shape[1]))
+    if compiled is not None:
+        return compiled
+    block_cdf = _block_cdf(probs)  # [R, NB]
+    return _inverse_cdf(probs, block_cdf, u.unsqueeze(1)).squeeze(1), block_cdf
+
+
 # --- a step's draw
 
 def sample(
@@ -216,13 +226,7 @@ def sample(
         argmax = argmax_rows(logits)  # before logits become probabilities
         temperature = torch.where(greedy, torch.ones_like(temperature), temperature)  # finite for every row
     probs = _probabilities_(logits, temperature)  # [R, V]
-    u = uniforms(keys, positions, 0)  # [R]
-    compiled = cpu_kernels.first_draw(probs, u, _block_size(probs.shape[1]))
-    if compiled is not None:
-        tokens, block_cdf = compiled  # [R], [R, NB]
-    else:
-        block_cdf = _block_cdf(probs)  # [R, NB]
-        tokens = _inverse_cdf(probs, block_cdf, u.unsqueeze(1)).squeeze(1)  # [R]
+    tokens, block_cdf = _first_draw(probs, keys, positions)
 
     nucleus = ((top_p < 1) if argmax is None else (top_p < 1) & ~greedy).nonzero().squeeze(1)  # [N]
     if nucleus.numel() == len(tokens):  # every row (one top_p for all, the usual case): no copies
@@ -231,3 +235,40 @@ def sample(
         tokens[nucleus] = _in_nucleus(probs[nucleus], block_cdf[nucleus], top_p[nucleus], tokens[nucleus],
                                       keys[nucleus], positions[nucleus])
     return tokens if argmax is None else torch.where(greedy, argmax, tokens)
+
+
+# --- the same draw inside a CUDA graph
+
+EXACT = -1  # sample_static's token for a row that needs the exact nucleus (finish_exact)
+
+
+def sample_static(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, keys: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """sample()'s draw without a host synchronisation or a data-dependent shape, so that a CUDA graph can
+    capture it: every row takes all NUCLEUS_ROUNDS draws and the nucleus test, and the choice is a `where`.
+    Rows whose draws all miss their nucleus come back as EXACT, for finish_exact (rare: each draw is accepted
+    with probability >= top_p). `logits` [R, V] float32 are left as they are; the inputs are as sample()'s
+    (on logits' device). int64 [R]."""
+    greedy = (temperature <= 0) | (top_p <= 0)                                    # [R]
+    argmax = argmax_rows(logits)
+    probs = _probabilities_(logits.clone(), torch.where(greedy, torch.ones_like(temperature), temperature))
+    first, block_cdf = _first_draw(probs, keys, positions)                        # [R], [R, NB]
+    cut = top_p.to(torch.float64) * block_cdf[:, -1]                              # [R]
+    draws = torch.arange(1, NUCLEUS_ROUNDS, device=probs.device).unsqueeze(0)     # [1, K-1]
+    later = _inverse_cdf(probs, block_cdf, uniforms(keys.unsqueeze(1), positions.unsqueeze(1), draws))
+    candidates = torch.cat([first.unsqueeze(1), later], dim=1)                    # [R, K]
+    accepted = _mass_above(probs, candidates) < cut.unsqueeze(1)                  # [R, K]
+    chosen = candidates.gather(1, accepted.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    nucleus = torch.where(accepted.any(dim=1), chosen, torch.full_like(chosen, EXACT))
+    tokens = torch.where((top_p < 1) & ~greedy, nucleus, first)
+    return torch.where(greedy, argmax, tokens)
+
+
+def finish_exact(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, keys: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """The tokens sample() draws for rows that sample_static left EXACT (inputs: those rows only). int64 [R]."""
+    probs = _probabilities_(logits.clone(), temperature)
+    _, block_cdf = _first_draw(probs, keys, positions)
+    cut = top_p.to(torch.float64) * block_cdf[:, -1]
+    u = uniforms(keys, positions, NUCLEUS_ROUNDS).unsqueeze(1)
+    return _nucleus_draw(probs, cut, u)

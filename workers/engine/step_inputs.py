@@ -12,8 +12,9 @@ Reusing the buffers every step is safe because the engine reads each step's samp
 prepares the next step, and that read waits for this copy.
 
 Layout (fixed offsets, so that a captured graph finds its inputs where the next step writes them):
-  ids [N] | positions [N] | slots [N] | logits_rows [S] | tables area: the decode rows' tables [B, W] (W the
-  step's width, or its graph bucket's), then each later prefill chunk's table.
+  ids [N] | positions [N] | slots [N] | logits_rows [S] | a decode graph's sampling inputs: temperature [S],
+  top_p [S] (float64 bits), seed keys [S], output positions [S] | tables area: the decode rows' tables [B, W]
+  (W the step's width, or its graph bucket's), then each later prefill chunk's table.
 N = most tokens in a step (decode rows + the prefill budget), S = most sampled rows, B = most decode rows.
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ class InputStager:
         self.max_seqs = s = config.max_num_seqs
         self.max_blocks = mb = config.max_blocks_per_seq
         self.ids_at, self.positions_at, self.slots_at, self.rows_at = 0, n, 2 * n, 3 * n
-        self.tables_at = 3 * n + s
+        self.sampling_at = 3 * n + s
+        self.tables_at = self.sampling_at + 4 * s
         size = self.tables_at + 2 * s * mb  # decode tables, then at most one table per prefill chunk
         pin = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.long, pin_memory=pin)
@@ -157,14 +159,32 @@ class InputStager:
                           None if len(rows) == n and t == n else self._view(self.rows_at, len(rows)), n)
 
     def prepare_decode(self, decode: list[Sequence], rows: int, width: int) -> None:
-        """A decode-only step padded to a graph bucket: ids and positions [rows], tables [rows, width] (padding
-        rows decode token 0 at position 0 in the null block)."""
+        """A decode-only step padded to a graph bucket: ids and positions [rows], tables [rows, width], the
+        sampling inputs [rows] (padding rows decode token 0 at position 0 in the null block, greedily)."""
         buf, count = self.buffer, len(decode)
         buf[self.ids_at:self.ids_at + count] = [s.token_ids[-1] for s in decode]
         buf[self.ids_at + count:self.ids_at + rows] = 0
         buf[self.positions_at:self.positions_at + count] = [s.num_computed_tokens for s in decode]
         buf[self.positions_at + count:self.positions_at + rows] = 0
+        temperature, top_p, keys, positions = self._sampling_arrays(rows)
+        temperature[:count] = [s.sampling.temperature for s in decode]
+        top_p[:count] = [s.sampling.top_p for s in decode]
+        keys[:count] = [s.seed_key for s in decode]
+        positions[:count] = [s.sample_position for s in decode]
+        temperature[count:], top_p[count:], keys[count:], positions[count:] = 0.0, 1.0, 0, 0  # padding: greedy
         self._copy(self._write_tables(decode, rows, width))
+
+    def _sampling_arrays(self, rows: int) -> tuple:
+        at, s, buf = self.sampling_at, self.max_seqs, self.buffer
+        return (buf[at:at + rows].view(np.float64), buf[at + s:at + s + rows].view(np.float64),
+                buf[at + 2 * s:at + 2 * s + rows], buf[at + 3 * s:at + 3 * s + rows])
+
+    def sampling_views(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """The device views of prepare_decode's sampling inputs [rows]: temperature, top_p (float32: made in the
+        graph from the float64 staged), seed keys, output positions."""
+        at, s = self.sampling_at, self.max_seqs
+        return (self._view(at, rows).view(torch.float64).float(), self._view(at + s, rows).view(torch.float64).float(),
+                self._view(at + 2 * s, rows), self._view(at + 3 * s, rows))
 
     def token_views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The device views prepare fills: ids, positions, slots [rows]."""
