@@ -274,11 +274,12 @@ class RedisStateCollector:
                 ("waiting", "llmq_waiting_sequences", "Sequences waiting in the engines, over a model's workers."),
                 ("kv_blocks_used", "llmq_kv_blocks_used", "KV-cache blocks in use, over a model's workers."),
                 ("kv_blocks_total", "llmq_kv_blocks_capacity", "KV-cache blocks, over a model's workers."),
-                ("graph_steps", "llmq_engine_graph_steps", "Engine steps replayed from a CUDA graph, over a model's "
-                                                           "live workers since each started."),
-                ("eager_steps", "llmq_engine_eager_steps", "Engine steps run eagerly (with a prefill, on the CPU, "
-                                                           "or no graph bucket fits), over a model's live workers "
-                                                           "since each started."))}
+                ("graph_steps", "llmq_engine_graph_steps", "Engine steps replayed from CUDA graphs (whole or "
+                                                           "piecewise), over a model's live workers since each "
+                                                           "started."),
+                ("eager_steps", "llmq_engine_eager_steps", "Engine steps run eagerly (on the CPU, or no graph bucket "
+                                                           "fits), over a model's live workers since each "
+                                                           "started."))}
             ratio = GaugeMetricFamily("llmq_kv_cache_usage_ratio", "Used / total KV-cache blocks over a model's "
                                       "workers (0 to 1).", labels=["model"])
             for model, load in sorted(by_model.items()):

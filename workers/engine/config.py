@@ -10,11 +10,13 @@ class EngineConfig:
     max_num_seqs: int = 64               # most sequences in one step (the batch)
     block_size: int = 16                 # tokens per KV-cache block
     num_kv_blocks: Optional[int] = None  # None: derive (CUDA: kv_memory_fraction of free memory; CPU: kv_cpu_tokens)
-    kv_memory_fraction: float = 0.85     # share of the free GPU memory (after the weights) the KV cache takes
+    # Share of the free GPU memory the KV cache takes: what is free after the weights, the largest step's
+    # activations and the CUDA graphs' pool (model_runner.kv_blocks_for).
+    kv_memory_fraction: float = 0.85
     kv_cpu_tokens: int = 65536           # KV-cache size in tokens on CPU
     prefill_chunk_tokens: int = 512      # most prompt tokens computed in one step
     max_model_len: int = 32768           # longest sequence (prompt + output) the engine runs
-    use_cuda_graphs: bool = True         # capture the decode step (CUDA only)
+    use_cuda_graphs: bool = True         # capture decode steps whole and prefill steps piecewise (CUDA only)
     # Decode attention: "triton" reads the KV blocks in place (workers/engine/paged_attention.py), "sdpa"
     # gathers each row's context first; "auto" is triton on CUDA (if it passes its start-up check), sdpa on CPU.
     attention: str = "auto"
