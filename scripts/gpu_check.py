@@ -269,25 +269,6 @@ def correctness_and_graphs(model, device, levels: list[int], max_model_len: int)
 
 # --- the sweep: python -m scripts.bench in a subprocess
 
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (by /proc's parent links), children before their own children."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def bench_argv(args, json_path: Path) -> list[str]:
     return [sys.executable, "-m", "scripts.bench", "--device", args.device, "--model", args.model,
             "--modes", args.modes, "--concurrency", ",".join(map(str, args.levels)),
@@ -318,6 +299,7 @@ def run_sweep(args, json_path: Path, seconds: float) -> dict:
     except subprocess.TimeoutExpired:
         stopped = True
         print(f"gpu_check: the budget is spent ({seconds:.0f} s for the sweep): stopping the benchmark", flush=True)
+        from scripts.stack import descendants  # (the service's dependencies come from the carried wheels)
         below = descendants(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:

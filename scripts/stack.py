@@ -56,6 +56,25 @@ def terminate(proc: subprocess.Popen, grace_s: float = 15) -> None:
             proc.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (by /proc's parent links), children before their own children."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class Stack:
     """The processes of one running service, and how to reach them."""
 

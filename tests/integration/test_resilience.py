@@ -21,7 +21,8 @@ import httpx
 import openai
 import pytest
 
-from scripts.stack import RedisServer, Stack, chunk_text, iter_sse, job_events_stream, stack_env, wait_until
+from scripts.stack import (RedisServer, Stack, chunk_text, descendants, iter_sse, job_events_stream, stack_env,
+                          wait_until)
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
 KEYS = ("res-key-1", "res-key-2", "res-key-3")
@@ -174,25 +175,6 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_repeat(rstack, termina
     assert 0 < recovery < 2 + 0.5 + 5  # lease + reaper period + pickup
     rstack.start_worker(victim, concurrency=4)  # back to two workers for the next tests
     rstack.wait_workers(2)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def engine_process_of(stack, worker: str):

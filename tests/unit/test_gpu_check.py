@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from scripts.gpu_check import (BF16_EPS, FAIL, INCOMPLETE, NA, PASS, compare_greedy, descendants, first_difference,
+from scripts.gpu_check import (BF16_EPS, FAIL, INCOMPLETE, NA, PASS, compare_greedy, first_difference,
                                judge_graphs, judge_sweep, markdown, parting_is_a_tie, within_bf16_step)
+from scripts.stack import descendants
 
 
 def test_bf16_eps_is_torchs():

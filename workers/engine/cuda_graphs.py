@@ -13,7 +13,7 @@ padded, static-buffer path run eagerly, so that the CPU tests prove it without a
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,6 +39,17 @@ def token_buckets(largest: int) -> list[int]:
     sizes = [s for s in (8, 16, 32) if s < largest]
     sizes += list(range(64, largest, 64))
     return sizes + [largest]
+
+
+def capture_graph(run: Callable[[], object], pool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """run() captured as a CUDA graph in `pool` on `stream`, after one run outside the graph: allocations,
+    library handles and Triton compiles (each shape specialises anew) must not happen inside a capture."""
+    with torch.cuda.stream(stream):
+        run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        run()
+    return graph
 
 
 def smallest_fit(sizes: list[int], n: int) -> Optional[int]:
@@ -87,16 +98,10 @@ class DecodeGraphs:
 
     def capture(self, pool, stream: torch.cuda.Stream, largest_only: bool = False) -> None:
         """Every bucket (or only the largest: what the pool must hold), largest first: later, smaller ones
-        reuse the pool's memory. The first is run once outside the graph, to warm allocations and handles."""
+        reuse the pool's memory."""
         buckets = list(reversed(self.buckets()))
         for batch, width in buckets[:1] if largest_only else buckets:
-            if not self.graphs:
-                with torch.cuda.stream(stream):
-                    self._forward(batch, width)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self._forward(batch, width)
-            self.graphs[(batch, width)] = graph
+            self.graphs[(batch, width)] = capture_graph(lambda: self._forward(batch, width), pool, stream)
 
     def run(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
         """Logits [B, V] for the decode rows (their tokens, sampled without penalties, in self.tokens[:B]), or
@@ -162,21 +167,12 @@ class PiecewiseGraphs:
         self.hidden[:t].copy_(x)
 
     def capture(self, pool, stream: torch.cuda.Stream, largest_only: bool = False) -> None:
-        """Every piece of every bucket (or of the largest only), largest bucket first; the largest's pieces are
-        run once outside the graph first. The stager holds padding rows (clear_tokens): capture writes only the
-        null block."""
+        """Every piece of every bucket (or of the largest only), largest bucket first. The stager holds padding
+        rows (clear_tokens): capture writes only the null block."""
         sizes = list(reversed(self.sizes))
         for t in sizes[:1] if largest_only else sizes:
-            pieces = []
-            for piece in range(self.num_pieces):
-                if not self.graphs:
-                    with torch.cuda.stream(stream):
-                        self._piece(piece, t)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    self._piece(piece, t)
-                pieces.append(graph)
-            self.graphs[t] = pieces
+            self.graphs[t] = [capture_graph(lambda: self._piece(piece, t), pool, stream)
+                              for piece in range(self.num_pieces)]
 
     def _replay(self, piece: int, t: int) -> None:
         if self.use_graphs:
