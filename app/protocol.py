@@ -84,6 +84,36 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class TextFormat(StrictModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(StrictModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    # (`schema` would shadow a pydantic method: the field is schema_ under the wire name "schema")
+    schema_: Optional[dict] = Field(default=None, alias="schema", description=(
+        "A JSON Schema the output must be valid against, enforced token by token; an unsupported or invalid "
+        "schema is a 400 naming response_format. Absent: any JSON value."))
+    strict: Optional[bool] = None
+
+
+class JsonSchemaFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
+
+
 _MAX_TOKENS = f"At least 1; defaults to {DEFAULT_MAX_TOKENS}. Prompt + max_tokens must fit the context."
 
 
@@ -114,7 +144,18 @@ class ChatCompletionRequest(StrictModel):
         "Answer 202 with a job object at once; poll or replay its events."))
     n: int = Field(default=1, ge=1, le=1)
     user: Optional[str] = None
-    logprobs: Optional[Literal[False]] = None
+    logprobs: bool = Field(default=False, description=(
+        "Return each output token's log probability (of the model's own distribution, before temperature, "
+        "penalties and logit_bias) in choices[].logprobs.content, streamed and not."))
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "With logprobs: also the most likely tokens at each position, this many. Needs logprobs: true."))
+    logit_bias: Optional[Annotated[dict[str, float], Rule(maxProperties=MAX_LOGIT_BIAS)]] = Field(
+        default=None, description=(
+            "Token id (as a string) to a bias in -100..100, added to the token's logit before sampling. "
+            "An id outside the vocabulary is a 400 naming logit_bias."))
+    response_format: Optional[ResponseFormat] = Field(default=None, description=(
+        "{'type': 'text'} (the default), {'type': 'json_object'} (a JSON object) or {'type': 'json_schema', "
+        "'json_schema': {'name', 'schema', 'strict'}}: the output is made to follow it by constrained decoding."))
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +180,20 @@ class ChatCompletionRequest(StrictModel):
                 raise ValueError(f"a stop sequence must be at most {MAX_STOP_LENGTH} characters")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must be in -100..100, got {bias}")
+        return value
+
     @property
     def stop_sequences(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -158,13 +213,18 @@ def usage_dict(usage) -> dict:
             "total_tokens": usage.total_tokens}
 
 
+def choice_logprobs(content: Optional[list]) -> Optional[dict]:
+    """OpenAI's choices[].logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
 def chat_completion(job_id: str, created: int, model: str, fingerprint: str, text: str, finish_reason: str,
-                    usage) -> dict:
+                    usage, logprobs: Optional[list] = None) -> dict:
     return {
         "id": job_id, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": choice_logprobs(logprobs), "finish_reason": finish_reason}],
         "usage": usage_dict(usage),
     }
 
@@ -172,7 +232,7 @@ def chat_completion(job_id: str, created: int, model: str, fingerprint: str, tex
 def completion_from_record(record, fingerprint: str) -> dict:
     result = record.result
     return chat_completion(record.id, int(record.created_at), record.request.model, fingerprint, result.text,
-                           result.finish_reason, result.usage)
+                           result.finish_reason, result.usage, result.logprobs)
 
 
 class ChunkFormatter:
@@ -183,8 +243,8 @@ class ChunkFormatter:
                      "system_fingerprint": fingerprint}
         self.include_usage = include_usage
 
-    def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
-        chunk = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+    def _chunk(self, delta: dict, finish_reason: Optional[str] = None, logprobs: Optional[list] = None) -> dict:
+        chunk = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": choice_logprobs(logprobs),
                                            "finish_reason": finish_reason}]}
         if self.include_usage:  # with include_usage, every chunk carries "usage": null but the last
             chunk["usage"] = None
@@ -193,8 +253,8 @@ class ChunkFormatter:
     def role(self) -> dict:
         return self._chunk({"role": "assistant", "content": ""})
 
-    def delta(self, text: str) -> dict:
-        return self._chunk({"content": text})
+    def delta(self, text: str, logprobs: Optional[list] = None) -> dict:
+        return self._chunk({"content": text}, logprobs=logprobs)
 
     def finish(self, finish_reason: str) -> dict:
         return self._chunk({}, finish_reason)

@@ -51,10 +51,25 @@ class AssistantMessage(Response):
     content: str
 
 
+class TopLogprob(Response):
+    token: str = Field(description="The token's text; part of a character: 'bytes:' and its bytes as \\xNN.")
+    logprob: float
+    bytes: list[Annotated[int, Field(ge=0, le=255)]]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(max_length=20)
+
+
+class ChoiceLogprobs(Response):
+    content: list[TokenLogprob]
+    refusal: None
+
+
 class Choice(Response):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: Optional[ChoiceLogprobs] = Field(description="With logprobs: true; else null.")
     finish_reason: FinishReason
 
 
@@ -76,7 +91,7 @@ class Delta(Response):
 class ChunkChoice(Response):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: Optional[ChoiceLogprobs] = Field(description="With logprobs: true, the delta's tokens; else null.")
     finish_reason: Optional[FinishReason]
 
 

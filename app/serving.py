@@ -21,10 +21,12 @@ from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
 from app.relay import EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
+from jobs import vocabulary
 from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobRecord
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
+from jobs.structured_output import GrammarError, grammar_for
 from jobs.transition import Ending
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,13 @@ def parse_request(data) -> protocol.ChatCompletionRequest:
             raise APIError(400, f"messages[{index}].content has more than {protocol.MAX_CONTENT_PARTS} parts.",
                            param=f"messages[{index}].content", code="invalid_value")
     try:
-        return protocol.ChatCompletionRequest.model_validate(data, strict=True)
+        request = protocol.ChatCompletionRequest.model_validate(data, strict=True)
     except ValidationError as exc:
         raise from_validation_error(exc)
+    if request.top_logprobs and not request.logprobs:
+        raise APIError(400, "Invalid value for 'top_logprobs': top_logprobs requires logprobs to be true.",
+                       param="top_logprobs", code="invalid_value")
+    return request
 
 
 def decode_json_body(body: bytes):
@@ -99,7 +105,30 @@ def build_generation_request(request: protocol.ChatCompletionRequest, max_model_
     return GenerationRequest(
         model=model, prompt_token_ids=prompt_ids, max_tokens=max_tokens, temperature=request.temperature,
         top_p=request.top_p, frequency_penalty=request.frequency_penalty,
-        presence_penalty=request.presence_penalty, seed=request.seed, stop=request.stop_sequences)
+        presence_penalty=request.presence_penalty, seed=request.seed, stop=request.stop_sequences,
+        logit_bias=checked_logit_bias(request.logit_bias), logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs or 0, grammar=compiled_grammar(request.response_format))
+
+
+def checked_logit_bias(logit_bias: Optional[dict[str, float]]) -> dict[int, float]:
+    """The bias by token id; an id the tokenizer does not have is a 400 naming logit_bias."""
+    size = vocabulary.vocab_size()
+    biases = {int(key): bias for key, bias in (logit_bias or {}).items()}
+    outside = sorted(token for token in biases if token >= size)
+    if outside:
+        raise APIError(400, f"Invalid logit_bias: token id {outside[0]} is outside the vocabulary (0..{size - 1}).",
+                       param="logit_bias", code="invalid_value")
+    return biases
+
+
+def compiled_grammar(response_format) -> Optional[str]:
+    """response_format's grammar (None for text), or a 400 naming response_format, before anything is queued."""
+    if response_format is None:
+        return None
+    try:
+        return grammar_for(response_format.model_dump(by_alias=True))
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid response_format: {exc}", param="response_format", code="invalid_value")
 
 
 class ChatService:
@@ -261,7 +290,7 @@ class ChatService:
                     elif event.type == "delta":
                         if timer is not None and event.text:
                             timer.delta()
-                        yield sse(chunks.delta(event.text), event.seq)
+                        yield sse(chunks.delta(event.text, event.logprobs), event.seq)
                     elif event.type == "done":
                         finished = True
                         if timer is not None:

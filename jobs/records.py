@@ -61,6 +61,10 @@ class GenerationRequest(BaseModel):
     presence_penalty: float
     seed: int
     stop: list[str] = Field(default_factory=list)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: Optional[str] = None  # what response_format asks, compiled (jobs/structured_output.py)
 
 
 class Usage(BaseModel):
@@ -73,6 +77,7 @@ class JobResult(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    logprobs: Optional[list[dict]] = None  # with logprobs: OpenAI's choices[].logprobs.content entries
 
 
 class JobError(BaseModel):
@@ -146,6 +151,7 @@ class JobEvent(BaseModel):
     type: EventType
     text: str = ""                         # delta: new text, never half a character or part of a stop
     token_ids: Optional[list[int]] = None  # delta: the generated tokens behind it (a new attempt resumes there)
+    logprobs: Optional[list[dict]] = None  # delta, with logprobs: an entry per token behind the text
     finish_reason: Optional[str] = None    # done
     usage: Optional[Usage] = None          # done
     error: Optional[JobError] = None       # error

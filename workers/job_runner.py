@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from jobs.records import JobError, JobEvent, JobRecord, JobResult, Usage
 from jobs.store import REDIS_DOWN, JobStore
+from jobs.vocabulary import logprob_entry
 from jobs.transition import Attempt, Ending
 from workers.engine.interface import EngineRequest, RequestStream, SamplingParams
 from workers.text.output import TextAssembler
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 def sampling_params(record: JobRecord) -> SamplingParams:
     r = record.request
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, frequency_penalty=r.frequency_penalty,
-                          presence_penalty=r.presence_penalty, seed=r.seed)
+                          presence_penalty=r.presence_penalty, seed=r.seed,
+                          logit_bias=tuple(sorted(r.logit_bias.items())))
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Published:
     """What earlier attempts of a job already published: where this attempt resumes."""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
     events: int = 0
     final: bool = False
 
@@ -52,6 +55,7 @@ class Published:
             else:
                 published.token_ids += event.token_ids or []
                 published.text += event.text
+                published.logprobs += event.logprobs or []
         return published
 
 
@@ -88,10 +92,12 @@ class JobRun:
             log.warning("job %s: replayed text differs from the published text", record.id)
         self.resumed_tokens = published.token_ids
         self.resumed_events = published.events
+        self.logprobs: Optional[list[dict]] = list(published.logprobs) if record.request.logprobs else None
         self.outbox: list[JobEvent] = []           # events made, not yet written
         self.acknowledged = 0                      # this attempt's events the store has logged
         self.write_errors = 0                      # writes the store refused with an error
         self._unpublished_tokens: list[int] = []   # consumed, but their text is still held back
+        self._unpublished_logprobs: list[dict] = []  # (and their logprobs)
         self.ending: Optional[Ending] = None
         self.stream: Optional[RequestStream] = None
         self.cancel_requested = False
@@ -121,7 +127,9 @@ class JobRun:
         # the draws go on from their position, so a seeded job continues exactly as if it had never stopped.
         self.stream = engine.submit(EngineRequest(self.attempt.name, request.prompt_token_ids + self.resumed_tokens,
                                                   sampling_params(self.record), remaining, priority,
-                                                  num_resumed_tokens=len(self.resumed_tokens)))
+                                                  num_resumed_tokens=len(self.resumed_tokens),
+                                                  logprobs=request.top_logprobs if request.logprobs else None,
+                                                  grammar=request.grammar))
 
     def absorb(self, engine: Engine) -> None:
         """Take whatever the engine produced for this run: text into the outbox, and the end if it came."""
@@ -136,10 +144,12 @@ class JobRun:
                 return
             was_done = self.assembler.done
             token_ids = [t for output in outputs for t in output.token_ids]
+            counted = self.assembler.token_count
             piece = self.assembler.feed(token_ids)
             if finish_reason is not None:
                 piece += self.assembler.finish()
-            self._emit(piece, token_ids)
+            logprobs = self._logprob_entries(outputs, self.assembler.token_count - counted)
+            self._emit(piece, token_ids, logprobs)
             if finish_reason is not None:
                 if self.cancel_requested and self.assembler.finish_reason is None:
                     self.ending = Ending.cancelled()
@@ -161,19 +171,34 @@ class JobRun:
         self.status = status
         self.over.set()
 
+    def _logprob_entries(self, outputs, counted: int) -> list[dict]:
+        """OpenAI's logprobs entries of the first `counted` tokens of outputs (those the text took: not the
+        tokens after a stop sequence), less EOS (it adds no text)."""
+        if self.logprobs is None:
+            return []
+        eos = self.assembler.eos_id
+        pairs = [(token, lp) for output in outputs for token, lp in zip(output.token_ids, output.logprobs or [])]
+        return [logprob_entry(token, logprob, list(top)) for token, (logprob, top) in pairs[:counted]
+                if token != eos]
+
     # --- events
-    def _emit(self, text: str, token_ids: list[int]) -> None:
+    def _emit(self, text: str, token_ids: list[int], logprobs: Optional[list[dict]] = None) -> None:
         self._unpublished_tokens += token_ids
+        self._unpublished_logprobs += logprobs or []
         if text:
-            self.outbox.append(JobEvent(type="delta", text=text, token_ids=self._unpublished_tokens))
-            self._unpublished_tokens = []
+            self.outbox.append(JobEvent(type="delta", text=text, token_ids=self._unpublished_tokens,
+                                        logprobs=self._unpublished_logprobs if self.logprobs is not None else None))
+            if self.logprobs is not None:
+                self.logprobs += self._unpublished_logprobs
+            self._unpublished_tokens, self._unpublished_logprobs = [], []
 
     def _complete(self, engine_reason: str) -> None:
         reason = self.assembler.finish_reason or engine_reason
         prompt_tokens = len(self.record.request.prompt_token_ids)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.assembler.token_count,
                       total_tokens=prompt_tokens + self.assembler.token_count)
-        self.ending = Ending.completed(JobResult(text=self.assembler.text, finish_reason=reason, usage=usage))
+        self.ending = Ending.completed(JobResult(text=self.assembler.text, finish_reason=reason, usage=usage,
+                                                 logprobs=self.logprobs))
 
     def _fail(self, error: JobError) -> None:
         self.ending = Ending.failed(error)

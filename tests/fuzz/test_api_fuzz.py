@@ -494,6 +494,7 @@ FIELD_TYPES = {  # the JSON types each field takes (null too, but for messages);
     "stream": {"bool"}, "stream_options": {"object"}, "temperature": {"int", "float"}, "top_p": {"int", "float"},
     "stop": {"string", "list"}, "frequency_penalty": {"int", "float"}, "presence_penalty": {"int", "float"},
     "seed": {"int"}, "background": {"bool"}, "n": {"int"}, "user": {"string"}, "logprobs": {"bool"},
+    "top_logprobs": {"int"}, "logit_bias": {"object"}, "response_format": {"object"},
 }
 MESSAGE_FIELD_TYPES = {"role": {"string"}, "content": {"string", "list"}, "name": {"string"}}
 WRONG_TYPES = [(field, kind) for field, kinds in FIELD_TYPES.items() for kind in SAMPLES if kind not in kinds]
@@ -589,7 +590,15 @@ def test_hostile_lone_surrogate(stack, where):
 
 @pytest.mark.parametrize("override,param", [
     ({"unknown": 1}, "unknown"), ({"functions": []}, "functions"), ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"1": 100}}, "logit_bias"),
+    ({"response_format": {"type": "json_object", "x": 1}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"logit_bias": {"1": 100.5}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"32000": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1}]}]}, "messages[0].content"),

@@ -293,3 +293,13 @@ def test_the_graph_safe_draw_equals_sample(vocab, kernels):
     assert (static == sampling.EXACT).sum() > 3  # the exact-nucleus path is exercised
     assert torch.equal(static_draw(logits, temperature, top_p, keys, positions),
                        sample(logits.clone(), temperature, top_p, keys, positions))
+
+
+def test_no_draw_is_pinned_at_zero(kernels):
+    """The docs' default seed is 0, and the hash had a fixed point at 0: seed 0's first draw was u = 0 exactly,
+    so every default request's first token was the lowest token id with any probability (<unk>). No draw of
+    the first positions of small seeds may be 0 (a legit u = 0 has probability 2**-32)."""
+    keys = torch.tensor([seed_key(s) for s in range(8)]).repeat_interleave(64)
+    positions = torch.arange(64).repeat(8)
+    for draw in range(sampling.NUCLEUS_ROUNDS + 1):
+        assert (uniforms(keys, positions, draw) > 0).all()

@@ -81,6 +81,7 @@ def _first_draw_rows(probs: np.ndarray, u: np.ndarray, block_size: int, block_cd
 
 
 _M32 = 0xFFFFFFFF
+_COUNTER_BASE = 0x9E3779B9  # sampling.COUNTER_BASE (the same bits are the point)
 
 
 def _mix32_scalar(x):
@@ -94,7 +95,7 @@ _mix32 = _compile(_mix32_scalar)
 
 def _uniforms_rows(keys: np.ndarray, positions: np.ndarray, draw: int, out: np.ndarray) -> None:
     for r in range(keys.shape[0]):
-        counter = (positions[r] * 256 + draw) & _M32
+        counter = (positions[r] * 256 + draw + _COUNTER_BASE) & _M32
         out[r] = _mix32(keys[r] ^ _mix32(counter)) * (1.0 / 2**32)
 
 

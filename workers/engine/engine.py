@@ -19,7 +19,9 @@ import torch
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
+from workers.engine.grammar import GrammarSupport
 from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
+from workers.engine.logits_processors import RawLogprobs, apply_logit_bias_, bias_tensors
 from workers.engine.model_runner import ModelRunner, StepOutput
 from workers.engine.penalties import PenaltyTable
 from workers.engine.sampling import EXACT, argmax_rows, finish_exact, sample
@@ -56,6 +58,7 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
+        self.grammars = GrammarSupport(self.vocab_size, eos_token_id, self.config.max_num_seqs, self.device)
         # The step's sampled tokens come back through this pinned buffer: one non-blocking copy, one wait.
         self._host_tokens = torch.zeros(self.config.max_num_seqs, dtype=torch.long,
                                         pin_memory=self.device.type == "cuda")
@@ -83,7 +86,16 @@ class Engine:
         """Queue a request; its outputs go to `stream` (a new RequestStream unless given)."""
         stream = stream if stream is not None else RequestStream(request)
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling, request.max_tokens, stream,
-                       priority=request.priority, num_resumed_tokens=request.num_resumed_tokens)
+                       priority=request.priority, num_resumed_tokens=request.num_resumed_tokens,
+                       logprobs=request.logprobs)
+        try:  # here, on the caller's thread: a grammar's matcher takes milliseconds to build
+            if request.grammar is not None:
+                resumed = request.prompt_token_ids[len(request.prompt_token_ids) - seq.num_resumed_tokens:]
+                seq.matcher = self.grammars.matcher(request.grammar, resumed)
+            seq.bias = bias_tensors(seq, self.device)
+        except ValueError as exc:
+            stream.put(EngineOutput([], "error", error=f"the response format cannot be enforced: {exc}"))
+            return stream
         with self._cond:
             if self._stopping:
                 stream.put(EngineOutput([], "error", error="the engine is shut down"))
@@ -162,7 +174,7 @@ class Engine:
         sampled = batch.sampled()
         try:
             self._reset_slots(batch.admitted)
-            tokens = self._sample(sampled, self.runner.run(batch))
+            tokens, logprobs = self._sample(sampled, self.runner.run(batch))
         except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
             self._failed_steps += 1
             if is_out_of_memory(exc) and self._shrink_after_oom(exc):
@@ -180,7 +192,7 @@ class Engine:
             log.info("%d steps without running out of memory: the batch is back to its configured size",
                      self._steps_since_oom)
             self.scheduler.restore()
-        self._postprocess(batch, sampled, tokens)
+        self._postprocess(batch, sampled, tokens, logprobs)
         self._steps += 1
         return True
 
@@ -218,7 +230,7 @@ class Engine:
                 seq.stream.put(EngineOutput([], "cancelled"))
 
     def _invalid(self, seq: Sequence) -> Optional[str]:
-        ids = seq.token_ids
+        ids = seq.token_ids + [token for token, _ in seq.sampling.logit_bias]
         if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             return f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})"
@@ -232,18 +244,30 @@ class Engine:
                                      seq.sampling.presence_penalty)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: only there can they be worked in place
-    def _sample(self, sampled: list[Sequence], out: StepOutput) -> list[int]:
-        """One token per row of out.logits [S, V]: the tokens a decode graph drew, unless a row has penalties;
-        else penalties, then argmax for greedy rows and one batched draw (sampling.py) for the others."""
+    def _sample(self, sampled: list[Sequence], out: StepOutput) -> tuple[list[int], list]:
+        """One token per row of out.logits [S, V], and per row its logprobs (None where not asked): the tokens a
+        decode graph drew unless a row's logits are processed (penalties, a bias, a grammar), else the
+        engine's own draw (_sample_processed). Logprobs come from the raw logits, before either."""
         if not sampled:
-            return []
-        if out.tokens is not None and not any(s.penalized for s in sampled):
-            return self._finish_graph_draw(sampled, out)
-        logits = out.logits
+            return [], []
+        logprobs = RawLogprobs.of(out.logits, sampled)
+        if out.tokens is not None and not any(s.processed for s in sampled):
+            tokens = self._finish_graph_draw(sampled, out)
+        else:
+            tokens = self._sample_processed(sampled, out.logits)
+        return tokens, logprobs.entries(tokens) if logprobs else [None] * len(tokens)
+
+    def _sample_processed(self, sampled: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Penalties, logit biases and grammar masks in place in logits [S, V] (this step's own tensor), then
+        argmax for greedy rows and one batched draw (sampling.py) for the others."""
         penalized = [i for i, s in enumerate(sampled) if s.penalized]
         penalized_slots = [sampled[i].slot for i in penalized]
         if penalized:
             self.penalties.apply_(logits, penalized, penalized_slots)
+        apply_logit_bias_(logits, sampled)
+        constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
+        if constrained:
+            self.grammars.apply_(logits, constrained, [sampled[i].matcher for i in constrained])
         random = [i for i, s in enumerate(sampled) if not s.greedy]
         if len(random) == len(sampled):
             tokens = sample(logits, *self._draw_inputs(sampled))
@@ -287,23 +311,29 @@ class Engine:
                 column([s.seed_key for s in seqs], torch.long),
                 column([s.sample_position for s in seqs], torch.long))
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence], tokens: list[int]) -> None:
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence], tokens: list[int],
+                     logprobs: list) -> None:
         for seq in batch.decode:
             seq.num_computed_tokens += 1
         for seq, n in zip(batch.prefill, batch.prefill_lens):
             seq.num_computed_tokens += n
         max_len = self.config.max_model_len
-        for seq, token in zip(sampled, tokens):
+        for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
-            if token == self.eos_token_id:
+            grammar = GrammarSupport.consume(seq.matcher, token) if seq.matcher is not None else None
+            error = None
+            if token == self.eos_token_id or grammar == "stop":  # a complete grammar: nothing may follow
                 reason = "stop"
+            elif grammar == "error":
+                reason, error = "error", f"the grammar refused token {token}: {seq.matcher.get_error()}"
             elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
                 reason = "length"
             else:
                 reason = None
             if reason is not None:
                 self.scheduler.finish(seq)
-            seq.stream.put(EngineOutput([token], reason))
+            seq.stream.put(EngineOutput([token], reason, error,
+                                        None if token_logprobs is None else [token_logprobs]))
 
     def _end(self, ended: list[tuple[Sequence, str, Optional[str]]]) -> None:
         for seq, reason, error in ended:

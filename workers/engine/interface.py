@@ -20,6 +20,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the row's logits
 
     def __post_init__(self) -> None:
         # Only the constraints the math needs; API-level ranges are checked upstream.
@@ -29,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if not (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty)):
             raise ValueError("penalties must be finite")
+        if not all(math.isfinite(bias) for _, bias in self.logit_bias):
+            raise ValueError("logit biases must be finite")
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,20 @@ class EngineRequest:
     # How many tokens at the end of prompt_token_ids earlier attempts of the job generated (a resume): they
     # count as output for penalties and for the position of each random draw.
     num_resumed_tokens: int = 0
+    logprobs: Optional[int] = None  # None: none; k >= 0: each token's logprob and the k most likely tokens'
+    grammar: Optional[str] = None   # an llguidance grammar the output must follow (jobs/structured_output.py)
+
+
+# One generated token's logprob (of the model's own distribution), and the top-k tokens' as (id, logprob).
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True)
 class EngineOutput:
     token_ids: list[int]                 # tokens generated since the previous output
-    finish_reason: Optional[str] = None  # "stop" (EOS), "length", "cancelled", "error"; None while running
+    finish_reason: Optional[str] = None  # "stop" (EOS, or the grammar complete), "length", "cancelled", "error"
     error: Optional[str] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token id, when the request asked for logprobs
 
 
 class RequestStream:

@@ -12,7 +12,7 @@ picklable `build` callable that returns a warmed-up Engine and a dict describing
 Wire protocol, one duplex pipe:
   worker -> engine: ("submit", key, EngineRequest) | ("cancel", request_id) | ("stop",)
   engine -> worker: ("ready", info, stats) once, after the build (or ("failed", message) and exit);
-                    ("outputs", [(key, token_ids, finish_reason, error), ...], stats) after each step
+                    ("outputs", [(key, token_ids, finish_reason, error, logprobs), ...], stats) after each step
 `key` numbers one submit: two submits of the same request id (a job run again) never mix outputs.
 """
 from __future__ import annotations
@@ -148,13 +148,13 @@ class EngineProcess:
                 kind, outputs, stats = self._conn.recv()
                 self._stats = stats
                 self._last_progress = time.monotonic()
-                for key, token_ids, finish_reason, error in outputs:
+                for key, token_ids, finish_reason, error, logprobs in outputs:
                     stream = self._streams.get(key)
                     if stream is None:
                         continue
                     if finish_reason is not None:
                         del self._streams[key]
-                    stream.put(EngineOutput(token_ids, finish_reason, error))
+                    stream.put(EngineOutput(token_ids, finish_reason, error, logprobs))
         except (EOFError, OSError):
             pass  # the engine process ended
         with self._send_lock:
@@ -188,7 +188,7 @@ class _Outbox:
 
     def add(self, key: int, output: EngineOutput) -> None:
         with self._lock:
-            self._items.append((key, output.token_ids, output.finish_reason, output.error))
+            self._items.append((key, output.token_ids, output.finish_reason, output.error, output.logprobs))
 
     def flush(self) -> None:
         with self._lock:

@@ -37,6 +37,9 @@ NUCLEUS_ROUNDS = 4
 NUCLEUS_TOP_K = 256
 
 _M32 = 0xFFFFFFFF
+# Added to every draw's counter before hashing: _mix32(0) == 0, so without it seed 0 (the docs' default) drew
+# u = 0 exactly at output position 0, and every default request began with the lowest token id.
+COUNTER_BASE = 0x9E3779B9
 
 
 def sampling_tensors(
@@ -74,7 +77,7 @@ def uniforms(keys: torch.Tensor, positions: torch.Tensor, draws: int | torch.Ten
     compiled = cpu_kernels.uniforms(keys, positions, draws)
     if compiled is not None:
         return compiled
-    counter = (positions * 256 + draws) & _M32  # positions < 2**24 (the context), draws < 256
+    counter = (positions * 256 + draws + COUNTER_BASE) & _M32  # positions < 2**24 (the context), draws < 256
     bits = _mix32(keys ^ _mix32(counter))
     return bits.to(torch.float64) * (1.0 / 2**32)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from typing import Any
+from typing import Any, Optional
 
 from workers.engine.interface import SamplingParams
 from workers.engine.sampling import seed_key
@@ -28,10 +28,11 @@ class Sequence:
 
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_resumed_tokens", "num_computed_tokens",
                  "block_table", "sampling", "seed_key", "max_tokens", "slot", "status", "stream", "arrival",
-                 "priority")
+                 "priority", "logprobs", "matcher", "bias")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
-                 stream: Any = None, priority: int = 0, num_resumed_tokens: int = 0):
+                 stream: Any = None, priority: int = 0, num_resumed_tokens: int = 0,
+                 logprobs: Optional[int] = None):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -46,6 +47,9 @@ class Sequence:
         self.stream = stream                      # where outputs go (RequestStream)
         self.arrival = next(_arrival)
         self.priority = priority                  # lower is admitted first (interactive 0, batch 1)
+        self.logprobs = logprobs                  # None, or how many top logprobs each token reports
+        self.matcher = None                       # the grammar's llguidance matcher (engine/grammar.py), or None
+        self.bias = None                          # (token ids, biases) as device tensors, or None
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +80,12 @@ class Sequence:
     @property
     def penalized(self) -> bool:
         return self.sampling.frequency_penalty != 0 or self.sampling.presence_penalty != 0
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits change before sampling (penalties, a logit bias, a grammar): such a row is
+        sampled by the engine's sampler, not inside the decode graph."""
+        return self.penalized or self.bias is not None or self.matcher is not None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "

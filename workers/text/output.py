@@ -11,7 +11,7 @@ class TextAssembler:
     def __init__(self, tokenizer, stop: list[str]):
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stop = StopMatcher(stop)
-        self._eos_id = tokenizer.eos_id
+        self.eos_id = tokenizer.eos_id
         self.text = ""                             # everything emitted so far
         self.token_count = 0                       # completion tokens: those read until the end, EOS included
         self.done = False                          # no more text will come
@@ -24,7 +24,7 @@ class TextAssembler:
             if self.done:
                 break
             self.token_count += 1
-            if token_id == self._eos_id:  # EOS ends the text; it is not part of it
+            if token_id == self.eos_id:  # EOS ends the text; it is not part of it
                 emitted.append(self._release_held())
                 self.finish_reason = "stop"
                 break

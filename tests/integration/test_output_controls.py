@@ -1,0 +1,135 @@
+"""Issue 15 through the whole stack with the official SDK (sync and async): logprobs and top_logprobs, logit_bias,
+and response_format (json_object, json_schema, the SDK's `parse` with a pydantic model), streamed and not,
+directly and in a batch; and their errors."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.conftest import API_KEYS
+from tests.integration.test_batches import upload, wait_batch
+
+MODEL = "mistralai/mistral-7b-instruct-v0.2"
+HELLO = [{"role": "user", "content": "Tell me about yourself."}]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=150)
+    nicknames: list[str] = Field(max_length=2)
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                  "rank": {"enum": ["low", "high"]}},
+                 "required": ["city", "rank"], "additionalProperties": False}
+
+
+def joined_bytes(entries) -> str:
+    return bytes(b for entry in entries for b in entry.bytes).decode("utf-8", errors="replace")
+
+
+def test_logprobs_non_stream_and_stream_agree(client, stack):
+    body = dict(model=MODEL, messages=HELLO, max_tokens=10, temperature=0.7, seed=4, logprobs=True, top_logprobs=3)
+    completion = client.chat.completions.create(**body)
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens == 10
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+    text = completion.choices[0].message.content
+    assert joined_bytes(content).endswith(text) and len(joined_bytes(content)) - len(text) <= 1  # (leading "▁")
+
+    chunks = list(client.chat.completions.create(stream=True, **body))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_streamed_to_the_async_sdk(stack):
+    async def read():
+        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key=API_KEYS[0])
+        stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, logprobs=True,
+                                                      stream=True)
+        entries = [e async for c in stream if c.choices and c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content]
+        await client.close()
+        return entries
+    entries = asyncio.run(read())
+    assert len(entries) == 6 and all(e.top_logprobs == [] for e in entries)
+
+
+def test_a_large_logit_bias_forces_a_token(client):
+    hello = 22557  # "▁Hello"
+    completion = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=1.0,
+                                                logit_bias={str(hello): 100})
+    assert completion.choices[0].message.content == "Hello Hello Hello Hello Hello"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"logit_bias": {"32000": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+])
+def test_bad_values_are_400s_naming_the_field(client, body, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, **body)
+    assert error.value.status_code == 400 and error.value.body["param"].startswith(param)
+
+
+def test_parse_returns_a_pydantic_object(client):
+    completion = client.chat.completions.parse(model=MODEL, messages=HELLO, response_format=Person, max_tokens=400)
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(message.parsed, Person)
+    assert Person.model_validate_json(message.content) == message.parsed
+
+
+def test_json_schema_streamed_validates(client):
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": PERSON_SCHEMA,
+                                                              "strict": True}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=300, stream=True,
+                                                 temperature=0.9, seed=3, response_format=response_format))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_json_object_mode(client):
+    """Any JSON object: its keys and strings are free, and a random model's wander for long, so a bias toward the
+    quote and the closing brace (ids 28739 and 28752, and '"}' 17395) makes it end within the test's tokens."""
+    completion = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=300,
+                                                response_format={"type": "json_object"},
+                                                logit_bias={"28739": 8, "28752": 8, "17395": 8})
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+def test_json_schema_in_a_batch(client):
+    lines = [json.dumps({"custom_id": f"j-{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "messages": [{"role": "user", "content": f"Place {i}"}], "max_tokens": 300, "seed": i,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": PERSON_SCHEMA}},
+        "logprobs": True}}) for i in range(6)]
+    lines.append(json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "messages": HELLO, "response_format": {"type": "json_schema",
+                                                              "json_schema": {"name": "x", "schema": {"type": 5}}}}}))
+    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 6 and done.request_counts.failed == 1
+    for line in map(json.loads, client.files.content(done.output_file_id).text.splitlines()):
+        choice = line["response"]["body"]["choices"][0]
+        jsonschema.validate(json.loads(choice["message"]["content"]), PERSON_SCHEMA)
+        assert choice["finish_reason"] == "stop" and choice["logprobs"]["content"]
+    error = json.loads(client.files.content(done.error_file_id).text.splitlines()[0])
+    assert error["custom_id"] == "bad" and error["response"]["body"]["error"]["param"] == "body.response_format"

@@ -1,0 +1,186 @@
+"""Issue 15 in the engine: logit_bias, logprobs of the model's own distribution, and grammars (constrained
+decoding with llguidance), on the tiny random model with the real tokenizer; alone, batched with other rows,
+and through the CUDA-graph layouts (capture off)."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from jobs.chat_format import raw_tokenizer
+from jobs.structured_output import GrammarError, grammar_for, json_schema_grammar
+from jobs.vocabulary import logprob_entry, token_bytes, token_text
+from tests.unit.test_engine import EOS, finish_all, prompts_of
+from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs
+from workers.engine.engine import Engine, EngineConfig, EngineRequest
+from workers.engine.sampling import SamplingParams
+from workers.model_loader import build_tiny_random
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_random()
+
+
+def collect(stream) -> dict:
+    result = {"tokens": [], "reason": None, "error": None, "logprobs": []}
+    for output in stream:
+        result["tokens"] += output.token_ids
+        result["logprobs"] += output.logprobs or []
+        result["reason"], result["error"] = output.finish_reason, output.error
+    return result
+
+
+def make_engine(model, graph_layout: bool = False) -> Engine:
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(max_model_len=1024,
+                                                                                      max_num_seqs=8))
+    if graph_layout:
+        engine.runner.graphs = DecodeGraphs(engine.runner, capture=False)
+        engine.runner.piecewise = PiecewiseGraphs(engine.runner, capture=False)
+    return engine
+
+
+def run_all(engine, requests: list[EngineRequest]) -> list[dict]:
+    import threading
+
+    results = [None] * len(requests)
+
+    def one(i):
+        results[i] = collect(engine.submit(requests[i]))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    finish_all(threads)
+    return results
+
+
+def test_a_large_logit_bias_makes_the_output_that_token(model):
+    engine = make_engine(model)
+    try:
+        prompt = prompts_of([9])[0]
+        forced = collect(engine.submit(EngineRequest("b", prompt, SamplingParams(temperature=1.0, logit_bias=(
+            (22557, 100.0),)), 6)))
+        assert forced["tokens"] == [22557] * 6
+        banned = collect(engine.submit(EngineRequest("c", prompt, SamplingParams(temperature=0.0), 6)))
+        first = banned["tokens"][0]
+        again = collect(engine.submit(EngineRequest("d", prompt, SamplingParams(temperature=0.0, logit_bias=(
+            (first, -100.0),)), 6)))
+        assert first not in again["tokens"]
+        bad = collect(engine.submit(EngineRequest("e", prompt, SamplingParams(logit_bias=((32000, 1.0),)), 3)))
+        assert bad["reason"] == "error" and "outside the vocabulary" in bad["error"]
+    finally:
+        engine.shutdown()
+
+
+def hf_logprobs(model, token_ids: list[int], prompt_len: int) -> torch.Tensor:
+    """log_softmax of the model's logits at each output position: [n, V]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()
+    return torch.log_softmax(logits[prompt_len - 1:len(token_ids) - 1], dim=-1)
+
+
+@pytest.mark.parametrize("graph_layout", [False, True])
+def test_logprobs_are_the_models_own_and_batched(model, graph_layout):
+    """Each token's logprob and the top-k equal log_softmax of the model's raw logits (not the tempered,
+    penalised or biased ones), for rows that ask, batched with rows that do not."""
+    engine = make_engine(model, graph_layout)
+    prompts = prompts_of([5, 17, 30, 8], seed=21)
+    requests = [EngineRequest("lp0", prompts[0], SamplingParams(temperature=0.0), 10, logprobs=5),
+                EngineRequest("lp1", prompts[1], SamplingParams(temperature=0.7, seed=1, presence_penalty=0.5), 10,
+                              logprobs=0),
+                EngineRequest("no", prompts[2], SamplingParams(temperature=0.3), 10),
+                EngineRequest("lp3", prompts[3], SamplingParams(temperature=0.9, logit_bias=((100, 5.0),)), 10,
+                              logprobs=20)]
+    try:
+        results = run_all(engine, requests)
+    finally:
+        engine.shutdown()
+    assert results[2]["logprobs"] == []
+    for request, result in zip(requests, results):
+        if request.logprobs is None:
+            continue
+        assert len(result["logprobs"]) == len(result["tokens"]) == 10
+        reference = hf_logprobs(model, request.prompt_token_ids + result["tokens"], len(request.prompt_token_ids))
+        for position, (token, (logprob, top)) in enumerate(zip(result["tokens"], result["logprobs"])):
+            assert abs(logprob - reference[position, token].item()) < 1e-4
+            assert len(top) == request.logprobs
+            values, ids = reference[position].topk(request.logprobs) if request.logprobs else ([], [])
+            assert [t for t, _ in top] == list(ids.tolist() if request.logprobs else [])
+            assert all(abs(v - w) < 1e-4 for (_, v), w in zip(top, list(values)))
+
+
+def test_logprob_entries_in_openai_shape():
+    tokenizer = raw_tokenizer()
+    hello = tokenizer.encode("Hello", bos=False, eos=False)[0]
+    entry = logprob_entry(hello, -0.5, [(hello, -0.5), (3 + 0xE6, -2.0)])
+    assert entry == {"token": " Hello", "logprob": -0.5, "bytes": list(b" Hello"), "top_logprobs": [
+        {"token": " Hello", "logprob": -0.5, "bytes": list(b" Hello")},
+        {"token": "bytes:\\xe6", "logprob": -2.0, "bytes": [0xE6]}]}
+    assert token_bytes()[EOS] == b"" and token_text("é".encode()) == "é"
+
+
+@pytest.mark.parametrize("graph_layout", [False, True])
+def test_grammars_make_valid_json_batched_with_free_rows(model, graph_layout):
+    """Constrained rows (a JSON schema, any JSON object), greedy and sampled, batched with unconstrained ones:
+    every constrained output parses and validates, and ends with "stop" when its JSON is complete."""
+    engine = make_engine(model, graph_layout)
+    person, any_object = grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}), \
+        grammar_for({"type": "json_object"})
+    prompts = prompts_of([6, 12, 20, 9, 15], seed=5)
+    requests = [EngineRequest("g0", prompts[0], SamplingParams(temperature=0.0), 300, grammar=person),
+                EngineRequest("g1", prompts[1], SamplingParams(temperature=0.8, seed=2), 300, grammar=person),
+                EngineRequest("free", prompts[2], SamplingParams(temperature=0.8, seed=3), 20),
+                EngineRequest("g3", prompts[3], SamplingParams(temperature=0.5, seed=4, frequency_penalty=0.4), 300,
+                              grammar=person, logprobs=2),
+                EngineRequest("g4", prompts[4], SamplingParams(temperature=0.3, seed=5), 300, grammar=any_object)]
+    try:
+        results = run_all(engine, requests)
+    finally:
+        engine.shutdown()
+    decode = raw_tokenizer().decode
+    for request, result in zip(requests, results):
+        if request.grammar is None:
+            assert result["reason"] == "length"
+            continue
+        assert result["reason"] == "stop", result
+        value = json.loads(decode(result["tokens"]))
+        jsonschema.validate(value, PERSON if request.grammar == person else {"type": "object"})
+    assert len(results[3]["logprobs"]) == len(results[3]["tokens"])
+
+
+def test_a_resumed_constrained_request_continues_its_json(model):
+    """A job cut after k tokens resumes with them as prompt: its matcher consumes them first, and the rest
+    completes the same JSON as the uncut run (greedy)."""
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    engine = make_engine(model)
+    prompt = prompts_of([7], seed=8)[0]
+    try:
+        whole = collect(engine.submit(EngineRequest("w", prompt, SamplingParams(temperature=0.0), 300,
+                                                    grammar=grammar)))
+        cut = whole["tokens"][:5]
+        rest = collect(engine.submit(EngineRequest("r", prompt + cut, SamplingParams(temperature=0.0), 295,
+                                                   num_resumed_tokens=5, grammar=grammar)))
+        refused = collect(engine.submit(EngineRequest("x", prompt + [29871, 29871], SamplingParams(), 10,
+                                                      num_resumed_tokens=2, grammar=grammar)))
+    finally:
+        engine.shutdown()
+    assert cut + rest["tokens"] == whole["tokens"] and rest["reason"] == "stop"
+    assert refused["reason"] == "error" and "do not fit the grammar" in refused["error"]
+
+
+@pytest.mark.parametrize("schema", [{"type": "nonsense"}, {"$ref": "#/nowhere"}, {"type": "string", "pattern": "("},
+                                    "not an object"])
+def test_invalid_schemas_are_refused_with_the_reason(schema):
+    with pytest.raises(GrammarError) as error:
+        json_schema_grammar(schema)
+    assert str(error.value)
