@@ -111,6 +111,7 @@ class JsonSchemaFormat(StrictModel):
 
 ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 8
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 
 
@@ -142,7 +143,9 @@ class ChatCompletionRequest(StrictModel):
     # Submit and poll: answer 202 with a job object at once (GET /v1/chat/completions/{id} to poll).
     background: bool = Field(default=False, description=(
         "Answer 202 with a job object at once; poll or replay its events."))
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description=(
+        "Choices to generate, each with its own randomness (choice 0 draws what n = 1 would); they share the "
+        "prompt's prefill. usage counts all choices' tokens."))
     user: Optional[str] = None
     logprobs: bool = Field(default=False, description=(
         "Return each output token's log probability (of the model's own distribution, before temperature, "
@@ -218,21 +221,21 @@ def choice_logprobs(content: Optional[list]) -> Optional[dict]:
     return None if content is None else {"content": content, "refusal": None}
 
 
-def chat_completion(job_id: str, created: int, model: str, fingerprint: str, text: str, finish_reason: str,
-                    usage, logprobs: Optional[list] = None) -> dict:
+def chat_completion(job_id: str, created: int, model: str, fingerprint: str, choices: list, usage) -> dict:
+    """choices: each with index, text, finish_reason and logprobs (jobs.records.ChoiceResult)."""
     return {
         "id": job_id, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": choice_logprobs(logprobs), "finish_reason": finish_reason}],
+        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": choice_logprobs(c.logprobs), "finish_reason": c.finish_reason} for c in choices],
         "usage": usage_dict(usage),
     }
 
 
 def completion_from_record(record, fingerprint: str) -> dict:
     result = record.result
-    return chat_completion(record.id, int(record.created_at), record.request.model, fingerprint, result.text,
-                           result.finish_reason, result.usage, result.logprobs)
+    return chat_completion(record.id, int(record.created_at), record.request.model, fingerprint,
+                           result.all_choices(), result.usage)
 
 
 class ChunkFormatter:
@@ -243,21 +246,22 @@ class ChunkFormatter:
                      "system_fingerprint": fingerprint}
         self.include_usage = include_usage
 
-    def _chunk(self, delta: dict, finish_reason: Optional[str] = None, logprobs: Optional[list] = None) -> dict:
-        chunk = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": choice_logprobs(logprobs),
+    def _chunk(self, delta: dict, finish_reason: Optional[str] = None, logprobs: Optional[list] = None,
+               index: int = 0) -> dict:
+        chunk = {**self.head, "choices": [{"index": index, "delta": delta, "logprobs": choice_logprobs(logprobs),
                                            "finish_reason": finish_reason}]}
         if self.include_usage:  # with include_usage, every chunk carries "usage": null but the last
             chunk["usage"] = None
         return chunk
 
-    def role(self) -> dict:
-        return self._chunk({"role": "assistant", "content": ""})
+    def role(self, index: int = 0) -> dict:
+        return self._chunk({"role": "assistant", "content": ""}, index=index)
 
-    def delta(self, text: str, logprobs: Optional[list] = None) -> dict:
-        return self._chunk({"content": text}, logprobs=logprobs)
+    def delta(self, text: str, logprobs: Optional[list] = None, index: int = 0) -> dict:
+        return self._chunk({"content": text}, logprobs=logprobs, index=index)
 
-    def finish(self, finish_reason: str) -> dict:
-        return self._chunk({}, finish_reason)
+    def finish(self, finish_reason: str, index: int = 0) -> dict:
+        return self._chunk({}, finish_reason, index=index)
 
     def usage(self, usage) -> dict:
         return {**self.head, "choices": [], "usage": usage_dict(usage)}

@@ -79,7 +79,7 @@ class ChatCompletion(Response):
     created: int
     model: str
     system_fingerprint: str
-    choices: list[Choice] = Field(min_length=1, max_length=1)
+    choices: list[Choice] = Field(min_length=1, max_length=8)  # n (app.protocol.MAX_CHOICES)
     usage: Usage
 
 

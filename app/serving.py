@@ -107,7 +107,7 @@ def build_generation_request(request: protocol.ChatCompletionRequest, max_model_
         top_p=request.top_p, frequency_penalty=request.frequency_penalty,
         presence_penalty=request.presence_penalty, seed=request.seed, stop=request.stop_sequences,
         logit_bias=checked_logit_bias(request.logit_bias), logprobs=request.logprobs,
-        top_logprobs=request.top_logprobs or 0, grammar=compiled_grammar(request.response_format))
+        top_logprobs=request.top_logprobs or 0, grammar=compiled_grammar(request.response_format), n=request.n)
 
 
 def checked_logit_bias(logit_bias: Optional[dict[str, float]]) -> dict[int, float]:
@@ -280,22 +280,26 @@ class ChatService:
             finished = client_gone = False
             try:
                 if relay.after_seq < 0:
-                    yield sse(chunks.role())
+                    for index in range(record.request.n):
+                        yield sse(chunks.role(index))
                 for event in relay.events(deadline=None):
                     if event is None:
                         # A write lets WSGI notice a client that went away. No blank line after the comment:
                         # one would end an event, and the SDK, which keeps the last `id:` across events,
                         # would dispatch it with empty data (json.loads("") ends the user's stream).
                         yield ": keep-alive\n"
+                    elif event.type == "delta" and event.finish_reason:  # one of n > 1 choices ended
+                        yield sse(chunks.finish(event.finish_reason, event.index or 0), event.seq)
                     elif event.type == "delta":
                         if timer is not None and event.text:
                             timer.delta()
-                        yield sse(chunks.delta(event.text, event.logprobs), event.seq)
+                        yield sse(chunks.delta(event.text, event.logprobs, event.index or 0), event.seq)
                     elif event.type == "done":
                         finished = True
                         if timer is not None:
                             timer.done(event.usage)
-                        yield sse(chunks.finish(event.finish_reason), event.seq)
+                        if record.request.n == 1:  # (with n > 1, each choice's end came as it ended)
+                            yield sse(chunks.finish(event.finish_reason), event.seq)
                         if include_usage:
                             yield sse(chunks.usage(event.usage))
                         yield "data: [DONE]\n\n"

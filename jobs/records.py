@@ -65,6 +65,7 @@ class GenerationRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Optional[str] = None  # what response_format asks, compiled (jobs/structured_output.py)
+    n: int = 1                     # choices, each with its own randomness (workers/job_runner.choice_seed)
 
 
 class Usage(BaseModel):
@@ -73,11 +74,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class JobResult(BaseModel):
+class ChoiceResult(BaseModel):
+    index: int
     text: str
     finish_reason: Literal["stop", "length"]
-    usage: Usage
+    logprobs: Optional[list[dict]] = None
+
+
+class JobResult(BaseModel):
+    """The first choice's text, finish reason and logprobs; with n > 1, `choices` has every choice."""
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage                           # completion_tokens: all choices together
     logprobs: Optional[list[dict]] = None  # with logprobs: OpenAI's choices[].logprobs.content entries
+    choices: Optional[list[ChoiceResult]] = None
+
+    def all_choices(self) -> list[ChoiceResult]:
+        return self.choices or [ChoiceResult(index=0, text=self.text, finish_reason=self.finish_reason,
+                                             logprobs=self.logprobs)]
 
 
 class JobError(BaseModel):
@@ -152,7 +166,8 @@ class JobEvent(BaseModel):
     text: str = ""                         # delta: new text, never half a character or part of a stop
     token_ids: Optional[list[int]] = None  # delta: the generated tokens behind it (a new attempt resumes there)
     logprobs: Optional[list[dict]] = None  # delta, with logprobs: an entry per token behind the text
-    finish_reason: Optional[str] = None    # done
+    index: Optional[int] = None            # delta, with n > 1: the choice (None: choice 0)
+    finish_reason: Optional[str] = None    # done; with n > 1 also a choice's last delta
     usage: Optional[Usage] = None          # done
     error: Optional[JobError] = None       # error
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from jobs.records import JobError, JobEvent, JobRecord, JobResult, Usage
+from jobs.records import ChoiceResult, JobError, JobEvent, JobRecord, JobResult, Usage
 from jobs.store import REDIS_DOWN, JobStore
 from jobs.vocabulary import logprob_entry
 from jobs.transition import Attempt, Ending
@@ -29,21 +29,37 @@ if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same inter
 log = logging.getLogger(__name__)
 
 
-def sampling_params(record: JobRecord) -> SamplingParams:
+def sampling_params(record: JobRecord, choice: int = 0) -> SamplingParams:
     r = record.request
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, frequency_penalty=r.frequency_penalty,
-                          presence_penalty=r.presence_penalty, seed=r.seed,
+                          presence_penalty=r.presence_penalty, seed=choice_seed(r.seed, choice),
                           logit_bias=tuple(sorted(r.logit_bias.items())))
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """Each of a request's n choices draws its own randomness: choice 0 the request's seed (as with n = 1),
+    choice i that seed moved by i times an odd 64-bit constant (all distinct, all reproducible)."""
+    return (seed + choice * 0x9E3779B97F4A7C15) & (2**64 - 1)
+
+
+@dataclass
+class PublishedChoice:
+    """What earlier attempts published of one choice."""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # it ended (n > 1: a choice's end is a delta event with its reason)
 
 
 @dataclass
 class Published:
     """What earlier attempts of a job already published: where this attempt resumes."""
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[dict] = field(default_factory=list)
+    choices: dict[int, PublishedChoice] = field(default_factory=dict)
     events: int = 0
     final: bool = False
+
+    def choice(self, index: int) -> PublishedChoice:
+        return self.choices.setdefault(index, PublishedChoice())
 
     @classmethod
     def read(cls, store: JobStore, job_id: str) -> "Published":
@@ -52,10 +68,12 @@ class Published:
             published.events = event.seq + 1
             if event.is_final:
                 published.final = True
-            else:
-                published.token_ids += event.token_ids or []
-                published.text += event.text
-                published.logprobs += event.logprobs or []
+                continue
+            choice = published.choice(event.index or 0)
+            choice.token_ids += event.token_ids or []
+            choice.text += event.text
+            choice.logprobs += event.logprobs or []
+            choice.finish_reason = event.finish_reason or choice.finish_reason
         return published
 
 
@@ -79,6 +97,28 @@ def deadline_error(deadline_s: float) -> JobError:
                     type="timeout", code="deadline_exceeded")
 
 
+class ChoiceRun:
+    """One of a job's choices in this attempt: its engine stream, the text assembler, what is still held back."""
+
+    def __init__(self, index: int, record: JobRecord, tokenizer, published: PublishedChoice):
+        self.index = index
+        self.assembler = TextAssembler(tokenizer, record.request.stop)
+        replayed = self.assembler.feed(published.token_ids)  # rebuilds held-back state; this text is out already
+        if replayed != published.text:
+            log.warning("job %s: choice %d's replayed text differs from the published text", record.id, index)
+        self.resumed_tokens = published.token_ids
+        self.logprobs: Optional[list[dict]] = list(published.logprobs) if record.request.logprobs else None
+        self.finish_reason = published.finish_reason  # set when this choice has ended
+        self.stream: Optional[RequestStream] = None
+        self.engine_id = ""
+        self.unpublished_tokens: list[int] = []    # consumed, but their text is still held back
+        self.unpublished_logprobs: list[dict] = []  # (and their logprobs)
+
+    def result(self) -> ChoiceResult:
+        return ChoiceResult(index=self.index, text=self.assembler.text, finish_reason=self.finish_reason,
+                            logprobs=self.logprobs)
+
+
 class JobRun:
     def __init__(self, record: JobRecord, attempt: Attempt, tokenizer, published: Published, deadline_at: float,
                  deadline_s: float):
@@ -86,20 +126,12 @@ class JobRun:
         self.attempt = attempt
         self.deadline_at = deadline_at
         self.deadline_s = deadline_s
-        self.assembler = TextAssembler(tokenizer, record.request.stop)
-        replayed = self.assembler.feed(published.token_ids)  # rebuilds held-back state; this text is out already
-        if replayed != published.text:
-            log.warning("job %s: replayed text differs from the published text", record.id)
-        self.resumed_tokens = published.token_ids
+        self.choices = [ChoiceRun(i, record, tokenizer, published.choice(i)) for i in range(record.request.n)]
         self.resumed_events = published.events
-        self.logprobs: Optional[list[dict]] = list(published.logprobs) if record.request.logprobs else None
         self.outbox: list[JobEvent] = []           # events made, not yet written
         self.acknowledged = 0                      # this attempt's events the store has logged
         self.write_errors = 0                      # writes the store refused with an error
-        self._unpublished_tokens: list[int] = []   # consumed, but their text is still held back
-        self._unpublished_logprobs: list[dict] = []  # (and their logprobs)
         self.ending: Optional[Ending] = None
-        self.stream: Optional[RequestStream] = None
         self.cancel_requested = False
         self.last_checked = time.monotonic()       # when Redis last told us about a cancel
         self.status: Optional[str] = None          # set when the run is over
@@ -110,6 +142,10 @@ class JobRun:
         return self.record.id
 
     @property
+    def streams(self) -> list[RequestStream]:
+        return [c.stream for c in self.choices if c.stream is not None]
+
+    @property
     def first_text_pending(self) -> bool:
         """Whether the outbox holds the job's first text (for the time-to-first-token metric)."""
         return bool(self.outbox) and self.resumed_events + self.acknowledged == 0
@@ -117,88 +153,122 @@ class JobRun:
     # --- driving the engine
     def start(self, engine: Engine) -> None:
         request = self.record.request
-        remaining = request.max_tokens - len(self.resumed_tokens)
-        if self.assembler.done or remaining <= 0:  # the last attempt died between its last delta and its end
-            self._emit(self.assembler.finish(), [])
-            self._complete("length")
-            return
         priority = 1 if self.record.kind == "batch" else 0  # batch work never delays interactive admission
-        # The resumed tokens are prompt to the engine's cache, but output to its sampler: penalties count them, and
-        # the draws go on from their position, so a seeded job continues exactly as if it had never stopped.
-        self.stream = engine.submit(EngineRequest(self.attempt.name, request.prompt_token_ids + self.resumed_tokens,
-                                                  sampling_params(self.record), remaining, priority,
-                                                  num_resumed_tokens=len(self.resumed_tokens),
-                                                  logprobs=request.top_logprobs if request.logprobs else None,
-                                                  grammar=request.grammar))
+        for choice in self.choices:
+            remaining = request.max_tokens - len(choice.resumed_tokens)
+            if choice.finish_reason is not None:
+                continue
+            if choice.assembler.done or remaining <= 0:  # the last attempt died between its last delta and its end
+                self._emit(choice, choice.assembler.finish(), [])
+                self._end_choice(choice, "length")
+                continue
+            # The resumed tokens are prompt to the engine's cache, but output to its sampler: penalties count
+            # them, and the draws go on from their position, so a seeded job continues exactly as if it had
+            # never stopped. A choice after the first shares the prompt: the engine computes its prefill once.
+            choice.engine_id = self.attempt.name if choice.index == 0 else f"{self.attempt.name}#{choice.index}"
+            choice.stream = engine.submit(EngineRequest(
+                choice.engine_id, request.prompt_token_ids + choice.resumed_tokens,
+                sampling_params(self.record, choice.index), remaining, priority,
+                num_resumed_tokens=len(choice.resumed_tokens),
+                logprobs=request.top_logprobs if request.logprobs else None, grammar=request.grammar,
+                shares_prompt_with=self.attempt.name if choice.index > 0 else None))
+        self._complete_if_all_ended()
 
     def absorb(self, engine: Engine) -> None:
         """Take whatever the engine produced for this run: text into the outbox, and the end if it came."""
-        if self.ending is not None or self.stream is None:
+        if self.ending is not None:
             return
-        outputs = self.stream.drain()
-        if outputs:
-            finish_reason = outputs[-1].finish_reason
-            if finish_reason == "error":
-                self._fail(JobError(message=f"The model worker failed while generating: {outputs[-1].error}",
-                                    code="generation_failed"))
-                return
-            was_done = self.assembler.done
-            token_ids = [t for output in outputs for t in output.token_ids]
-            counted = self.assembler.token_count
-            piece = self.assembler.feed(token_ids)
-            if finish_reason is not None:
-                piece += self.assembler.finish()
-            logprobs = self._logprob_entries(outputs, self.assembler.token_count - counted)
-            self._emit(piece, token_ids, logprobs)
-            if finish_reason is not None:
-                if self.cancel_requested and self.assembler.finish_reason is None:
-                    self.ending = Ending.cancelled()
-                else:
-                    self._complete("length" if finish_reason == "length" else "stop")
-                return
-            if self.assembler.done and not was_done:
-                engine.cancel(self.attempt.name)  # a stop sequence matched: the engine can drop it now
-        if time.time() > self.deadline_at:
-            engine.cancel(self.attempt.name)
+        for choice in self.choices:
+            if choice.stream is not None and choice.finish_reason is None:
+                self._absorb_choice(choice, engine)
+                if self.ending is not None:
+                    return
+        self._complete_if_all_ended()
+        if self.ending is None and time.time() > self.deadline_at:
+            self._cancel_engine(engine)
             self._fail(deadline_error(self.deadline_s))
+
+    def _absorb_choice(self, choice: ChoiceRun, engine: Engine) -> None:
+        outputs = choice.stream.drain()
+        if not outputs:
+            return
+        finish_reason = outputs[-1].finish_reason
+        if finish_reason == "error":
+            self._cancel_engine(engine)
+            self._fail(JobError(message=f"The model worker failed while generating: {outputs[-1].error}",
+                                code="generation_failed"))
+            return
+        assembler = choice.assembler
+        was_done = assembler.done
+        token_ids = [t for output in outputs for t in output.token_ids]
+        counted = assembler.token_count
+        piece = assembler.feed(token_ids)
+        if finish_reason is not None:
+            piece += assembler.finish()
+        self._emit(choice, piece, token_ids, self._logprob_entries(choice, outputs, assembler.token_count - counted))
+        if finish_reason is not None:
+            if self.cancel_requested and assembler.finish_reason is None:
+                self.ending = Ending.cancelled()
+            else:
+                self._end_choice(choice, "length" if finish_reason == "length" else "stop")
+        elif assembler.done and not was_done:
+            engine.cancel(choice.engine_id)  # a stop sequence matched: the engine can drop it now
 
     def cancel_requested_by_client(self, engine: Engine) -> None:
         if not self.cancel_requested:
             self.cancel_requested = True
-            engine.cancel(self.attempt.name)
+            self._cancel_engine(engine)
+
+    def _cancel_engine(self, engine: Engine) -> None:
+        for choice in self.choices:
+            if choice.stream is not None and choice.finish_reason is None:
+                engine.cancel(choice.engine_id)
 
     def end(self, status: str) -> None:
         self.status = status
         self.over.set()
 
-    def _logprob_entries(self, outputs, counted: int) -> list[dict]:
+    def _logprob_entries(self, choice: ChoiceRun, outputs, counted: int) -> list[dict]:
         """OpenAI's logprobs entries of the first `counted` tokens of outputs (those the text took: not the
         tokens after a stop sequence), less EOS (it adds no text)."""
-        if self.logprobs is None:
+        if choice.logprobs is None:
             return []
-        eos = self.assembler.eos_id
+        eos = choice.assembler.eos_id
         pairs = [(token, lp) for output in outputs for token, lp in zip(output.token_ids, output.logprobs or [])]
         return [logprob_entry(token, logprob, list(top)) for token, (logprob, top) in pairs[:counted]
                 if token != eos]
 
     # --- events
-    def _emit(self, text: str, token_ids: list[int], logprobs: Optional[list[dict]] = None) -> None:
-        self._unpublished_tokens += token_ids
-        self._unpublished_logprobs += logprobs or []
-        if text:
-            self.outbox.append(JobEvent(type="delta", text=text, token_ids=self._unpublished_tokens,
-                                        logprobs=self._unpublished_logprobs if self.logprobs is not None else None))
-            if self.logprobs is not None:
-                self.logprobs += self._unpublished_logprobs
-            self._unpublished_tokens, self._unpublished_logprobs = [], []
+    def _emit(self, choice: ChoiceRun, text: str, token_ids: list[int], logprobs: Optional[list[dict]] = None,
+              finish_reason: Optional[str] = None) -> None:
+        """A delta event of `choice` once it has text (or, with n > 1, when it ends: its finish_reason)."""
+        choice.unpublished_tokens += token_ids
+        choice.unpublished_logprobs += logprobs or []
+        if text or finish_reason:
+            self.outbox.append(JobEvent(
+                type="delta", text=text, token_ids=choice.unpublished_tokens,
+                logprobs=choice.unpublished_logprobs if choice.logprobs is not None else None,
+                index=choice.index if self.record.request.n > 1 else None, finish_reason=finish_reason))
+            if choice.logprobs is not None:
+                choice.logprobs += choice.unpublished_logprobs
+            choice.unpublished_tokens, choice.unpublished_logprobs = [], []
 
-    def _complete(self, engine_reason: str) -> None:
-        reason = self.assembler.finish_reason or engine_reason
+    def _end_choice(self, choice: ChoiceRun, engine_reason: str) -> None:
+        choice.finish_reason = choice.assembler.finish_reason or engine_reason
+        if self.record.request.n > 1:  # its end is an event of its own (n = 1: the job's `done` says it)
+            self._emit(choice, "", [], finish_reason=choice.finish_reason)
+
+    def _complete_if_all_ended(self) -> None:
+        if self.ending is not None or any(c.finish_reason is None for c in self.choices):
+            return
         prompt_tokens = len(self.record.request.prompt_token_ids)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.assembler.token_count,
-                      total_tokens=prompt_tokens + self.assembler.token_count)
-        self.ending = Ending.completed(JobResult(text=self.assembler.text, finish_reason=reason, usage=usage,
-                                                 logprobs=self.logprobs))
+        completion_tokens = sum(c.assembler.token_count for c in self.choices)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        first = self.choices[0]
+        self.ending = Ending.completed(JobResult(
+            text=first.assembler.text, finish_reason=first.finish_reason, usage=usage, logprobs=first.logprobs,
+            choices=[c.result() for c in self.choices] if len(self.choices) > 1 else None))
 
     def _fail(self, error: JobError) -> None:
         self.ending = Ending.failed(error)

@@ -56,8 +56,8 @@ class Publisher:
         The wait is bounded: a run still here `grace_s` after its job's deadline (which its own cycle
         enforces) is given up, so no thread waits forever on a run that something failed to close."""
         job_run.start(self.engine)
-        if job_run.stream is not None:
-            job_run.stream.notify = self._first_output_signal
+        for stream in job_run.streams:
+            stream.notify = self._first_output_signal
         with self._lock:
             self._runs[job_run.attempt] = job_run
         self._wakeup.set()
@@ -128,8 +128,9 @@ class Publisher:
             elif done.outcome is not Outcome.APPLIED:  # over already (a retried end), or expired
                 self._close(run, "skipped")
             else:
-                if run.outbox and run.stream is not None:
-                    run.stream.notify = self._wakeup  # its first event is out: paced from now on
+                if run.outbox:
+                    for stream in run.streams:
+                        stream.notify = self._wakeup  # its first event is out: paced from now on
                 run.acknowledged += len(run.outbox)
                 run.outbox = []
                 if done.cancel_requested:

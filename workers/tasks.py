@@ -233,7 +233,7 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
             return JobStatus.FAILED.value
         if number > 1:
             log.warning("job %s: attempt %d resumes after %d published tokens", job_id, number,
-                        len(published.token_ids))
+                        sum(len(c.token_ids) for c in published.choices.values()))
         run = JobRun(record, attempt, runtime.tokenizer, published, deadline_at, settings.job_deadline_s)
         status = runtime.publisher.run(run)
     finally:

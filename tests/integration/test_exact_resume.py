@@ -26,6 +26,9 @@ WORKLOADS = [dict(temperature=0.8, top_p=0.95), dict(), dict(temperature=1.0, fr
                                                                presence_penalty=0.5), dict(temperature=0)]
 REQUESTS = [dict(messages=[{"role": "user", "content": f"Story number {i}, please."}], seed=1000 + i,
                  max_tokens=MAX_TOKENS, **WORKLOADS[i % len(WORKLOADS)]) for i in range(12)]
+for i in (2, 3):  # two of them with two choices each (issue 15), one streamed and one not: each choice resumes
+    REQUESTS[i]["n"] = 2
+SEPARATOR = "\x1e"  # between a request's choices in its text
 
 
 LEASE_S = 2
@@ -63,11 +66,13 @@ def run_all(stack: Stack, on_first_deltas=None) -> tuple[list[str], list[str]]:
 
     def stream_sync(i: int) -> None:
         chunks = sync_client.chat.completions.create(model=MODEL, stream=True, **REQUESTS[i])
-        first = True
+        first, parts = True, {}
         for chunk in chunks:
             ids[i] = chunk.id
-            texts[i] += chunk_text(chunk)
-            if first and texts[i]:
+            for choice in chunk.choices:
+                parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+            texts[i] = SEPARATOR.join(parts[k] for k in sorted(parts))
+            if first and texts[i].strip(SEPARATOR):
                 first = False
                 started.wait(60)
 
@@ -86,7 +91,8 @@ def run_all(stack: Stack, on_first_deltas=None) -> tuple[list[str], list[str]]:
 
     def whole(i: int) -> None:
         completion = sync_client.chat.completions.create(model=MODEL, **REQUESTS[i])
-        ids[i], texts[i] = completion.id, completion.choices[0].message.content
+        assert [c.index for c in completion.choices] == list(range(REQUESTS[i].get("n", 1)))
+        ids[i], texts[i] = completion.id, SEPARATOR.join(c.message.content for c in completion.choices)
 
     threads = [threading.Thread(target=(stream_async if i % 4 == 0 else stream_sync) if i in streamed else whole,
                                 args=(i,), daemon=True) for i in range(len(REQUESTS))]

@@ -133,3 +133,47 @@ def test_json_schema_in_a_batch(client):
         assert choice["finish_reason"] == "stop" and choice["logprobs"]["content"]
     error = json.loads(client.files.content(done.error_file_id).text.splitlines()[0])
     assert error["custom_id"] == "bad" and error["response"]["body"]["error"]["param"] == "body.response_format"
+
+
+def test_n_choices_non_stream_and_stream(client):
+    body = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=0.9, seed=11)
+    one = client.chat.completions.create(**body)
+    three = client.chat.completions.create(n=3, logprobs=True, **body)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.message.content for c in three.choices]
+    assert texts[0] == one.choices[0].message.content  # choice 0 draws what n = 1 draws
+    assert len(set(texts)) == 3 and all(c.finish_reason == "length" for c in three.choices)
+    assert three.usage.completion_tokens == 3 * 8 and three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert all(len(c.logprobs.content) == 8 for c in three.choices)
+
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True},
+                                                 **body))
+    streamed, finishes = {}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == texts and finishes == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].usage.completion_tokens == 24
+
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(n=9, **body)
+    assert error.value.body["param"] == "n"
+
+
+def test_n_choices_of_a_background_job_are_cancelled_together(client, stack):
+    import httpx
+
+    response = httpx.post(stack.base_url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                          json={"model": MODEL, "messages": HELLO, "max_tokens": 2000, "n": 4, "background": True},
+                          timeout=30)
+    job = response.json()
+    cancelled = httpx.post(stack.base_url + f"/v1/chat/completions/{job['id']}/cancel",
+                           headers={"Authorization": f"Bearer {API_KEYS[0]}"}, timeout=30).json()
+    from tests.conftest import wait_until
+    final = wait_until(lambda: (j := httpx.get(stack.base_url + f"/v1/chat/completions/{job['id']}",
+                                               headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                                               timeout=30).json())["status"] in ("cancelled", "completed") and j,
+                       60, "the job to end")
+    assert cancelled["status"] in ("cancelled", "in_progress", "queued") and final["status"] == "cancelled"

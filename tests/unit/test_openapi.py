@@ -70,7 +70,9 @@ def test_the_chat_request_schema_shows_the_rules_that_validation_enforces():
     for name in ("frequency_penalty", "presence_penalty"):
         assert {k: number(name)[k] for k in ("minimum", "maximum")} == {"minimum": -2, "maximum": 2}
     assert number("max_tokens")["minimum"] == number("max_completion_tokens")["minimum"] == 1
-    assert number("n")["minimum"] == number("n")["maximum"] == 1
+    assert (number("n")["minimum"], number("n")["maximum"]) == (1, 8)
+    assert (number("top_logprobs")["minimum"], number("top_logprobs")["maximum"]) == (0, 20)
+    assert props["logit_bias"]["anyOf"][0]["maxProperties"] == 300
     assert props["messages"]["minItems"] == 1 and "anyOf" not in props["messages"]
     string, array, _ = props["stop"]["anyOf"]
     assert (string["minLength"], string["maxLength"], array["maxItems"]) == (1, 256, 4)

@@ -50,12 +50,14 @@ def make_engine(model, graph_layout: bool = False) -> Engine:
 
 
 def run_all(engine, requests: list[EngineRequest]) -> list[dict]:
+    """Submitted in order (at once), collected together."""
     import threading
 
     results = [None] * len(requests)
+    streams = [engine.submit(request) for request in requests]
 
     def one(i):
-        results[i] = collect(engine.submit(requests[i]))
+        results[i] = collect(streams[i])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
     for thread in threads:
@@ -184,3 +186,25 @@ def test_invalid_schemas_are_refused_with_the_reason(schema):
     with pytest.raises(GrammarError) as error:
         json_schema_grammar(schema)
     assert str(error.value)
+
+
+def test_choices_share_the_prompts_prefill_and_draw_their_own_tokens(model):
+    """Issue 15, n: siblings (another choice of the same job) copy the prompt's KV from the first choice once it
+    has computed it, and compute only the prompt's last token; each draws exactly what it would alone."""
+    prompt = prompts_of([90], seed=13)[0]
+    params = [SamplingParams(temperature=0.8, seed=s) for s in (1, 2, 3)]
+
+    def requests(shared: bool) -> list[EngineRequest]:
+        return [EngineRequest("job", prompt, params[0], 12)] + [
+            EngineRequest(f"job#{i}", prompt, params[i], 12, shares_prompt_with="job" if shared else None)
+            for i in (1, 2)]
+
+    engine = make_engine(model)
+    try:
+        alone = [collect(engine.submit(r))["tokens"] for r in requests(shared=False)]
+        assert engine.scheduler.num_shared_tokens == 0
+        together = [r["tokens"] for r in run_all(engine, requests(shared=True))]
+        assert engine.scheduler.num_shared_tokens == 2 * (len(prompt) - 1)
+    finally:
+        engine.shutdown()
+    assert together == alone and len({tuple(t) for t in alone}) == 3

@@ -87,7 +87,7 @@ class Engine:
         stream = stream if stream is not None else RequestStream(request)
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling, request.max_tokens, stream,
                        priority=request.priority, num_resumed_tokens=request.num_resumed_tokens,
-                       logprobs=request.logprobs)
+                       logprobs=request.logprobs, leader_id=request.shares_prompt_with)
         try:  # here, on the caller's thread: a grammar's matcher takes milliseconds to build
             if request.grammar is not None:
                 resumed = request.prompt_token_ids[len(request.prompt_token_ids) - seq.num_resumed_tokens:]
@@ -174,6 +174,7 @@ class Engine:
         sampled = batch.sampled()
         try:
             self._reset_slots(batch.admitted)
+            self.runner.copy_blocks(batch.kv_copies)
             tokens, logprobs = self._sample(sampled, self.runner.run(batch))
         except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
             self._failed_steps += 1

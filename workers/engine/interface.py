@@ -46,6 +46,9 @@ class EngineRequest:
     num_resumed_tokens: int = 0
     logprobs: Optional[int] = None  # None: none; k >= 0: each token's logprob and the k most likely tokens'
     grammar: Optional[str] = None   # an llguidance grammar the output must follow (jobs/structured_output.py)
+    # Another choice of the same job (its request id): the prompt's KV is copied from it once it has computed
+    # it, instead of being computed again (scheduler.py).
+    shares_prompt_with: Optional[str] = None
 
 
 # One generated token's logprob (of the model's own distribution), and the top-k tokens' as (id, logprob).

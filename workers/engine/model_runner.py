@@ -286,6 +286,15 @@ class ModelRunner:
         inp.logits_rows = torch.arange(max(total - self.config.max_num_seqs, 0), total, device=self.device)
         self.forward(inp)
 
+    def copy_blocks(self, copies: list[tuple[list[int], list[int]]]) -> None:
+        """KV blocks copied, every layer at once: each (sources, destinations) pair of block lists."""
+        if not copies:
+            return
+        sources = torch.tensor([b for src, _ in copies for b in src], device=self.device)
+        destinations = torch.tensor([b for _, dst in copies for b in dst], device=self.device)
+        for cache in (self.k_cache, self.v_cache):  # [layers, NB+1, bs, KVH, D]
+            cache.index_copy_(1, destinations, cache.index_select(1, sources))
+
     # --- inputs
     def prepare(self, batch: ScheduledBatch, padded_tokens: Optional[int] = None) -> StepInputs:
         return self.stager.prepare(batch, padded_tokens)

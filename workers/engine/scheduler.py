@@ -9,6 +9,9 @@
   and free KV blocks for its whole prompt. Decoding takes one more block every `block_size` tokens; when none
   is free a running sequence is preempted: the newest of the least urgent priority (batch work before any
   interactive stream). Its blocks are freed and it waits to be recomputed.
+- Choices of one job share their prompt: a sequence with a `leader_id` waits (at the head) until that sibling
+  has computed the prompt, then is admitted with the prompt's KV blocks copied from it (`kv_copies`, done by
+  the runner before the step) and computes only the prompt's last token itself, for its own first draw.
 - After a device out-of-memory the engine shrinks the batch (`shrink`): the newest half of the running
   sequences is preempted, and the batch and the prefill budget stay at half until `restore`.
 - A request that could never fit (prompt + one token larger than the whole cache, or than max_model_len) is
@@ -33,6 +36,7 @@ class ScheduledBatch:
     admitted: list[Sequence] = field(default_factory=list)    # (re)admitted this step: fresh batch slots
     ended: list[tuple[Sequence, str, Optional[str]]] = field(default_factory=list)  # (seq, reason, error)
     num_preempted: int = 0
+    kv_copies: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (source blocks, their copies)
 
     @property
     def is_empty(self) -> bool:
@@ -61,6 +65,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preempted = 0  # since start, for logs and tests
+        self.num_shared_tokens = 0  # prompt tokens whose KV was copied from a sibling instead of computed
 
     # --- intake and exits
     def check(self, seq: Sequence) -> Optional[str]:
@@ -149,6 +154,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            leader, shared = self._shared_prompt(seq)
+            if leader is not None and leader.num_computed_tokens < shared:
+                break  # its sibling is still computing the prompt they share: wait for it
             reserve = self.watermark if self.running else 0
             if not self.blocks.allocate(seq.block_table, seq.num_tokens, reserve):
                 break  # FIFO: the head waits for blocks, nobody overtakes it
@@ -156,12 +164,29 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
+            if leader is not None and shared > 0:
+                blocks = self.blocks.blocks_for(shared)
+                batch.kv_copies.append((leader.block_table[:blocks], seq.block_table[:blocks]))
+                seq.num_computed_tokens = shared
+                self.num_shared_tokens += shared
             chunk = min(seq.num_uncomputed_tokens, budget)
             budget -= chunk
             batch.admitted.append(seq)
             batch.prefill.append(seq)
             batch.prefill_lens.append(chunk)
         return batch
+
+    def _shared_prompt(self, seq: Sequence) -> tuple[Optional[Sequence], int]:
+        """The running sibling seq may copy its prompt's KV from, and how many tokens (their common prefix, less
+        the last token of seq's, which seq computes for its own logits); (None, 0) if none."""
+        if seq.leader_id is None:
+            return None, 0
+        leader = next((s for s in self.running if s.request_id == seq.leader_id), None)
+        if leader is None:
+            return None, 0
+        limit = min(seq.num_tokens - 1, leader.num_tokens)
+        shared = next((i for i in range(limit) if seq.token_ids[i] != leader.token_ids[i]), limit)
+        return leader, shared
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Blocks for seq's newest token, preempting running sequences as needed (_victim). False when seq

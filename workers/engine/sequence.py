@@ -28,11 +28,11 @@ class Sequence:
 
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_resumed_tokens", "num_computed_tokens",
                  "block_table", "sampling", "seed_key", "max_tokens", "slot", "status", "stream", "arrival",
-                 "priority", "logprobs", "matcher", "bias")
+                 "priority", "logprobs", "matcher", "bias", "leader_id")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
                  stream: Any = None, priority: int = 0, num_resumed_tokens: int = 0,
-                 logprobs: Optional[int] = None):
+                 logprobs: Optional[int] = None, leader_id: Optional[str] = None):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -50,6 +50,7 @@ class Sequence:
         self.logprobs = logprobs                  # None, or how many top logprobs each token reports
         self.matcher = None                       # the grammar's llguidance matcher (engine/grammar.py), or None
         self.bias = None                          # (token ids, biases) as device tensors, or None
+        self.leader_id = leader_id                # a sibling whose prompt KV it copies (scheduler.py), or None
 
     @property
     def num_tokens(self) -> int:
