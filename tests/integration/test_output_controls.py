@@ -72,6 +72,9 @@ def test_a_large_logit_bias_forces_a_token(client):
     completion = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=1.0,
                                                 logit_bias={str(hello): 100})
     assert completion.choices[0].message.content == "Hello Hello Hello Hello Hello"
+    chunks = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, stream=True,
+                                            logit_bias={str(hello): 100})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello Hello Hello"
 
 
 @pytest.mark.parametrize("body,param", [
@@ -120,14 +123,22 @@ def test_json_schema_in_a_batch(client):
         "model": MODEL, "messages": [{"role": "user", "content": f"Place {i}"}], "max_tokens": 300, "seed": i,
         "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": PERSON_SCHEMA}},
         "logprobs": True}}) for i in range(6)]
+    lines.append(json.dumps({"custom_id": "two", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "messages": HELLO, "max_tokens": 4, "n": 2, "temperature": 1.0,
+        "logit_bias": {"22557": 100}}}))
     lines.append(json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {
         "model": MODEL, "messages": HELLO, "response_format": {"type": "json_schema",
                                                               "json_schema": {"name": "x", "schema": {"type": 5}}}}}))
     batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
     done = wait_batch(client, batch.id)
-    assert done.status == "completed" and done.request_counts.completed == 6 and done.request_counts.failed == 1
+    assert done.status == "completed" and done.request_counts.completed == 7 and done.request_counts.failed == 1
     for line in map(json.loads, client.files.content(done.output_file_id).text.splitlines()):
+        if line["custom_id"] == "two":  # n = 2 with a forcing logit_bias: both choices are that token
+            body = line["response"]["body"]
+            assert [c["message"]["content"] for c in body["choices"]] == ["Hello Hello Hello Hello"] * 2
+            assert body["usage"]["completion_tokens"] == 8
+            continue
         choice = line["response"]["body"]["choices"][0]
         jsonschema.validate(json.loads(choice["message"]["content"]), PERSON_SCHEMA)
         assert choice["finish_reason"] == "stop" and choice["logprobs"]["content"]
