@@ -1,12 +1,13 @@
 """One attempt of a job: engine outputs -> text deltas -> events to write (the worker side of the relay).
 
-A `JobRun` holds what turns the engine's token ids into the client's text (detokenizer, stop matcher) and
-the events still to write. It does no I/O itself: the worker's `Publisher` (workers/publisher.py) advances
-every run of the process and writes all their events in one Redis pipeline per cycle, off the decode loop.
+A `JobRun` holds, for each of the job's n choices (a `ChoiceRun`: one engine request each), what turns the
+engine's token ids into the client's text (detokenizer, stop matcher, logprobs entries), and the events still
+to write. It does no I/O itself: the worker's `Publisher` (workers/publisher.py) advances every run of the
+process and writes all their events in one Redis pipeline per cycle, off the decode loop.
 
 Attempts after the first (the previous worker died) resume: the tokens behind the deltas already published
-are fed back as part of the prompt, and the text assembler replays them, so the stream goes on from its
-last published delta, with nothing lost or repeated.
+are fed back as part of the prompt, choice by choice, and the text assembler replays them, so each stream goes
+on from its last published delta, with nothing lost or repeated; a choice that had ended stays ended.
 """
 from __future__ import annotations
 
