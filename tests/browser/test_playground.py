@@ -1,7 +1,8 @@
 """The playground page (GET /) in headless Chromium against the real stack: a streamed, multi-turn chat with
-usage and timings, API errors shown in the page, and the Jobs view."""
+usage and timings, API errors shown in the page, JSON mode and logprobs, and the Jobs view."""
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -189,4 +190,188 @@ def test_jobs_view_lists_or_says_not_available(page):
     screenshot(page, "playground-jobs.png")
     page.click("#tab-chat")
     expect(page.locator("#panel-chat")).to_be_visible()
+    assert page.js_errors == []
+
+
+def is_chat_post(request) -> bool:
+    return request.method == "POST" and request.url.endswith("/v1/chat/completions")
+
+
+# Bounded, so that the answer always ends (the grammar completes) well within max_tokens.
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"}},
+          "required": ["name", "ok"], "additionalProperties": False}
+
+
+def test_json_schema_mode_sends_response_format_and_the_output_parses(page):
+    open_playground(page)
+    expect(page.locator("#schema")).to_be_hidden()
+    page.select_option("#response-format", "json_schema")
+    expect(page.locator("#schema")).to_be_visible()
+    page.fill("#schema", json.dumps(SCHEMA, indent=2))
+    page.fill("#schema-name", "person")
+    page.fill("#max-tokens", "200")
+    page.fill("#temperature", "0.7")
+    page.fill("#prompt", "Describe a person as JSON.")
+    with page.expect_request(is_chat_post) as sent:
+        page.click("#send")
+    body = sent.value.post_data_json
+    assert body["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    assert "logprobs" not in body and "top_logprobs" not in body
+    answer = page.locator("#messages .msg.assistant:not(.streaming) .content")
+    expect(answer).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    value = json.loads(answer.text_content())
+    assert set(value) == {"name", "ok"} and isinstance(value["ok"], bool), value
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12, value
+    assert answer.locator(".tok").count() == 0  # logprobs off: plain text, as before
+
+    # JSON object mode sends its own response_format; the answer is a JSON object from its first character.
+    page.click("#clear")
+    page.select_option("#response-format", "json_object")
+    expect(page.locator("#schema")).to_be_hidden()
+    page.fill("#max-tokens", "16")
+    page.fill("#prompt", "Any JSON object.")
+    with page.expect_request(is_chat_post) as sent:
+        page.click("#send")
+    assert sent.value.post_data_json["response_format"] == {"type": "json_object"}
+    expect(answer).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    expect(answer).to_have_text(re.compile(r"^\{"))
+    expect(page.locator("#error")).to_be_hidden()
+    screenshot(page, "playground-json.png")
+    assert page.js_errors == []
+
+
+def test_logprobs_mode_shows_token_spans_with_logprobs(page):
+    open_playground(page)
+    expect(page.locator("#top-logprobs")).to_be_disabled()
+    page.check("#logprobs")
+    expect(page.locator("#top-logprobs")).to_be_enabled()
+    page.fill("#top-logprobs", "3")
+    page.fill("#max-tokens", "40")
+    page.fill("#temperature", "0.7")
+    page.fill("#seed", "7")
+    # Count the updates that add token spans while the answer is still streaming.
+    page.evaluate("""() => {
+        window.spanUpdates = 0;
+        new MutationObserver((records) => {
+            if (records.some((r) => [...r.addedNodes].some((n) => n.classList && n.classList.contains('tok')
+                                                                && n.closest('.msg.assistant.streaming'))))
+                window.spanUpdates++;
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true});
+    }""")
+    page.fill("#prompt", "Hello, who are you?")
+    with page.expect_request(is_chat_post) as sent:
+        page.click("#send")
+    body = sent.value.post_data_json
+    assert body["logprobs"] is True and body["top_logprobs"] == 3 and "response_format" not in body
+    answer = page.locator("#messages .msg.assistant:not(.streaming) .content")
+    expect(answer).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#usage")).to_contain_text("completion tokens: 40")
+    assert page.evaluate("window.spanUpdates") >= 2, "the token spans were not added chunk by chunk"
+
+    spans = answer.locator(".tok")
+    assert 10 <= spans.count() <= 40
+    for title in spans.evaluate_all("(spans) => spans.map((s) => s.title)"):
+        assert re.search(r"\d%  \(logprob -?\d+\.\d{4}\)", title), title
+        assert "Top 3:" in title and len(re.findall(r"\n  \S.*%", title)) >= 3, title
+    # The spans show exactly the answer's text (what the conversation keeps and sends next).
+    assert answer.text_content() == page.evaluate("history[history.length - 1].content")
+    page.hover(".msg.assistant .tok >> nth=0")
+    screenshot(page, "playground-logprobs.png")
+
+    # Off again: the next answer is plain text, and nothing about logprobs is sent.
+    page.uncheck("#logprobs")
+    page.fill("#max-tokens", "10")
+    page.fill("#prompt", "Tell me more.")
+    with page.expect_request(is_chat_post) as sent:
+        page.click("#send")
+    assert "logprobs" not in sent.value.post_data_json
+    expect(answer).to_have_count(2, timeout=STREAM_TIMEOUT_MS)
+    expect(answer.nth(1)).to_have_text(re.compile(r"\S"))
+    assert answer.nth(1).locator(".tok").count() == 0
+    assert page.js_errors == []
+
+
+def test_bad_schema_shows_the_error(page):
+    open_playground(page)
+    page.select_option("#response-format", "json_schema")
+    chat_posts = []
+    page.on("request", lambda request: is_chat_post(request) and chat_posts.append(request))
+    error = page.locator("#error")
+
+    # Not JSON: the page says so and sends nothing.
+    page.fill("#schema", '{"type": "object",')
+    expect(page.locator("#schema-status")).to_contain_text("not valid JSON")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    expect(error).to_contain_text("The JSON schema is not valid JSON")
+    page.fill("#schema", "[1, 2]")
+    page.click("#send")
+    expect(error).to_contain_text("must be a JSON object")
+    assert chat_posts == []
+    expect(page.locator("#prompt")).to_have_value("Hello")
+
+    # JSON, but not a schema the server can enforce: its 400 naming response_format is shown.
+    page.fill("#schema", '{"type": "nonsense"}')
+    expect(page.locator("#schema-status")).to_have_text("")
+    page.click("#send")
+    expect(error).to_contain_text("HTTP 400", timeout=STREAM_TIMEOUT_MS)
+    expect(error).to_contain_text("Invalid response_format")
+    expect(error).to_contain_text("nonsense")
+    expect(error).to_contain_text("(param: response_format)")
+    assert len(chat_posts) == 1
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    expect(page.locator("#prompt")).to_have_value("Hello")
+    screenshot(page, "playground-schema-error.png")
+    assert page.js_errors == []
+
+
+def test_token_spans_show_exactly_the_answer_text(page):
+    """A canned stream in the server's shapes: the first token's leading space (not in the text), text held back
+    by the server and sent with a later delta, a character made of two byte tokens ("bytes:\\xNN"), and a token
+    past a stop sequence. The spans show the text of the deltas, no more and no less."""
+    def entry(token, data, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(data),
+                "top_logprobs": [{"token": token, "logprob": logprob, "bytes": list(data)},
+                                 {"token": "x", "logprob": -3.5, "bytes": [120]}]}
+
+    deltas = [("Hello", [entry(" Hello", b" Hello", -0.01)]),
+              (" w", [entry(" wor", b" wor", -0.7)]),  # "or" held back
+              ("or ", [entry(" ", b" ", -1.2)]),
+              ("", [entry("bytes:\\xc3", b"\xc3", -0.2)]),
+              ("é", [entry("bytes:\\xa9", b"\xa9", -0.05)]),
+              ("!", [entry("!!", b"!!", -2.5)])]  # the stop sequence "!" and what followed it are cut
+    head = {"id": "chatcmpl-canned", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": SERVED_MODEL_ID, "system_fingerprint": "fp"}
+
+    def chunk(delta, logprobs=None, finish=None):
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                     "logprobs": logprobs and {"content": logprobs, "refusal": None}}]}
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": text} if text else {}, entries) for text, entries in deltas]
+    events += [chunk({}, finish="stop"), {**head, "choices": [],
+                                          "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}]
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    open_playground(page)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=sse))
+    page.check("#logprobs")
+    page.fill("#prompt", "Hi")
+    page.click("#send")
+    answer = page.locator("#messages .msg.assistant:not(.streaming) .content")
+    expect(answer).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    assert answer.text_content() == "Hello wor é!"
+    assert page.evaluate("history[history.length - 1].content") == "Hello wor é!"
+    spans = answer.locator(".tok")
+    assert spans.all_text_contents() == ["Hello", " wor", " ", "é", "!"]
+    titles = spans.evaluate_all("(spans) => spans.map((s) => s.title)")
+    assert titles[0].startswith('" Hello"  99.0%  (logprob -0.0100)') and "Top 2:" in titles[0]
+    assert '"x"  3.0%' in titles[0]
+    assert '"bytes:\\xc3"  81.9%' in titles[3] and '"bytes:\\xa9"  95.1%' in titles[3]  # both tokens of "é"
+    assert spans.nth(4).get_attribute("class") == "tok p-rare"
     assert page.js_errors == []

@@ -49,8 +49,54 @@ function stopSequences() {
   return parts.map((s) => s.trim()).filter((s) => s !== "");
 }
 
-function requestBody() {
-  const body = { messages: history, stream: true, stream_options: { include_usage: true } };
+// response_format, logprobs and top_logprobs from the JSON-mode and logprobs switches. Throws an Error (shown
+// as the page's error, nothing sent) when the schema is not a JSON object.
+function outputOptions() {
+  const options = {};
+  const kind = $("response-format").value;
+  if (kind === "json_object") {
+    options.response_format = { type: "json_object" };
+  } else if (kind === "json_schema") {
+    let schema;
+    try {
+      schema = JSON.parse($("schema").value);
+    } catch (err) {
+      throw new Error("The JSON schema is not valid JSON: " + err.message);
+    }
+    if (schema === null || typeof schema !== "object" || Array.isArray(schema)) {
+      throw new Error("The JSON schema must be a JSON object.");
+    }
+    options.response_format = {
+      type: "json_schema", json_schema: { name: $("schema-name").value.trim() || "answer", schema, strict: true },
+    };
+  }
+  if ($("logprobs").checked) {
+    options.logprobs = true;
+    const top = numberField("top-logprobs", true);
+    if (top !== undefined) options.top_logprobs = top;
+  }
+  return options;
+}
+
+function checkSchema() {
+  if ($("response-format").value !== "json_schema") return;
+  try {
+    outputOptions();
+    $("schema-status").textContent = "";
+  } catch (err) {
+    $("schema-status").textContent = err.message;
+  }
+}
+
+function updateSwitches() {
+  $("schema-fields").hidden = $("response-format").value !== "json_schema";
+  $("top-logprobs").disabled = !$("logprobs").checked;
+  $("logprobs-hint").hidden = !$("logprobs").checked;
+  checkSchema();
+}
+
+function requestBody(options) {
+  const body = { messages: history, stream: true, stream_options: { include_usage: true }, ...options };
   if ($("model").value) body.model = $("model").value;
   const fields = { temperature: ["temperature"], top_p: ["top-p"], max_tokens: ["max-tokens", true], seed: ["seed", true] };
   for (const [name, [id, integer]] of Object.entries(fields)) {
@@ -131,15 +177,130 @@ async function readSSE(body, onData) {
   }
 }
 
+// --- Logprobs: the answer as token spans -----------------------------------------------------------
+
+function percent(logprob) {
+  if (typeof logprob !== "number" || !Number.isFinite(logprob)) return "–";
+  const p = Math.exp(logprob) * 100;
+  return (p >= 10 ? p.toFixed(1) : p >= 0.01 ? p.toPrecision(2) : p.toExponential(1)) + "%";
+}
+
+// A token's text in quotes, its whitespace control characters made visible (a partial character is already
+// "bytes:\xNN" from the server).
+function quoted(token) {
+  const escapes = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+  return '"' + String(token).replace(/[\n\r\t]/g, (c) => escapes[c]) + '"';
+}
+
+function describeToken(entry) {
+  const lines = [`${quoted(entry.token)}  ${percent(entry.logprob)}  (logprob ${Number(entry.logprob).toFixed(4)})`];
+  const top = entry.top_logprobs || [];
+  if (top.length) {
+    lines.push(`Top ${top.length}:`);
+    for (const alt of top) lines.push(`  ${quoted(alt.token)}  ${percent(alt.logprob)}`);
+  }
+  return lines.join("\n");
+}
+
+function commonPrefix(a, b) {
+  let i = 0;
+  while (i < a.length && i < b.length && a[i] === b[i]) i++;
+  return a.slice(0, i);
+}
+
+// Renders a streamed answer as one span per token (or per run of byte tokens that make one character), whose
+// title gives the token's probability and its top alternatives. The text shown is always the answer's text:
+// a token's bytes are matched against it (the first token's leading space is not in the text; text held back
+// for a possible stop sequence comes with a later delta; tokens past a stop sequence add nothing), and any
+// text no token is matched to is shown plain.
+class TokenRenderer {
+  constructor(content) {
+    this.content = content;
+    this.decoder = new TextDecoder("utf-8");  // streaming: a partial character waits for its last byte
+    this.pending = [];    // tokens whose text is not complete yet (part of a character)
+    this.shown = 0;       // characters of the answer shown so far
+    this.lastSpan = null;
+    this.owed = "";       // the rest of lastSpan's token text, not in the answer yet (held back)
+  }
+
+  // entries: one delta's logprobs.content; answer: the whole answer so far, this delta's text included.
+  add(entries, answer) {
+    for (const entry of entries) {
+      this.settleOwed(answer);
+      this.pending.push(entry);
+      this.place(this.decoder.decode(new Uint8Array(entry.bytes || []), { stream: true }), answer);
+    }
+    this.settleOwed(answer);
+    this.showRest(answer);
+  }
+
+  // At the end of the stream: dangling bytes decode to U+FFFD, as on the server.
+  finish(answer) {
+    if (this.pending.length) this.place(this.decoder.decode(), answer);
+    this.showRest(answer);
+  }
+
+  place(piece, answer) {
+    if (!piece) return;  // part of a character: its span comes with the character's last byte
+    const rest = answer.slice(this.shown);
+    const candidate = this.shown === 0 && piece.startsWith(" ") && !rest.startsWith(" ") ? piece.slice(1) : piece;
+    const text = commonPrefix(candidate, rest);
+    const tokens = this.pending;
+    this.pending = [];
+    if (!text) return;   // nothing of it in the answer
+    const span = document.createElement("span");
+    span.className = "tok " + probabilityClass(tokens[tokens.length - 1].logprob);
+    span.textContent = text;
+    span.title = tokens.map(describeToken).join("\n\n");
+    this.content.append(span);
+    this.shown += text.length;
+    this.lastSpan = span;
+    this.owed = candidate.slice(text.length);
+  }
+
+  settleOwed(answer) {
+    if (!this.owed) return;
+    const rest = answer.slice(this.shown);
+    if (!rest) return;  // still held back
+    const text = commonPrefix(this.owed, rest);
+    this.lastSpan.textContent += text;
+    this.shown += text.length;
+    this.owed = text ? this.owed.slice(text.length) : "";
+  }
+
+  showRest(answer) {
+    if (answer.length > this.shown && !this.owed) {
+      this.content.append(document.createTextNode(answer.slice(this.shown)));
+      this.shown = answer.length;
+    }
+  }
+}
+
+function probabilityClass(logprob) {
+  const p = Math.exp(logprob);
+  return p >= 0.9 ? "p-high" : p >= 0.5 ? "p-mid" : p >= 0.1 ? "p-low" : "p-rare";
+}
+
+// --- Sending -------------------------------------------------------------------------------------
+
 async function send() {
   const text = $("prompt").value.trim();
   if (!text || controller) return;
+  let options;
+  try {
+    options = outputOptions();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
   showError("");
   history.push({ role: "user", content: text });
   const userBubble = addBubble("user", text);
   const bubble = addBubble("assistant", "");
   bubble.classList.add("streaming");
   const content = bubble.querySelector(".content");
+  const tokens = options.logprobs ? new TokenRenderer(content) : null;
+  if (tokens) bubble.classList.add("logprobs");
   $("prompt").value = "";
   $("usage").textContent = "Usage: –";
   $("timings").textContent = "Timings: waiting…";
@@ -152,7 +313,7 @@ async function send() {
   let answer = "";
   try {
     const response = await fetch("v1/chat/completions", {
-      method: "POST", headers: headers(true), body: JSON.stringify(requestBody()), signal: controller.signal,
+      method: "POST", headers: headers(true), body: JSON.stringify(requestBody(options)), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorOf(response));
     const finished = await readSSE(response.body, (chunk) => {
@@ -161,15 +322,19 @@ async function send() {
         throw new Error("Error during the stream: " + (e.message || JSON.stringify(e)) + (e.code ? ` [${e.code}]` : ""));
       }
       if (chunk.usage) usage = chunk.usage;
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-      if (delta && delta.content) {
+      const choice = chunk.choices && chunk.choices[0];
+      const delta = choice && choice.delta;
+      const entries = (tokens && choice && choice.logprobs && choice.logprobs.content) || [];
+      if ((delta && delta.content) || entries.length) {
         if (firstToken === null) firstToken = performance.now();
-        answer += delta.content;
-        content.textContent = answer;
+        answer += (delta && delta.content) || "";
+        if (tokens) tokens.add(entries, answer);
+        else content.textContent = answer;
         bubble.scrollIntoView({ block: "end" });
       }
     });
     if (!finished) throw new Error("The stream ended without [DONE].");
+    if (tokens) tokens.finish(answer);
     history.push({ role: "assistant", content: answer });
     bubble.classList.remove("streaming");
     showStats(usage, start, firstToken, performance.now());
@@ -288,6 +453,10 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("clear").addEventListener("click", clearConversation);
+  $("response-format").addEventListener("change", updateSwitches);
+  $("logprobs").addEventListener("change", updateSwitches);
+  $("schema").addEventListener("input", checkSchema);
+  updateSwitches();
   $("jobs-refresh").addEventListener("click", refreshJobs);
   $("tab-chat").addEventListener("click", () => selectTab("chat"));
   $("tab-jobs").addEventListener("click", () => selectTab("jobs"));
