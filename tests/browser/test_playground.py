@@ -39,6 +39,12 @@ def open_playground(page, key=API_KEYS[0]):
     expect(page.locator("#model")).to_have_value(SERVED_MODEL_ID)
 
 
+def fill_sampling(page, max_tokens: int, temperature: float, seed: int) -> None:
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#temperature", str(temperature))
+    page.fill("#seed", str(seed))
+
+
 def prompt_tokens(page) -> int:
     return int(re.search(r"prompt tokens: (\d+)", page.inner_text("#usage")).group(1))
 
@@ -50,9 +56,7 @@ def screenshot(page, name):
 
 def test_streamed_multi_turn_chat_with_usage_and_timings(page):
     open_playground(page)
-    page.fill("#max-tokens", "20")
-    page.fill("#temperature", "0.7")
-    page.fill("#seed", "42")
+    fill_sampling(page, max_tokens=20, temperature=0.7, seed=42)
     # Count the updates of the answer as they happen, to see that it arrives in pieces (streamed).
     page.evaluate("""() => {
         window.answerUpdates = 0;
@@ -248,9 +252,7 @@ def test_logprobs_mode_shows_token_spans_with_logprobs(page):
     page.check("#logprobs")
     expect(page.locator("#top-logprobs")).to_be_enabled()
     page.fill("#top-logprobs", "3")
-    page.fill("#max-tokens", "40")
-    page.fill("#temperature", "0.7")
-    page.fill("#seed", "7")
+    fill_sampling(page, max_tokens=40, temperature=0.7, seed=7)
     # Count the updates that add token spans while the answer is still streaming.
     page.evaluate("""() => {
         window.spanUpdates = 0;
