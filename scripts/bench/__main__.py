@@ -18,8 +18,9 @@ from scripts.bench.hf_runners import run_hf_generate, run_hf_generate_batch
 from scripts.bench.models import MODELS, build_model, device_slug, environment, free_memory, resolve_device
 from scripts.bench.report import add_ratios, fmt, mode_label, say, summary, table, targets, write_json
 from scripts.bench.service_runners import run_service, service_series
-from scripts.bench.workloads import (DEFAULT_SAMPLING, DEFAULT_SERVICE_SDK_SAMPLING, GREEDY, SAMPLING, describe,
-                                     requests_per_level, token_prompts, workload_names)
+from scripts.bench.workloads import (BASELINES, DEFAULT_SAMPLING, DEFAULT_SERVICE_SAMPLING,
+                                     DEFAULT_SERVICE_SDK_SAMPLING, GREEDY, SAMPLING, describe, requests_per_level,
+                                     token_prompts, workload_meta, workload_names)
 
 
 MODES = ("hf_generate", "hf_generate_batch", "engine", "engine_process", "service")
@@ -53,10 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="fix the engine's KV cache size (0 = derive)")
     p.add_argument("--sampling", default=",".join(DEFAULT_SAMPLING),
                    help=f"the engine modes' sampling workloads, comma-separated of {','.join(SAMPLING)} (default "
-                        f"%(default)s; the hf_generate modes are greedy): a row each, beside greedy for x greedy")
+                        f"%(default)s; the hf_generate modes are greedy): a row each, beside greedy for x greedy "
+                        f"(and {', '.join(sorted(BASELINES))} beside defaults for x defaults)")
     p.add_argument("--service-client", choices=("aiohttp", "openai"), default="aiohttp",
                    help="the client of the service's greedy rows: aiohttp (light, as vLLM's benchmark) or the "
                         "official openai SDK")
+    p.add_argument("--service-sampling",
+                   help="the service's rows from --service-client at the highest level, beside its greedy rows: "
+                        f"their workloads, comma-separated (default {','.join(DEFAULT_SERVICE_SAMPLING)} on CPU, "
+                        "for x defaults; '' on CUDA; '' for none)")
     p.add_argument("--service-sdk-sampling", default=",".join(DEFAULT_SERVICE_SDK_SAMPLING),
                    help="the service's rows from the official openai SDK, at concurrency 1 and the highest level "
                         "(for x c=1): their workloads, comma-separated (default %(default)s; '' for none)")
@@ -100,7 +106,10 @@ def resolve(args: argparse.Namespace, device: torch.device) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; choose from {','.join(MODES)}")
+    if args.service_sampling is None:
+        args.service_sampling = "" if cuda else ",".join(DEFAULT_SERVICE_SAMPLING)
     args.sampling = workload_names(args.sampling, "--sampling")
+    args.service_sampling = workload_names(args.service_sampling, "--service-sampling")
     args.service_sdk_sampling = workload_names(args.service_sdk_sampling, "--service-sdk-sampling")
     if not args.sampling:
         raise SystemExit("--sampling: name at least one workload")
@@ -113,8 +122,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> None:
 
 def sampling_meta(args) -> dict:
     """What the JSON says of sampling: each workload's settings, and which rows ran which."""
-    used = dict.fromkeys([GREEDY, *args.sampling, *args.service_sdk_sampling])
-    return dict(workloads={name: SAMPLING[name] for name in used}, seed="each request's index in its level",
+    used = dict.fromkeys([GREEDY, *args.sampling, *args.service_sampling, *args.service_sdk_sampling])
+    return dict(workloads={name: workload_meta(name) for name in used}, seed="each request's index in its level",
                 hf_generate="greedy (the baseline)", engine_modes=args.sampling,
                 service=[dataclasses.asdict(run) for run in service_series(args)])
 
@@ -156,7 +165,7 @@ def main(argv=None) -> int:
     def record(row: dict) -> None:
         row["round"] = current_round
         RESULTS.append(row)
-        name = f"  {mode_label(row):<17} {row['sampling']:<10} c={row['concurrency']:<4}"
+        name = f"  {mode_label(row):<17} {row['sampling']:<17} c={row['concurrency']:<4}"
         if row.get("status") == "ok":
             say(f"{name} {row['completed']} reqs  {row['output_tok_s']:.1f} out tok/s  "
                 f"TTFT mean {fmt(row['ttft_ms']['mean'])} ms  TPOT mean {fmt(row['tpot_ms']['mean'])} ms  "
@@ -206,14 +215,15 @@ def main(argv=None) -> int:
         f"{args.input_len} in / {args.output_len} out")
     say(table(final["summary"]))
     shown = dict.fromkeys(r["sampling"] for r in final["summary"])
-    say("sampling: " + "; ".join(f"{name} = {describe(SAMPLING[name])}" for name in shown)
+    say("sampling: " + "; ".join(f"{name} = {describe(name)}" for name in shown)
         + "; each request's seed is its index")
     base = final["baseline"]["hf_generate_tok_s"]
     if base:
         say(f"baseline: hf_generate {base:.1f} output tok/s (x hf_gen divides by it)")
     for t in final["targets"]:
         say(f"target: {t['what']}: {t['value']:.2f} (target >= {t['target']}"
-            f"{'' if t['applies'] else ', a CPU target'}): {'met' if t['met'] else 'NOT met'}")
+            f"{'' if t['applies'] else ', a CPU target'}): {'met' if t['met'] else 'NOT met'}"
+            + (f" ({t['detail']})" if t.get("detail") else ""))
     say(f"json: {out}")
     return 0
 

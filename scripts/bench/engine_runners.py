@@ -18,7 +18,8 @@ import torch
 
 from scripts.bench.models import build_model, free_memory
 from scripts.bench.report import Req, failure, summarize
-from scripts.bench.workloads import GREEDY, SAMPLING, requests_per_level
+from scripts.bench.workloads import (GREEDY, SAMPLING, engine_fields, max_tokens_of, output_lengths,
+                                     requests_per_level)
 
 
 # --- mode 3: our engine, in process
@@ -37,13 +38,15 @@ def engine_config(args, max_num_seqs: int):
     return EngineConfig(**kwargs)
 
 
-def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: float,
+def engine_closed_loop(engine, c: int, n: int, prompts, out_len: list[int] | int, timeout: float,
                        sampling: str = GREEDY) -> list[Req]:
     """c client threads, each submitting its next request when the previous one ends, until n are done. Request i
-    samples with the workload `sampling` and seed i."""
+    samples with the workload `sampling` and seed i (and its output controls: a grammar, logprobs), and asks for
+    out_len tokens (or out_len[i])."""
     from workers.engine.engine import EngineRequest
     from workers.engine.sampling import SamplingParams
 
+    controls = engine_fields(sampling)
     counter = itertools.count()
     lock = threading.Lock()
     reqs: list[Optional[Req]] = [None] * n
@@ -60,7 +63,8 @@ def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: f
             reqs[i] = req
             try:
                 params = SamplingParams(**SAMPLING[sampling], seed=i)
-                stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), params, out_len))
+                stream = engine.submit(EngineRequest(f"bench-{tag}-{c}-{i}", list(prompt), params,
+                                                     max_tokens_of(out_len, i), **controls))
                 finished = False
                 while not finished:
                     outputs = stream.next_outputs(timeout=timeout)
@@ -81,6 +85,7 @@ def engine_closed_loop(engine, c: int, n: int, prompts, out_len: int, timeout: f
 
 
 def _take(req: Req, outputs, now: float) -> bool:
+    """The tokens the outputs carry (the count produced, whatever --output-len: a grammar's row ends sooner)."""
     tokens = sum(len(o.token_ids) for o in outputs)
     if tokens:
         req.times.append(now)
@@ -94,16 +99,29 @@ def _take(req: Req, outputs, now: float) -> bool:
     return False
 
 
+def bench_engine(model, device, config):
+    """The engine as the benchmark runs it: eos_token_id=-1, so no row ends on EOS and every unconstrained row
+    makes --output-len tokens. Its grammar support is rebuilt with the model's EOS id: GrammarSupport gives the
+    engine's eos_token_id to llguidance's tokenizer, which cannot take -1 (an OverflowError out of the first
+    constrained submit). A constrained row still ends by itself, with "stop", when its grammar is complete."""
+    from workers.engine.engine import Engine
+    from workers.engine.grammar import GrammarSupport
+
+    engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+    eos = getattr(model.config, "eos_token_id", None)
+    engine.grammars = GrammarSupport(engine.vocab_size, eos if isinstance(eos, int) and eos >= 0 else 2,
+                                     engine.config.max_num_seqs, engine.device)
+    return engine
+
+
 def build_engine_in_own_process(model_kind: str, device_name: str, config, torch_threads: int):
     """`engine_process`'s build step, run in the engine process (spawned: it must be a picklable module-level
     function): the model built as `build_model` builds it, the engine warmed up, the worker's torch threads."""
-    from workers.engine.engine import Engine
-
     if torch_threads:
         torch.set_num_threads(torch_threads)
     device = torch.device(device_name)
     model, _ = build_model(model_kind, device)
-    engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+    engine = bench_engine(model, device, config)
     engine.warmup()
     return engine, dict(torch_threads=torch.get_num_threads(), pid=os.getpid())
 
@@ -111,7 +129,6 @@ def build_engine_in_own_process(model_kind: str, device_name: str, config, torch
 def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "engine") -> None:
     """`engine`: the engine in this process, with torch's default threads. `engine_process`: the engine in a
     process of its own, as the worker runs it (EngineProcess: same interface, outputs over a pipe)."""
-    from workers.engine.engine import Engine
     from workers.engine.process import EngineProcess
 
     config = engine_config(args, max(levels))
@@ -123,7 +140,7 @@ def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "
                                    start_timeout_s=args.service_start_timeout)
             threads = engine.info["torch_threads"]
         else:
-            engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
+            engine = bench_engine(model, device, config)
             threads = torch.get_num_threads()
         engine.warmup()
         for name in args.sampling:  # each workload's first steps pay its one-time costs here, untimed
@@ -139,9 +156,12 @@ def run_engine(model, device, args, levels, prompts, record, meta, mode: str = "
                       eos_token_id=-1, setup_and_warmup_s=round(time.perf_counter() - started, 2))
     try:
         # A level's workloads one after another, so that x greedy compares runs seconds apart.
+        produced: dict[tuple[int, str], list[int]] = {}
         for c, name in itertools.product(levels, args.sampling):
             n = requests_per_level(args, c)
-            reqs = engine_closed_loop(engine, c, n, prompts, args.output_len, args.request_timeout, name)
+            out_len = output_lengths(name, args.output_len, {w: v for (at, w), v in produced.items() if at == c})
+            reqs = engine_closed_loop(engine, c, n, prompts, out_len, args.request_timeout, name)
+            produced[c, name] = [r.output_tokens for r in reqs]
             record(summarize(mode, c, reqs, args.output_len, dict(engine_stats=engine.stats()), sampling=name))
     finally:
         engine.shutdown()

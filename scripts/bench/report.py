@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from scripts.bench.workloads import GREEDY
+from scripts.bench.workloads import BASELINES, GRAMMAR_WORKLOADS, GREEDY, LENGTH_OF
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ def failure(status: str, error: str, **row_labels) -> dict:
 
 def summarize(mode: str, concurrency: int, reqs: list[Req], target_output: int, extra: Optional[dict] = None,
               sampling: str = GREEDY, client: Optional[str] = None) -> dict:
+    """A level's row. Every count is of the tokens produced (a grammar's row ends before target_output): tokens/s is
+    their total over the duration, output_len_mean their mean per request, TPOT each request's own (its tokens - 1)
+    and ITL the gaps between its outputs, so both stay per token (per output) whatever a request's length."""
     done = [r for r in reqs if r.error is None and r.end is not None]
     failed = [r for r in reqs if r not in done]
     row = dict(labels(mode, concurrency, sampling, client), status="ok", num_requests=len(reqs),
@@ -96,7 +99,8 @@ def summarize(mode: str, concurrency: int, reqs: list[Req], target_output: int, 
                output_tok_s=out_tokens / duration, request_s=len(done) / duration,
                total_tok_s=(in_tokens + out_tokens) / duration,
                ttft_ms=stats_ms(ttft), tpot_ms=stats_ms(tpot), itl_ms=stats_ms(itl), e2el_ms=stats_ms(e2el),
-               finish_reasons=reasons, short_requests=sum(1 for r in done if r.output_tokens < target_output))
+               output_len_mean=out_tokens / len(done), finish_reasons=reasons,
+               short_requests=sum(1 for r in done if r.output_tokens < target_output))
     row.update(extra or {})
     return row
 
@@ -109,6 +113,10 @@ def add_ratios(results: list[dict]) -> dict:
       vs_hf_generate                every row: over hf_generate's (all its requests in the round)
       vs_engine, vs_engine_process  service rows: over that engine mode's row, same workload and concurrency
       vs_greedy                     sampled rows: over their mode's (and client's) greedy row, same concurrency
+      vs_defaults                   the output controls (json_schema, logprobs: workloads.BASELINES): over their
+                                    mode's (and client's) defaults row, same concurrency (unconstrained sampling)
+      vs_length_matched             json_schema rows: over their series' defaults-json-len row (workloads.LENGTH_OF:
+                                    unconstrained, each request as long as json_schema's), same concurrency
       vs_c1                         rows above concurrency 1: over their series' row at 1 (the gain from batching)
     Returns the baseline (all rounds' hf_generate requests)."""
     ok = [r for r in results if r.get("status") == "ok"]
@@ -135,12 +143,19 @@ def add_ratios(results: list[dict]) -> dict:
                     r[f"vs_{engine}"] = over(r, (engine, None, sampling, c))
             if sampling != GREEDY:
                 r["vs_greedy"] = over(r, (mode, client, GREEDY, c))
+            if sampling in BASELINES:
+                r["vs_defaults"] = over(r, (mode, client, BASELINES[sampling], c))
+            twin = TWIN_OF.get(sampling)
+            if twin is not None:
+                r["vs_length_matched"] = over(r, (mode, client, twin, c))
             if c != 1:
                 r["vs_c1"] = over(r, (mode, client, sampling, 1))
     return dict(hf_generate_tok_s=overall, note="all hf_generate requests of this run: tokens / seconds")
 
 
-RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_process", "vs_greedy", "vs_c1")
+TWIN_OF = {source: twin for twin, source in LENGTH_OF.items()}  # json_schema -> defaults-json-len
+RATIOS = ("vs_hf_generate", "vs_engine", "vs_engine_process", "vs_greedy", "vs_defaults", "vs_c1")  # the columns
+MORE_RATIOS = ("vs_length_matched",)  # in the JSON and the targets' detail, not the table
 
 
 def summary(results: list[dict]) -> list[dict]:
@@ -156,8 +171,9 @@ def summary(results: list[dict]) -> list[dict]:
             continue
         row = dict(ok[(len(ok) - 1) // 2], rounds=len(ok),
                    output_tok_s_range=[ok[0]["output_tok_s"], ok[-1]["output_tok_s"]])
-        for ratio in RATIOS:
-            row[ratio] = percentile([r[ratio] for r in ok if r.get(ratio) is not None], 50)
+        for ratio in RATIOS + MORE_RATIOS:
+            if ratio in RATIOS or any(ratio in r for r in ok):
+                row[ratio] = percentile([r[ratio] for r in ok if r.get(ratio) is not None], 50)
         out.append(row)
     return out
 
@@ -177,7 +193,12 @@ TARGETS = (
      dict(mode="engine_process", sampling="penalties"), "vs_greedy", 0.7),
     ("service, openai SDK streams, t1.0 (temperature 1.0): tokens/s at 32 concurrent vs 1",
      dict(mode="service", client="openai", sampling="t1.0"), "vs_c1", 5.0),
-)
+) + tuple(  # issue 15: the output controls' cost over unconstrained sampling (the defaults row), in every mode
+    (f"{mode} {name} ({what}) tokens/s vs defaults at 32 concurrent", dict(mode=mode, sampling=name), "vs_defaults",
+     least)
+    for mode in ("engine", "engine_process", "service")
+    for name, what, least in (("json_schema", "the docs' defaults + response_format json_schema", 0.8),
+                              ("logprobs", "the docs' defaults + logprobs, top_logprobs 5", 0.85)))
 
 
 def target_row(rows: list[dict], mode: str, sampling: str = GREEDY, client: Optional[str] = None,
@@ -195,9 +216,27 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     for what, where, ratio, least in TARGETS:
         row = target_row(rows, **where)
         if row and row.get(ratio) is not None:
-            out.append(dict(what=what, value=row[ratio], target=least, met=row[ratio] >= least,
-                            applies=device.type == "cpu"))
+            target = dict(what=what, value=row[ratio], target=least, met=row[ratio] >= least,
+                          applies=device.type == "cpu")
+            if ratio == "vs_defaults":
+                target["detail"] = baseline_detail(row, target_row(rows, row["mode"], BASELINES[row["sampling"]],
+                                                                   row.get("client"), row["concurrency"]))
+            out.append(target)
     return out
+
+
+def baseline_detail(row: dict, base: Optional[dict]) -> Optional[str]:
+    """What an x defaults ratio compares, beyond tokens/s: the mean output length (a grammar's row is shorter, so
+    its prefill weighs more per output token), TPOT (the decode time per token a stream sees), and for json_schema
+    its ratio to the length-matched unconstrained row (the grammar's own cost)."""
+    if base is None:
+        return None
+    detail = (f"mean output {fmt(row.get('output_len_mean'))} vs {fmt(base.get('output_len_mean'))} tokens; TPOT "
+              f"mean {fmt(row['tpot_ms']['mean'], 2)} vs {fmt(base['tpot_ms']['mean'], 2)} ms")
+    if row.get("vs_length_matched") is not None:
+        detail += (f"; {row['vs_length_matched']:.2f}x the length-matched {TWIN_OF[row['sampling']]} row "
+                   "(the grammar's own cost)")
+    return detail
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -214,9 +253,9 @@ def mode_label(row: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ["mode", "sampling", "conc", "reqs", "out tok/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
-            "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "x greedy", "x c=1",
-            "rounds: tok/s min-max"]
+    head = ["mode", "sampling", "conc", "reqs", "out len", "out tok/s", "req/s", "TTFT ms mean/p50/p99",
+            "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "x greedy",
+            "x defaults", "x c=1", "rounds: tok/s min-max"]
     rows: list[list[str]] = []
     for r in results:
         names = [mode_label(r), r["sampling"], str(r["concurrency"])]
@@ -225,10 +264,13 @@ def table(results: list[dict]) -> str:
             continue
         triple = lambda m: "/".join(fmt(r[m][k]) for k in ("mean", "p50", "p99"))  # noqa: E731
         reqs = f"{r['completed']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
-        if r.get("short_requests"):
+        if r["sampling"] in GRAMMAR_WORKLOADS:  # shorter by design: those its --output-len cut off instead
+            cut = (r.get("finish_reasons") or {}).get("length")
+            reqs += f" ({cut} cut)" if cut else ""
+        elif r.get("short_requests") and r["sampling"] not in LENGTH_OF:  # (a twin is as short as its source)
             reqs += f" ({r['short_requests']} short)"
-        rows.append(names + [reqs, fmt(r["output_tok_s"]), fmt(r["request_s"], 2), triple("ttft_ms"),
-                             triple("tpot_ms"), triple("itl_ms")]
+        rows.append(names + [reqs, fmt(r.get("output_len_mean")), fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
+                             triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms")]
                     + [fmt(r.get(ratio), 2) for ratio in RATIOS] + [spread(r)])
     # A failed row's names count for the widths, not its message.
     widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head) or i < len(row) - 1])

@@ -18,7 +18,8 @@ from typing import Optional
 
 from scripts.bench import ROOT
 from scripts.bench.report import Req, failure, say, summarize
-from scripts.bench.workloads import GREEDY, SAMPLING, requests_per_level, text_prompts
+from scripts.bench.workloads import (GREEDY, max_tokens_of, output_lengths, request_fields, requests_per_level,
+                                     text_prompts)
 
 
 # --- mode 4: the whole service over HTTP
@@ -40,10 +41,11 @@ def find_redis(url: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: int,
+async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: list[int] | int,
                               timeout: float, client_kind: str = "aiohttp", sampling: str = GREEDY) -> list[Req]:
     """c clients, each sending its next streamed request when the previous one ends, until n are done. Request i
-    samples with the workload `sampling` and seed i."""
+    samples with the workload `sampling` and seed i, and sends its output controls (response_format, logprobs and
+    top_logprobs) as they are: both clients take the same body. max_tokens is out_len (or out_len[i])."""
     from config.settings import SERVED_MODEL_ID
 
     counter = itertools.count()
@@ -56,8 +58,8 @@ async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, o
             reqs[i] = req = Req(start=time.perf_counter())
             messages = [{"role": "user", "content": texts[i % len(texts)]}]
             try:
-                await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=out_len,
-                                     **SAMPLING[sampling], seed=i, stream=True,
+                await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=max_tokens_of(out_len, i),
+                                     **request_fields(sampling), seed=i, stream=True,
                                      stream_options={"include_usage": True}))
             except Exception as exc:
                 cause = exc.__cause__ or exc.__context__
@@ -72,6 +74,8 @@ async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, o
 
 
 def _record_chunk(req: Req, chunk: dict, now: float) -> None:
+    """A chunk's arrival (when it carries text) and finish reason; the output tokens from its usage (the count the
+    service produced: a json_schema reply ends when its JSON is complete, before max_tokens)."""
     if chunk.get("choices"):
         choice = chunk["choices"][0]
         if (choice.get("delta") or {}).get("content"):
@@ -146,12 +150,19 @@ class ServiceSeries:
 
 
 def service_series(args) -> list[ServiceSeries]:
-    """Greedy from --service-client at every level: the rows compared with the engine. Then each
-    --service-sdk-sampling workload from the official SDK at concurrency 1 and the highest level: its x c=1 is
-    what batching gives a client as users run it."""
-    sdk_levels = tuple(sorted({1, max(args.levels)}))
-    return ([ServiceSeries(args.service_client, GREEDY, tuple(args.levels))]
-            + [ServiceSeries("openai", name, sdk_levels) for name in args.service_sdk_sampling])
+    """Greedy from --service-client at every level: the rows compared with the engine. Then each --service-sampling
+    workload from the same client at the highest level (defaults, and the output controls beside it for
+    x defaults). Then each --service-sdk-sampling workload from the official SDK at concurrency 1 and the highest
+    level: its x c=1 is what batching gives a client as users run it. A (client, workload) named twice runs
+    once, at the union of its levels."""
+    top = max(args.levels)
+    wanted = ([(args.service_client, GREEDY, set(args.levels))]
+              + [(args.service_client, name, {top}) for name in getattr(args, "service_sampling", ())]
+              + [("openai", name, {1, top}) for name in args.service_sdk_sampling])
+    levels: dict[tuple[str, str], set] = {}
+    for client, name, at in wanted:
+        levels.setdefault((client, name), set()).update(at)
+    return [ServiceSeries(client, name, tuple(sorted(at))) for (client, name), at in levels.items()]
 
 
 def run_service(model_kind, device, args, record, meta) -> None:
@@ -205,18 +216,22 @@ def run_service(model_kind, device, args, record, meta) -> None:
         meta["service"]["start_s"] = round(time.perf_counter() - started, 1)
         say(f"service: ready in {meta['service']['start_s']} s at {stack.base_url} (logs in {log_dir})")
 
-        def closed_loop(run: ServiceSeries, c: int, n: int, out_len: int) -> list[Req]:
+        def closed_loop(run: ServiceSeries, c: int, n: int, out_len: list[int] | int) -> list[Req]:
             return asyncio.run(service_closed_loop(stack.base_url, texts, c, n, out_len, args.request_timeout,
                                                    run.client, run.sampling))
 
         prompt_lens = []
+        produced: dict[tuple[str, int, str], list[int]] = {}  # (client, c, workload) -> tokens per request
         for run in runs:
             # Untimed: the service's and this client's first requests pay one-time costs.
             bad = [r.error for r in closed_loop(run, min(4, max_c), min(4, max_c), 8) if r.error]
             if bad:
                 raise RuntimeError(f"warm-up requests failed ({run.client}, {run.sampling}): {bad[0]}")
             for c in run.levels:
-                reqs = closed_loop(run, c, requests_per_level(args, c), args.output_len)
+                here = {w: v for (client, at, w), v in produced.items() if (client, at) == (run.client, c)}
+                out_len = output_lengths(run.sampling, args.output_len, here)
+                reqs = closed_loop(run, c, requests_per_level(args, c), out_len)
+                produced[run.client, c, run.sampling] = [r.output_tokens for r in reqs]
                 prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
                 record(summarize("service", c, reqs, args.output_len,
                                  dict(note="output tokens from usage; ITL per SSE chunk"),

@@ -126,3 +126,100 @@ def test_the_table_names_each_row_s_workload_and_client():
     assert lines[0].split()[:3] == ["mode", "sampling", "conc"]
     assert lines[2].split()[:4] == ["service", "(openai)", "t1.0", "32"]
     assert lines[3].split() == ["engine_process", "defaults", "32", "error:", "boom"]
+
+
+# --- the output controls (issue 15): json_schema and logprobs against the defaults row
+
+def controls_rows(round_: int, defaults: float, json_schema: float, twin: float, logprobs: float,
+                  mode: str = "engine_process", client=None) -> list[dict]:
+    return [row(round_, mode, defaults, sampling="defaults", client=client),
+            row(round_, mode, json_schema, sampling="json_schema", client=client),
+            row(round_, mode, twin, sampling="defaults-json-len", client=client),
+            row(round_, mode, logprobs, sampling="logprobs", client=client)]
+
+
+def test_a_grammar_row_counts_the_tokens_it_produced():
+    # Two json_schema requests that ended with "stop" after 3 and 5 tokens, of --output-len 128.
+    reqs = [Req(start=0.0, times=[0.1, 0.2, 0.3], end=0.3, output_tokens=3, prompt_tokens=4, finish_reason="stop"),
+            Req(start=0.0, times=[0.1, 0.5], end=0.5, output_tokens=5, prompt_tokens=4, finish_reason="stop")]
+    r = summarize("engine", 2, reqs, target_output=128, sampling="json_schema")
+    assert r["output_tokens"] == 8 and r["output_tok_s"] == pytest.approx(8 / 0.5)  # real tokens, not 2 x 128
+    assert r["output_len_mean"] == pytest.approx(4.0)
+    assert r["tpot_ms"]["mean"] == pytest.approx((200 / 2 + 400 / 4) / 2)  # each request over its own tokens - 1
+    assert r["finish_reasons"] == {"stop": 2}
+    line = table([r]).splitlines()[2].split()
+    assert line[:5] == ["engine", "json_schema", "2", "2", "4.0"]           # no "(2 short)": shorter by design
+    cut = summarize("engine", 1, [req(0.0, [0.1, 0.2], 2)], target_output=2, sampling="json_schema")
+    assert "(1 cut)" in table([cut])                                          # --output-len ended its JSON
+
+
+def test_x_defaults_is_over_the_defaults_row_of_the_same_series_concurrency_and_round():
+    results = (controls_rows(1, 1000, 500, 800, 900) + controls_rows(2, 800, 480, 720, 600)
+               + controls_rows(3, 1000, 300, 900, 870)
+               + [row(1, "engine", 700, sampling="json_schema")]                 # engine: no defaults row
+               + controls_rows(1, 600, 420, 540, 480, mode="service", client="aiohttp")
+               + [row(1, "service", 900, sampling="defaults", client="openai")])  # another client's: not its
+    add_ratios(results)
+    ep = [r for r in results if r["mode"] == "engine_process"]
+    assert [r["vs_defaults"] for r in ep if r["sampling"] == "json_schema"] == pytest.approx([0.5, 0.6, 0.3])
+    assert [r["vs_defaults"] for r in ep if r["sampling"] == "logprobs"] == pytest.approx([0.9, 0.75, 0.87])
+    assert [r["vs_defaults"] for r in ep if r["sampling"] == "defaults-json-len"] == pytest.approx([0.8, 0.9, 0.9])
+    assert [r["vs_length_matched"] for r in ep if r["sampling"] == "json_schema"] == pytest.approx(
+        [500 / 800, 480 / 720, 300 / 900])
+    assert all("vs_defaults" not in r for r in results if r["sampling"] in ("defaults", "greedy"))
+    assert next(r for r in results if r["mode"] == "engine")["vs_defaults"] is None
+    service = {r["sampling"]: r for r in results if r.get("client") == "aiohttp"}
+    assert service["json_schema"]["vs_defaults"] == pytest.approx(0.7)   # over aiohttp's defaults (600), not 900
+    reported = {(r["mode"], r["sampling"]): r for r in summary(results)}
+    json_row = reported[("engine_process", "json_schema")]
+    assert json_row["output_tok_s"] == 480 and json_row["vs_defaults"] == pytest.approx(0.5)   # medians
+    assert json_row["vs_length_matched"] == pytest.approx(500 / 800)
+    assert "vs_length_matched" not in reported[("engine_process", "logprobs")]
+    header = table([]).splitlines()[0]
+    assert "x defaults" in header and "out len" in header
+
+
+def test_the_issue_15_targets_are_judged_per_mode_on_the_rows_at_32():
+    results = (controls_rows(1, 1000, 800, 900, 849) + controls_rows(1, 1000, 790, 850, 850, mode="engine")
+               + controls_rows(1, 1000, 900, 950, 900, mode="service", client="aiohttp"))
+    for r in results:
+        r.update(output_len_mean=26.0 if r["sampling"] in ("json_schema", "defaults-json-len") else 128.0,
+                 tpot_ms=dict(mean=9.0))
+    add_ratios(results)
+    judged = {t["what"].split(" (")[0]: t for t in targets(summary(results), device=_cpu())}
+    assert {name: (t["value"], t["target"], t["met"]) for name, t in judged.items()
+            if "defaults at 32" in t["what"]} == {
+        "engine_process json_schema": (pytest.approx(0.8), 0.8, True),
+        "engine_process logprobs": (pytest.approx(0.849), 0.85, False),
+        "engine json_schema": (pytest.approx(0.79), 0.8, False),
+        "engine logprobs": (pytest.approx(0.85), 0.85, True),
+        "service json_schema": (pytest.approx(0.9), 0.8, True),
+        "service logprobs": (pytest.approx(0.9), 0.85, True)}
+    detail = judged["engine_process json_schema"]["detail"]
+    assert "mean output 26.0 vs 128.0 tokens" in detail and "0.89x the length-matched defaults-json-len" in detail
+    assert "length-matched" not in judged["engine_process logprobs"]["detail"]
+
+
+def test_a_length_matched_twin_asks_each_request_for_its_source_s_length():
+    from scripts.bench.workloads import max_tokens_of, output_lengths, workload_names
+
+    assert output_lengths("defaults", 128, {}) == 128
+    lengths = output_lengths("defaults-json-len", 128, {"json_schema": [26, 0, 31]})
+    assert lengths == [26, 1, 31] and [max_tokens_of(lengths, i) for i in (0, 2, 3)] == [26, 31, 26]
+    with pytest.raises(RuntimeError):
+        output_lengths("defaults-json-len", 128, {})
+    with pytest.raises(SystemExit):
+        workload_names("defaults-json-len,json_schema", "--sampling")   # its source must run first
+
+
+def test_the_controls_reach_the_engine_and_the_request_body():
+    from scripts.bench.workloads import engine_fields, request_fields
+
+    assert engine_fields("defaults") == dict(grammar=None, logprobs=None)
+    assert engine_fields("logprobs") == dict(grammar=None, logprobs=5)
+    grammar = engine_fields("json_schema")["grammar"]
+    assert isinstance(grammar, str) and '"maxLength":16' in grammar.replace(" ", "")
+    body = request_fields("json_schema")
+    assert body["temperature"] == 0.3 and body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["schema"]["required"] == ["name", "age", "tags"]
+    assert request_fields("logprobs") == dict(request_fields("defaults"), logprobs=True, top_logprobs=5)
