@@ -101,17 +101,11 @@ def _take(req: Req, outputs, now: float) -> bool:
 
 def bench_engine(model, device, config):
     """The engine as the benchmark runs it: eos_token_id=-1, so no row ends on EOS and every unconstrained row
-    makes --output-len tokens. Its grammar support is rebuilt with the model's EOS id: GrammarSupport gives the
-    engine's eos_token_id to llguidance's tokenizer, which cannot take -1 (an OverflowError out of the first
-    constrained submit). A constrained row still ends by itself, with "stop", when its grammar is complete."""
+    makes --output-len tokens. A constrained row still ends by itself, with "stop", when its grammar is
+    complete (the grammar knows the tokenizer's own EOS)."""
     from workers.engine.engine import Engine
-    from workers.engine.grammar import GrammarSupport
 
-    engine = Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
-    eos = getattr(model.config, "eos_token_id", None)
-    engine.grammars = GrammarSupport(engine.vocab_size, eos if isinstance(eos, int) and eos >= 0 else 2,
-                                     engine.config.max_num_seqs, engine.device)
-    return engine
+    return Engine(model, device, eos_token_id=-1, **({"config": config} if config is not None else {}))
 
 
 def build_engine_in_own_process(model_kind: str, device_name: str, config, torch_threads: int):

@@ -208,3 +208,47 @@ def test_choices_share_the_prompts_prefill_and_draw_their_own_tokens(model):
     finally:
         engine.shutdown()
     assert together == alone and len({tuple(t) for t in alone}) == 3
+
+
+def test_the_compiled_mask_equals_the_tensor_ops(monkeypatch):
+    """The constrained rows' -inf, from the packed bitmask: one compiled pass on the CPU, tensor ops on a GPU."""
+    from workers.engine import cpu_kernels
+    from workers.engine.grammar import GrammarSupport
+
+    support = GrammarSupport(32000, 4, torch.device("cpu"))
+    matchers = [support.matcher(grammar_for({"type": "json_object"})),
+                support.matcher(grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}),
+                                [support._llg_tokenizer().tokenize_str('{"name":"ab')[0]])]
+    logits = torch.randn(3, 32000, generator=torch.Generator().manual_seed(3))
+    compiled = logits.clone()
+    support.apply_(compiled, [0, 2], support.fill_async(matchers))
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    tensor_ops = logits.clone()
+    support.apply_(tensor_ops, [0, 2], support.fill_async(matchers))
+    assert torch.equal(compiled, tensor_ops) and torch.equal(compiled[1], logits[1])
+    assert 0 < int(torch.isfinite(compiled[0]).sum()) < 100 and 0 < int(torch.isfinite(compiled[2]).sum())
+
+
+def test_an_engine_that_ignores_eos_still_ends_a_complete_grammar(model):
+    """The benchmark's engine has eos_token_id=-1 (no row ends on EOS): a constrained row still ends with
+    "stop" when its JSON is complete (the grammar knows the tokenizer's own EOS)."""
+    engine = Engine(model, torch.device("cpu"), eos_token_id=-1, config=EngineConfig(max_model_len=1024))
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    try:
+        result = collect(engine.submit(EngineRequest("e", prompts_of([5])[0], SamplingParams(seed=1), 300,
+                                                     grammar=grammar)))
+    finally:
+        engine.shutdown()
+    assert result["reason"] == "stop"
+    jsonschema.validate(json.loads(raw_tokenizer().decode(result["tokens"])), PERSON)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_k_by_blocks_equals_topk(k):
+    from workers.engine.logits_processors import top_k_rows
+
+    values = torch.randn(7, 32000, generator=torch.Generator().manual_seed(k))
+    values[3, 1000:1128] += 5  # the top k in one block
+    expected = values.topk(k, dim=-1)
+    top, ids = top_k_rows(values, k)
+    assert torch.equal(top, expected.values) and torch.equal(ids, expected.indices)

@@ -99,7 +99,22 @@ def _uniforms_rows(keys: np.ndarray, positions: np.ndarray, draw: int, out: np.n
         out[r] = _mix32(keys[r] ^ _mix32(counter)) * (1.0 / 2**32)
 
 
+def _mask_rows(logits: np.ndarray, rows: np.ndarray, words: np.ndarray) -> None:
+    vocab = logits.shape[1]
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        for w in range(words.shape[1]):
+            word = words[r, w]
+            if word == -1:  # all 32 allowed (the common case inside a string)
+                continue
+            for b in range(32):
+                token = w * 32 + b
+                if token < vocab and not (word >> b) & 1:
+                    logits[row, token] = -np.inf
+
+
 _shift_scale_compiled = _compile(_shift_scale_rows)
+_mask_compiled = _compile(_mask_rows)
 _uniforms_compiled = _compile(_uniforms_rows)
 _first_draw_compiled = _compile(_first_draw_rows, reassoc=True, nsz=True)
 # Reassociation lets the sum be vectorised. Each row is still summed on its own, in an order fixed by the
@@ -112,6 +127,15 @@ def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     if not _takes(logits):
         return False
     _shift_scale_compiled(logits.numpy(), shift.numpy(), scale.numpy())  # [R] float32 each, from sampling.py
+    return True
+
+
+def apply_token_mask_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> bool:
+    """Every token whose bit is 0 in words[r] (int32 [R, ceil(V / 32)], bit b of word w: token 32 w + b) becomes
+    -inf in logits[rows[r]] (float32 [S, V]), in place, in one pass over the packed words."""
+    if not _takes(logits):
+        return False
+    _mask_compiled(logits.numpy(), rows.contiguous().numpy(), words.contiguous().numpy())
     return True
 
 

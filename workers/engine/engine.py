@@ -58,7 +58,7 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
-        self.grammars = GrammarSupport(self.vocab_size, eos_token_id, self.config.max_num_seqs, self.device)
+        self.grammars = GrammarSupport(self.vocab_size, self.config.max_num_seqs, self.device)
         # The step's sampled tokens come back through this pinned buffer: one non-blocking copy, one wait.
         self._host_tokens = torch.zeros(self.config.max_num_seqs, dtype=torch.long,
                                         pin_memory=self.device.type == "cuda")
@@ -175,7 +175,8 @@ class Engine:
         try:
             self._reset_slots(batch.admitted)
             self.runner.copy_blocks(batch.kv_copies)
-            tokens, logprobs = self._sample(sampled, self.runner.run(batch))
+            masks = self.grammars.fill_async([s.matcher for s in sampled if s.matcher is not None])
+            tokens, logprobs = self._sample(sampled, self.runner.run(batch), masks)
         except Exception as exc:  # the model or sampling failed: this step's requests fail, the engine goes on
             self._failed_steps += 1
             if is_out_of_memory(exc) and self._shrink_after_oom(exc):
@@ -245,20 +246,21 @@ class Engine:
                                      seq.sampling.presence_penalty)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: only there can they be worked in place
-    def _sample(self, sampled: list[Sequence], out: StepOutput) -> tuple[list[int], list]:
+    def _sample(self, sampled: list[Sequence], out: StepOutput, masks=None) -> tuple[list[int], list]:
         """One token per row of out.logits [S, V], and per row its logprobs (None where not asked): the tokens a
         decode graph drew unless a row's logits are processed (penalties, a bias, a grammar), else the
-        engine's own draw (_sample_processed). Logprobs come from the raw logits, before either."""
+        engine's own draw (_sample_processed). Logprobs come from the raw logits, before either. `masks`: the
+        constrained rows' masks being filled (GrammarSupport.fill_async)."""
         if not sampled:
             return [], []
         logprobs = RawLogprobs.of(out.logits, sampled)
         if out.tokens is not None and not any(s.processed for s in sampled):
             tokens = self._finish_graph_draw(sampled, out)
         else:
-            tokens = self._sample_processed(sampled, out.logits)
+            tokens = self._sample_processed(sampled, out.logits, masks)
         return tokens, logprobs.entries(tokens) if logprobs else [None] * len(tokens)
 
-    def _sample_processed(self, sampled: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample_processed(self, sampled: list[Sequence], logits: torch.Tensor, masks=None) -> list[int]:
         """Penalties, logit biases and grammar masks in place in logits [S, V] (this step's own tensor), then
         argmax for greedy rows and one batched draw (sampling.py) for the others."""
         penalized = [i for i, s in enumerate(sampled) if s.penalized]
@@ -268,7 +270,9 @@ class Engine:
         apply_logit_bias_(logits, sampled)
         constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
         if constrained:
-            self.grammars.apply_(logits, constrained, [sampled[i].matcher for i in constrained])
+            if masks is None:  # (not started with the step)
+                masks = self.grammars.fill_async([sampled[i].matcher for i in constrained])
+            self.grammars.apply_(logits, constrained, masks)
         random = [i for i, s in enumerate(sampled) if not s.greedy]
         if len(random) == len(sampled):
             tokens = sample(logits, *self._draw_inputs(sampled))

@@ -1,6 +1,7 @@
 """Constrained decoding: each constrained row's llguidance matcher says which tokens may come next, as a bitmask;
-a step fills the masks of all its constrained rows at once (llguidance's thread pool, without the GIL), moves
-them in one copy, and sets every token a row may not take to -inf before sampling. After sampling, each matcher
+a step fills the masks of all its constrained rows at once (llguidance's thread pool, without the GIL) while
+the model computes the step, moves them in one copy, and sets every token a row may not take to -inf before
+sampling. After sampling, each matcher
 consumes its row's token; a matcher that can go no further (its JSON is complete) ends the row with "stop".
 
 Matchers are built in `submit` (from the grammar that jobs/structured_output.py compiled at the API), never on
@@ -9,6 +10,7 @@ the decode loop. The vocabulary they read is jobs/vocabulary.py's.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import llguidance
@@ -16,6 +18,7 @@ import llguidance.torch
 import torch
 
 from jobs import vocabulary
+from workers.engine import cpu_kernels
 
 
 class _Vocabulary:
@@ -25,11 +28,11 @@ class _Vocabulary:
     space before a text's first piece, so its tokens of a fragment would not decode to the fragment, which
     llguidance requires (it tokenizes fragments of the output to force bytes)."""
 
-    def __init__(self, eos_token_id: int):
+    def __init__(self):
         from jobs.chat_format import raw_tokenizer
 
         tokenizer = raw_tokenizer()
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = tokenizer.eos_id  # the tokenizer's own (an engine may be told to ignore EOS: -1)
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = list(vocabulary.special_ids())
         pieces = vocabulary.token_bytes()
@@ -58,9 +61,8 @@ class _Vocabulary:
 
 
 class GrammarSupport:
-    def __init__(self, vocab_size: int, eos_token_id: int, max_rows: int, device: torch.device):
+    def __init__(self, vocab_size: int, max_rows: int, device: torch.device):
         self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
         self.device = device
         self._lock = threading.Lock()
         self._tokenizer: Optional[llguidance.LLTokenizer] = None
@@ -68,6 +70,8 @@ class GrammarSupport:
         shape = llguidance.torch.get_bitmask_shape(max_rows, vocab_size)  # [rows, ceil(V / 32)] int32
         self.host_masks = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._bits = torch.arange(32, dtype=torch.int32, device=device)  # [32]
+        # One thread: a step's fill never overlaps the previous one's (they share host_masks).
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:  # built once, on the first constrained request (a fraction of a second)
@@ -75,7 +79,7 @@ class GrammarSupport:
                 if vocabulary.vocab_size() != self.vocab_size:
                     raise ValueError(f"constrained decoding needs the tokenizer's vocabulary "
                                      f"({vocabulary.vocab_size()} tokens); the model has {self.vocab_size}")
-                wrapper = llguidance.TokenizerWrapper(_Vocabulary(self.eos_token_id))
+                wrapper = llguidance.TokenizerWrapper(_Vocabulary())
                 self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size)
                 self._executor = llguidance.LLExecutor()
             return self._tokenizer
@@ -83,21 +87,37 @@ class GrammarSupport:
     def matcher(self, grammar: str, generated: Sequence[int] = ()) -> llguidance.LLMatcher:
         """A request's matcher, having consumed the tokens it already generated (a resumed job's). Raises
         ValueError with the reason if the grammar or those tokens are refused."""
-        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        except ValueError:
+            raise
+        except Exception as exc:  # whatever the library raises: the request fails, the caller goes on
+            raise ValueError(f"{type(exc).__name__}: {exc}") from exc
         if generated and not matcher.consume_tokens(list(generated)):
             raise ValueError(f"the resumed tokens do not fit the grammar: {matcher.get_error()}")
         if matcher.is_error():
             raise ValueError(matcher.get_error())
         return matcher
 
-    def apply_(self, logits: torch.Tensor, rows: list[int], matchers: list[llguidance.LLMatcher]) -> None:
-        """logits [S, V] float32: every token matchers[i] forbids at rows[i] becomes -inf."""
+    def fill_async(self, matchers: list[llguidance.LLMatcher]) -> Optional[Future]:
+        """Start filling the masks of a step's constrained rows (in its order), on the grammar thread: it runs
+        while the model computes the step (llguidance drops the GIL), and apply_ waits for it."""
+        if not matchers:
+            return None
+        pairs = [(m, i) for i, m in enumerate(matchers)]
+        masks = self.host_masks[:len(matchers)]
+        return self._filler.submit(llguidance.torch.fill_next_token_bitmask_par, self._executor, pairs, masks)
+
+    def apply_(self, logits: torch.Tensor, rows: list[int], filled: Future) -> None:
+        """logits [S, V] float32: every token the i-th constrained row's matcher forbids at rows[i] becomes
+        -inf, once fill_async's masks are done."""
+        filled.result()
         masks = self.host_masks[:len(rows)]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
-                                                     masks)
+        index = torch.tensor(rows, device=self.device)
+        if cpu_kernels.apply_token_mask_(logits, index, masks):  # on the CPU: one pass over the packed words
+            return
         words = masks.to(self.device, non_blocking=True)                              # [R, W] int32
         allowed = ((words.unsqueeze(2) >> self._bits) & 1).view(len(rows), -1)[:, :self.vocab_size]  # [R, V]
-        index = torch.tensor(rows, device=self.device)
         logits[index] = logits[index].masked_fill_(allowed == 0, float("-inf"))
 
     @staticmethod

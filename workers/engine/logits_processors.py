@@ -34,13 +34,29 @@ def apply_logit_bias_(logits: torch.Tensor, sampled: list[Sequence]) -> None:
     logits.view(-1).index_add_(0, flat, values)
 
 
+def top_k_rows(values: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """values.topk(k) of [R, V], as (values, indices) [R, k]. On the CPU torch's topk over V is slow: the top k
+    lie in the k blocks with the largest maxima, so take those blocks and the top k inside them."""
+    rows, vocab = values.shape
+    if values.device.type != "cpu" or vocab % block or k * block * 4 > vocab:
+        return values.topk(k, dim=-1)
+    blocks = values.view(rows, vocab // block, block)                     # [R, V/b, b]
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices                   # [R, k] blocks holding the top k
+    candidates = blocks.gather(1, best.unsqueeze(2).expand(-1, -1, block)).view(rows, k * block)
+    top = candidates.topk(k, dim=-1)                                      # [R, k] inside them
+    ids = best.gather(1, top.indices // block) * block + top.indices % block
+    return top.values, ids
+
+
 @dataclass
 class RawLogprobs:
     """The logprobs of the rows that asked, taken from the raw logits before anything changed them (as vLLM's
-    default): log_softmax over V and the top-K, for all those rows at once."""
+    default): each row's logsumexp and its top-K, for all those rows at once; a token's logprob is its logit
+    less its row's logsumexp."""
     rows: list[int]                 # [R] rows of the step
-    logprobs: torch.Tensor          # [R, V] float32
-    top_values: torch.Tensor        # [R, K]
+    logits: torch.Tensor            # [R, V] float32, a copy of the raw logits
+    logsumexp: torch.Tensor         # [R, 1]
+    top_values: torch.Tensor        # [R, K] logprobs
     top_ids: torch.Tensor           # [R, K]
     top_counts: list[int]           # each row's own k (<= K)
 
@@ -50,17 +66,19 @@ class RawLogprobs:
         if not rows:
             return None
         counts = [sampled[i].logprobs for i in rows]
-        index = torch.tensor(rows, device=logits.device)
-        logprobs = torch.log_softmax(logits[index], dim=-1)              # [R, V]
-        top = logprobs.topk(max(counts), dim=-1) if max(counts) else None
-        empty = logprobs.new_zeros(len(rows), 0)
-        return cls(rows, logprobs, top.values if top else empty, top.indices if top else empty.long(), counts)
+        raw = logits[torch.tensor(rows, device=logits.device)]           # [R, V] (a copy)
+        logsumexp = torch.logsumexp(raw, dim=-1, keepdim=True)           # [R, 1]
+        if max(counts):
+            top_values, top_ids = top_k_rows(raw, max(counts))
+        else:
+            top_values, top_ids = raw.new_zeros(len(rows), 0), raw.new_zeros(len(rows), 0, dtype=torch.long)
+        return cls(rows, raw, logsumexp, top_values - logsumexp, top_ids, counts)
 
     def entries(self, tokens: list[int]) -> list[Optional[TokenLogprob]]:
         """Per row of the step (None where not asked): the sampled token's logprob and the top-k."""
-        device = self.logprobs.device
-        chosen = self.logprobs.gather(1, torch.tensor([tokens[i] for i in self.rows], device=device)[:, None])
-        values = torch.cat([chosen, self.top_values], dim=1).tolist()     # [R, 1 + K]
+        device = self.logits.device
+        chosen = self.logits.gather(1, torch.tensor([tokens[i] for i in self.rows], device=device)[:, None])
+        values = torch.cat([chosen - self.logsumexp, self.top_values], dim=1).tolist()  # [R, 1 + K]
         ids = self.top_ids.tolist()
         out: list[Optional[TokenLogprob]] = [None] * len(tokens)
         for r, row in enumerate(self.rows):
