@@ -44,7 +44,7 @@ BAD_FIELDS = [
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"), ({"stop": ""}, "stop"), ({"stop": ["ok", ""]}, "stop"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": 5}, "stop"), ({"seed": "x"}, "seed"),
-    ({"seed": 2**64}, "seed"), ({"stream": "yes"}, "stream"), ({"n": 2}, "n"),
+    ({"seed": 2**64}, "seed"), ({"stream": "yes"}, "stream"), ({"n": 9}, "n"), ({"n": 0}, "n"),
     ({"unknown_field": 1}, "unknown_field"), ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
