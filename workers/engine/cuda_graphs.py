@@ -19,7 +19,7 @@ import torch
 
 from workers.engine.sampling import sample_static
 from workers.engine.sequence import Sequence
-from workers.engine.step_inputs import StepInputs
+from workers.engine.step_inputs import StepInputs, max_step_tokens
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,33 @@ class DecodeGraphs:
         self.runner = runner
         self.use_graphs = capture
         cfg = runner.config
-        self.batch_sizes = doubling_buckets(cfg.max_num_seqs, 1)
-        self.widths = doubling_buckets(cfg.max_blocks_per_seq, min(16, cfg.max_blocks_per_seq))
+        self.batch_sizes, self.widths = self.sizes(cfg)
         # Every graph leaves its logits here (one [B, V] buffer, not one per bucket kept alive in the pool).
         self.logits = torch.zeros(cfg.max_num_seqs, runner.vocab_size, device=runner.device)
         self.tokens = torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=runner.device)  # sampled in the graph
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
-    def buckets(self) -> list[tuple[int, int]]:
-        return [(b, w) for b in self.batch_sizes for w in self.widths if self._fits(b, w)]
+    @staticmethod
+    def sizes(config) -> tuple[list[int], list[int]]:
+        """The buckets' batch sizes and block widths."""
+        return (doubling_buckets(config.max_num_seqs, 1),
+                doubling_buckets(config.max_blocks_per_seq, min(16, config.max_blocks_per_seq)))
 
-    def _fits(self, batch: int, width: int) -> bool:
-        if self.runner.paged_kernel is not None:
+    @classmethod
+    def buckets_for(cls, runner) -> list[tuple[int, int]]:
+        """The (batch size, width) buckets captured for `runner` (without building the graphs' buffers)."""
+        batch_sizes, widths = cls.sizes(runner.config)
+        return [(b, w) for b in batch_sizes for w in widths if cls._fits(runner, b, w)]
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return self.buckets_for(self.runner)
+
+    @classmethod
+    def _fits(cls, runner, batch: int, width: int) -> bool:
+        if runner.paged_kernel is not None:
             return True
-        per_token = 2 * self.runner.num_kv_heads * self.runner.head_dim * self.runner.k_cache.element_size()
-        return batch * width * self.runner.block_size * per_token <= self.MAX_GATHER_BYTES
+        per_token = 2 * runner.num_kv_heads * runner.head_dim * runner.k_cache.element_size()
+        return batch * width * runner.block_size * per_token <= cls.MAX_GATHER_BYTES
 
     @torch.inference_mode()
     def _forward(self, batch: int, width: int) -> torch.Tensor:
@@ -109,7 +121,7 @@ class DecodeGraphs:
         count = len(decode)
         batch = smallest_fit(self.batch_sizes, count)
         width = smallest_fit(self.widths, max(len(s.block_table) for s in decode))
-        if batch is None or width is None or not self._fits(batch, width):
+        if batch is None or width is None or not self._fits(self.runner, batch, width):
             return None
         self.runner.stager.prepare_decode(decode, batch, width)
         if self.use_graphs:
@@ -131,7 +143,7 @@ class PiecewiseGraphs:
     def __init__(self, runner, capture: bool = True):
         self.runner = runner
         self.use_graphs = capture
-        self.sizes = token_buckets(runner.stager.max_tokens)
+        self.sizes = self.sizes_for(runner)
         t, device, dtype = self.sizes[-1], runner.device, runner.dtype
         h, kvh, d = runner.num_heads, runner.num_kv_heads, runner.head_dim
         self.hidden = torch.zeros(t, runner.hidden_size, dtype=dtype, device=device)  # [T, hidden]
@@ -141,8 +153,18 @@ class PiecewiseGraphs:
         self.attn = torch.zeros(t, h, d, dtype=dtype, device=device)                   # [T, H, D]
         self.cos = torch.zeros(t, 1, d, dtype=dtype, device=device)                    # [T, 1, D]
         self.sin = torch.zeros(t, 1, d, dtype=dtype, device=device)
-        self.num_pieces = len(runner.layers) + 1
+        self.num_pieces = self.pieces_for(runner)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+
+    @staticmethod
+    def sizes_for(runner) -> list[int]:
+        """The token-count buckets, up to the most tokens a step holds."""
+        return token_buckets(max_step_tokens(runner.config))
+
+    @staticmethod
+    def pieces_for(runner) -> int:
+        """Graphs per bucket: one between each two attentions, and one on each side."""
+        return len(runner.layers) + 1
 
     def bucket(self, num_tokens: int) -> Optional[int]:
         return smallest_fit(self.sizes, num_tokens)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.engine.config import EngineConfig
-from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, token_buckets
+from workers.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs
 from workers.engine.interface import SamplingParams
 from workers.engine.scheduler import ScheduledBatch
 from workers.engine.sequence import Sequence
@@ -428,8 +428,8 @@ class ModelRunner:
 
     def graph_report(self) -> dict:
         """Buckets captured and expected, per kind of graph (what a GPU check verifies)."""
-        expected = {"decode": len(DecodeGraphs(self).buckets()),
-                    "piecewise": len(token_buckets(max_step_tokens(self.config))) * (len(self.layers) + 1)}
+        expected = {"decode": len(DecodeGraphs.buckets_for(self)),
+                    "piecewise": len(PiecewiseGraphs.sizes_for(self)) * PiecewiseGraphs.pieces_for(self)}
         captured = {"decode": len(self.graphs.graphs) if self.graphs and self.graphs.use_graphs else 0,
                     "piecewise": sum(map(len, self.piecewise.graphs.values()))
                     if self.piecewise and self.piecewise.use_graphs else 0}

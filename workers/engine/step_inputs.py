@@ -67,7 +67,7 @@ class InputStager:
         self.device = device
         self.max_tokens = n = max_step_tokens(config)
         self.max_seqs = s = config.max_num_seqs
-        self.max_blocks = mb = config.max_blocks_per_seq
+        mb = config.max_blocks_per_seq
         self.ids_at, self.positions_at, self.slots_at, self.rows_at = 0, n, 2 * n, 3 * n
         self.sampling_at = 3 * n + s
         self.tables_at = self.sampling_at + 4 * s
@@ -108,6 +108,17 @@ class InputStager:
         if self.device_buffer is not self.host:
             self.device_buffer[:used].copy_(self.host[:used], non_blocking=True)
 
+    def _write_decode_rows(self, decode: list[Sequence], rows: int) -> list[int]:
+        """Rows 0..len(decode)-1: each decoding sequence's newest token and its position; then padding rows up
+        to `rows` (token 0 at position 0). Returns the positions."""
+        buf, count = self.buffer, len(decode)
+        positions = [s.num_computed_tokens for s in decode]
+        buf[self.ids_at:self.ids_at + count] = [s.token_ids[-1] for s in decode]
+        buf[self.positions_at:self.positions_at + count] = positions
+        buf[self.ids_at + count:self.ids_at + rows] = 0
+        buf[self.positions_at + count:self.positions_at + rows] = 0
+        return positions
+
     # --- a step
     def prepare(self, batch: ScheduledBatch, padded_tokens: Optional[int] = None) -> StepInputs:
         """Inputs for `batch`; with padded_tokens, rows up to it are padding that write only the null block."""
@@ -119,9 +130,7 @@ class InputStager:
         n = batch.num_tokens
         t = padded_tokens or n
         ids, pos, slots = self.ids_at, self.positions_at, self.slots_at
-        positions = [s.num_computed_tokens for s in decode]
-        buf[ids:ids + bd] = [s.token_ids[-1] for s in decode]
-        buf[pos:pos + bd] = positions
+        positions = self._write_decode_rows(decode, bd)
         buf[slots:slots + bd] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decode, positions)]
         rows = list(range(bd))
         used = self.tables_at
@@ -161,11 +170,8 @@ class InputStager:
     def prepare_decode(self, decode: list[Sequence], rows: int, width: int) -> None:
         """A decode-only step padded to a graph bucket: ids and positions [rows], tables [rows, width], the
         sampling inputs [rows] (padding rows decode token 0 at position 0 in the null block, greedily)."""
-        buf, count = self.buffer, len(decode)
-        buf[self.ids_at:self.ids_at + count] = [s.token_ids[-1] for s in decode]
-        buf[self.ids_at + count:self.ids_at + rows] = 0
-        buf[self.positions_at:self.positions_at + count] = [s.num_computed_tokens for s in decode]
-        buf[self.positions_at + count:self.positions_at + rows] = 0
+        count = len(decode)
+        self._write_decode_rows(decode, rows)
         temperature, top_p, keys, positions = self._sampling_arrays(rows)
         temperature[:count] = [s.sampling.temperature for s in decode]
         top_p[:count] = [s.sampling.top_p for s in decode]
