@@ -132,11 +132,23 @@ def test_seed_key_folds_all_64_bits() -> None:
 
 def test_the_compiled_kernels_equal_the_tensor_ops(monkeypatch) -> None:
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(8)) * 3
+    logits[1, ::3] = float("-inf")  # a grammar's mask
     temperature = torch.tensor([0.3, 0.7, 1.0, 0.05])
     compiled = sampling._probabilities_(logits.clone(), temperature)
     with monkeypatch.context() as patch:
         patch.setattr(cpu_kernels, "enabled", False)
         assert torch.equal(compiled, sampling._probabilities_(logits.clone(), temperature))  # the same bits
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "tensor ops"], indirect=True)
+def test_probabilities_under_the_floor_are_zero(kernels: str) -> None:
+    """Scaled logits under LOGIT_FLOOR (whose exp is not a normal float32, and slow on CPU) and -inf (masked)
+    give probability 0 exactly; the others are exp((z - max) / T) with their bits."""
+    logits = torch.tensor([[0.0, -10.0, -26.0, -30.0, float("-inf"), -1e30]])
+    probs = sampling._probabilities_(logits.clone(), torch.tensor([0.3]))
+    scaled = logits / 0.3
+    assert torch.equal(probs[0, :3], scaled[0, :3].exp())  # -26 / 0.3 = -86.7: above the floor
+    assert probs[0, 3:].eq(0).all()  # -30 / 0.3 = -100: under it
 
 
 def test_the_compiled_first_draw_equals_the_tensor_ops() -> None:

@@ -5,7 +5,8 @@ model about 4 ms, so the passes decide what sampling costs:
 - The nucleus test needs, for a chosen probability c in a row, the mass of the tokens strictly more likely:
   sum(p for p in row if p > c). PyTorch has no per-row masked sum: in tensor ops it takes five passes (a
   subtraction, a clamp, a sum, a sign, a sum), 1.1 ms; one compiled pass takes 0.18 ms.
-- Shifting and scaling the logits, (z - max) / T, is two in-place passes in tensor ops and one here.
+- Shifting, scaling and flooring the logits, max((z - max) / T, floor), is three in-place passes in tensor ops
+  and one here; zeroing the probabilities under the floor's is two and one.
 - A row's first draw (block sums, then the two-level inverse CDF) is one pass and a short walk here; in tensor
   ops it is a pass and some 25 small ops, whose dispatch costs about as much as the pass. The counter hash
   behind the draws (sampling.uniforms) is another 25 small ops, and one call here.
@@ -36,12 +37,20 @@ def _takes(t: torch.Tensor) -> bool:
     return enabled and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
-def _shift_scale_rows(logits: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> None:
+def _shift_scale_rows(logits: np.ndarray, shift: np.ndarray, scale: np.ndarray, floor: np.float32) -> None:
     rows, vocab = logits.shape
     for r in range(rows):
         s, c = shift[r], scale[r]
         for j in range(vocab):
-            logits[r, j] = (logits[r, j] - s) * c  # the float ops of sub_ then mul_, so the same bits
+            logits[r, j] = max((logits[r, j] - s) * c, floor)  # the float ops of sub_, mul_, clamp_: the same bits
+
+
+def _zero_at_most_rows(values: np.ndarray, limit: np.float32) -> None:
+    rows, vocab = values.shape
+    for r in range(rows):
+        for j in range(vocab):
+            if values[r, j] <= limit:
+                values[r, j] = np.float32(0.0)
 
 
 def _mass_above_rows(probs: np.ndarray, chosen: np.ndarray, out: np.ndarray) -> None:
@@ -114,6 +123,7 @@ def _mask_rows(logits: np.ndarray, rows: np.ndarray, words: np.ndarray) -> None:
 
 
 _shift_scale_compiled = _compile(_shift_scale_rows)
+_zero_at_most_compiled = _compile(_zero_at_most_rows)
 _mask_compiled = _compile(_mask_rows)
 _uniforms_compiled = _compile(_uniforms_rows)
 _first_draw_compiled = _compile(_first_draw_rows, reassoc=True, nsz=True)
@@ -122,11 +132,19 @@ _first_draw_compiled = _compile(_first_draw_rows, reassoc=True, nsz=True)
 _mass_above_compiled = _compile(_mass_above_rows, reassoc=True, nsz=True)
 
 
-def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> bool:
-    """logits = (logits - shift[:, None]) * scale[:, None] in place (float32 [R, V]; [R] each)."""
+def shift_scale_(logits: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, floor: float) -> bool:
+    """logits = max((logits - shift[:, None]) * scale[:, None], floor) in place (float32 [R, V]; [R] each)."""
     if not _takes(logits):
         return False
-    _shift_scale_compiled(logits.numpy(), shift.numpy(), scale.numpy())  # [R] float32 each, from sampling.py
+    _shift_scale_compiled(logits.numpy(), shift.numpy(), scale.numpy(), np.float32(floor))  # [R] float32 each
+    return True
+
+
+def zero_at_most_(values: torch.Tensor, limit: float) -> bool:
+    """values[values <= limit] = 0 in place (float32 [R, V]): one pass, where masked_fill_ takes a comparison too."""
+    if not _takes(values):
+        return False
+    _zero_at_most_compiled(values.numpy(), np.float32(limit))
     return True
 
 
