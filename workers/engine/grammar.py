@@ -1,8 +1,7 @@
 """Constrained decoding: each constrained row's llguidance matcher says which tokens may come next, as a bitmask;
 a step fills the masks of all its constrained rows on a thread of their own while the model computes the step,
-moves them in one copy, and sets every token a row may not take to -inf before
-sampling. After sampling, each matcher
-consumes its row's token; a matcher that can go no further (its JSON is complete) ends the row with "stop".
+moves them in one copy, and sets every token a row may not take to -inf before sampling. After sampling, each
+matcher consumes its row's token; a matcher that can go no further (its JSON is complete) ends the row with "stop".
 
 Matchers are built in `submit` (from the grammar that jobs/structured_output.py compiled at the API), never on
 the decode loop. The vocabulary they read is jobs/vocabulary.py's.
