@@ -252,3 +252,23 @@ def test_top_k_by_blocks_equals_topk(k):
     expected = values.topk(k, dim=-1)
     top, ids = top_k_rows(values, k)
     assert torch.equal(top, expected.values) and torch.equal(ids, expected.indices)
+
+
+def test_logprobs_of_rows_spanning_hundreds_of_nats_equal_log_softmax():
+    """A real model's rows span far more than float32's exp range (the floor that keeps exp fast must not change
+    a logprob), and a token forced by logit_bias may lie hundreds of nats below the top: its logprob is exact."""
+    from types import SimpleNamespace
+
+    from workers.engine.logits_processors import RawLogprobs
+
+    logits = torch.randn(3, 32000, generator=torch.Generator().manual_seed(3)) * 60
+    logits[2, 7] = logits[2].min() - 300
+    rows = [SimpleNamespace(logprobs=5), SimpleNamespace(logprobs=None), SimpleNamespace(logprobs=0)]
+    logprobs = RawLogprobs.of(logits, rows)
+    entries = logprobs.entries([11, 0, 7])
+    expected = logits[[0, 2]].log_softmax(dim=-1)
+    assert entries[1] is None
+    assert abs(entries[0][0] - expected[0, 11].item()) < 1e-3 and abs(entries[2][0] - expected[1, 7].item()) < 1e-3
+    top = expected[0].topk(5)
+    assert [t for t, _ in entries[0][1]] == top.indices.tolist() and entries[2][1] == ()
+    assert all(abs(v - w) < 1e-3 for (_, v), w in zip(entries[0][1], top.values.tolist()))

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from workers.engine.interface import TokenLogprob
+from workers.engine.sampling import LOGIT_FLOOR
 from workers.engine.sequence import Sequence
 
 
@@ -51,11 +52,11 @@ def top_k_rows(values: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Te
 @dataclass
 class RawLogprobs:
     """The logprobs of the rows that asked, taken from the raw logits before anything changed them (as vLLM's
-    default): each row's logsumexp and its top-K, for all those rows at once; a token's logprob is its logit
-    less its row's logsumexp."""
+    default), for all those rows at once: each row's logits shifted by its maximum, the log of its total
+    probability mass, and its top-K; a token's logprob is its shifted logit less that log."""
     rows: list[int]                 # [R] rows of the step
-    logits: torch.Tensor            # [R, V] float32, a copy of the raw logits
-    logsumexp: torch.Tensor         # [R, 1]
+    shifted: torch.Tensor           # [R, V] float32: the raw logits less each row's maximum (a copy)
+    log_total: torch.Tensor         # [R, 1] log sum exp(shifted)
     top_values: torch.Tensor        # [R, K] logprobs
     top_ids: torch.Tensor           # [R, K]
     top_counts: list[int]           # each row's own k (<= K)
@@ -66,19 +67,23 @@ class RawLogprobs:
         if not rows:
             return None
         counts = [sampled[i].logprobs for i in rows]
-        raw = logits[torch.tensor(rows, device=logits.device)]           # [R, V] (a copy)
-        logsumexp = torch.logsumexp(raw, dim=-1, keepdim=True)           # [R, 1]
+        if len(rows) < len(sampled):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, V]
+        shifted = logits - logits.amax(dim=1, keepdim=True)               # [R, V], <= 0: the copy sampling won't touch
+        # Not torch.logsumexp: on the CPU exp of a value whose exp underflows is 20-100x as slow (a real model's
+        # rows span more than 87 nats: 50 ms against 1.5 ms at [32, 32000]), and below LOGIT_FLOOR it is 0 anyway.
+        log_total = shifted.clamp(min=LOGIT_FLOOR).exp_().sum(dim=1, keepdim=True).log_()  # [R, 1]
         if max(counts):
-            top_values, top_ids = top_k_rows(raw, max(counts))
+            top_values, top_ids = top_k_rows(shifted, max(counts))
         else:
-            top_values, top_ids = raw.new_zeros(len(rows), 0), raw.new_zeros(len(rows), 0, dtype=torch.long)
-        return cls(rows, raw, logsumexp, top_values - logsumexp, top_ids, counts)
+            top_values, top_ids = shifted.new_zeros(len(rows), 0), shifted.new_zeros(len(rows), 0, dtype=torch.long)
+        return cls(rows, shifted, log_total, top_values - log_total, top_ids, counts)
 
     def entries(self, tokens: list[int]) -> list[Optional[TokenLogprob]]:
         """Per row of the step (None where not asked): the sampled token's logprob and the top-k."""
-        device = self.logits.device
-        chosen = self.logits.gather(1, torch.tensor([tokens[i] for i in self.rows], device=device)[:, None])
-        values = torch.cat([chosen - self.logsumexp, self.top_values], dim=1).tolist()  # [R, 1 + K]
+        device = self.shifted.device
+        chosen = self.shifted.gather(1, torch.tensor([tokens[i] for i in self.rows], device=device)[:, None])
+        values = torch.cat([chosen - self.log_total, self.top_values], dim=1).tolist()  # [R, 1 + K]
         ids = self.top_ids.tolist()
         out: list[Optional[TokenLogprob]] = [None] * len(tokens)
         for r, row in enumerate(self.rows):
