@@ -259,13 +259,14 @@ def test_logprobs_of_rows_spanning_hundreds_of_nats_equal_log_softmax():
     a logprob), and a token forced by logit_bias may lie hundreds of nats below the top: its logprob is exact."""
     from types import SimpleNamespace
 
-    from workers.engine.logits_processors import RawLogprobs
+    from workers.engine.logits_processors import LogprobsScratch, RawLogprobs
 
     logits = torch.randn(3, 32000, generator=torch.Generator().manual_seed(3)) * 60
     logits[2, 7] = logits[2].min() - 300
     rows = [SimpleNamespace(logprobs=5), SimpleNamespace(logprobs=None), SimpleNamespace(logprobs=0)]
-    logprobs = RawLogprobs.of(logits, rows)
-    entries = logprobs.entries([11, 0, 7])
+    scratch = LogprobsScratch()
+    RawLogprobs.of(logits.flip(1), [SimpleNamespace(logprobs=1)] * 3, scratch)  # the step before, same scratch
+    entries = RawLogprobs.of(logits, rows, scratch).entries([11, 0, 7])
     expected = logits[[0, 2]].log_softmax(dim=-1)
     assert entries[1] is None
     assert abs(entries[0][0] - expected[0, 11].item()) < 1e-3 and abs(entries[2][0] - expected[1, 7].item()) < 1e-3
