@@ -89,7 +89,7 @@ class RawLogprobs:
             logits = torch.index_select(logits, 0, torch.tensor(rows, device=logits.device), out=shifted)
         torch.sub(logits, logits.amax(dim=1, keepdim=True), out=shifted)  # <= 0: the copy sampling won't touch
         # Not torch.logsumexp: on the CPU exp of a value whose exp underflows is 20-100x as slow (a real model's
-        # rows span more than 87 nats: 40 ms against 4.7 ms at [32, 32000]), and below LOGIT_FLOOR it is 0 anyway.
+        # rows span more than 87 nats: 35.5 ms against 2.3 ms at [32, 32000]), and below LOGIT_FLOOR it is 0 anyway.
         torch.clamp(shifted, min=LOGIT_FLOOR, out=floored).exp_()
         log_total = floored.sum(dim=1, keepdim=True).log_()               # [R, 1]
         if max(counts):
