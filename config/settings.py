@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     stream_events_per_s: float = Field(default=-1.0, ge=-1.0)
     # Most prompt tokens prefilled in one step: long prompts are chunked so running streams keep flowing.
     prefill_chunk_tokens: int = 512
+    # Reuse the KV blocks of prompt prefixes that were computed before (a batch's shared system prompt, a chat's
+    # history): only the rest of a prompt is prefilled (workers/engine/block_manager.py).
+    prefix_caching: bool = True
     # Decode attention: "auto" (the Triton paged kernel on CUDA, if it passes its start-up check; SDPA on the CPU),
     # "triton" or "sdpa" (workers/engine/config.py).
     decode_attention: Literal["auto", "triton", "sdpa"] = "auto"
@@ -128,6 +131,13 @@ class Settings(BaseSettings):
     # key, new requests get 429 with Retry-After.
     max_queued_jobs: int = 2000
     max_unfinished_per_key: int = 500
+    # Fair dispatch (jobs/fair_queue.py): interactive and background jobs wait in per-key queues, and leave
+    # them round-robin across keys into their pool's Celery queue, which holds at most this many messages
+    # beyond what the pool's workers have taken (each takes only what it runs). Small: a key arriving behind a
+    # flood waits for about this many jobs, plus one of each other waiting key. Workers refill it whenever
+    # they take a message or end a job, and every fair_dispatch_tick_s in any case.
+    fair_dispatch_margin: int = Field(default=2, ge=1)
+    fair_dispatch_tick_s: float = 0.5
     # Worker heartbeat period and how long a heartbeat counts as alive.
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0

@@ -319,10 +319,13 @@ def test_stats_and_config_from_settings():
     engine = Engine(build_tiny_random(), torch.device("cpu"), eos_token_id=EOS, config=EngineConfig(kv_cpu_tokens=1000))
     try:
         engine.warmup()
-        assert engine.stats() == dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=63, steps=0,
-                                      graph_steps=0, eager_steps=0)
+        assert engine.stats() == dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=63, kv_blocks_cached=0,
+                                      prefix_cache_queries=0, prefix_cache_hits=0, steps=0, graph_steps=0,
+                                      eager_steps=0)
     finally:
         engine.shutdown()
+    assert EngineConfig.from_settings(Settings(prefix_caching=False)).enable_prefix_caching is False
+    assert EngineConfig().enable_prefix_caching is True
 
 
 def test_penalties_and_sampling_batched_with_preemption_match_reference():

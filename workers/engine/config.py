@@ -20,6 +20,8 @@ class EngineConfig:
     # Decode attention: "triton" reads the KV blocks in place (workers/engine/paged_attention.py), "sdpa"
     # gathers each row's context first; "auto" is triton on CUDA (if it passes its start-up check), sdpa on CPU.
     attention: str = "auto"
+    # Reuse the KV blocks of prompt prefixes computed before (block_manager.py).
+    enable_prefix_caching: bool = True
     max_failed_steps: int = 3            # this many failed steps in a row: the device is broken (see Engine.on_fatal)
 
     def __post_init__(self) -> None:
@@ -47,4 +49,4 @@ class EngineConfig:
                    num_kv_blocks=-(-tokens // block_size) if tokens > 0 else None,
                    kv_memory_fraction=settings.kv_memory_fraction, kv_cpu_tokens=settings.kv_cpu_tokens,
                    prefill_chunk_tokens=settings.prefill_chunk_tokens, max_model_len=settings.max_model_len,
-                   attention=settings.decode_attention)
+                   attention=settings.decode_attention, enable_prefix_caching=settings.prefix_caching)

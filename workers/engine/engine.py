@@ -55,7 +55,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
         self.runner = ModelRunner(model, self.device, self.config)
-        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
         self.grammars = GrammarSupport(self.vocab_size, self.config.max_num_seqs, self.device)
@@ -126,7 +126,9 @@ class Engine:
     def stats(self) -> dict:
         """A read-only snapshot for metrics (racy by a step at most)."""
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._new),
-                    kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks, steps=self._steps,
+                    kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+                    kv_blocks_cached=self.blocks.num_cached, prefix_cache_queries=self.blocks.prefix_queries,
+                    prefix_cache_hits=self.blocks.prefix_hits, steps=self._steps,
                     graph_steps=self.runner.graph_steps, eager_steps=self.runner.eager_steps)
 
     def shutdown(self) -> None:
@@ -323,6 +325,7 @@ class Engine:
             seq.num_computed_tokens += 1
         for seq, n in zip(batch.prefill, batch.prefill_lens):
             seq.num_computed_tokens += n
+        self.scheduler.cache_computed(batch.decode + batch.prefill)  # before any of them finishes below
         max_len = self.config.max_model_len
         for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
@@ -358,7 +361,7 @@ class Engine:
         """After an unexpected error the bookkeeping cannot be trusted: fail every request, start with an empty
         scheduler and block manager."""
         seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.blocks.reset()  # its prefix cache too: no block's contents can be trusted
         self.scheduler = Scheduler(self.config, self.blocks)
         for seq in seqs:
             seq.stream.put(EngineOutput([], "error", error=f"{type(exc).__name__}: {exc}"))

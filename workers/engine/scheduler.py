@@ -158,17 +158,23 @@ class Scheduler:
             if leader is not None and leader.num_computed_tokens < shared:
                 break  # its sibling is still computing the prompt they share: wait for it
             reserve = self.watermark if self.running else 0
-            if not self.blocks.allocate(seq.block_table, seq.num_tokens, reserve):
+            cached = self.blocks.cached_prefix(seq.token_ids, seq.block_hashes)
+            if not self.blocks.allocate(seq.block_table, seq.num_tokens, reserve, cached):
                 break  # FIFO: the head waits for blocks, nobody overtakes it
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
-            if leader is not None and shared > 0:
-                blocks = self.blocks.blocks_for(shared)
-                batch.kv_copies.append((leader.block_table[:blocks], seq.block_table[:blocks]))
+            seq.num_cached_blocks = len(cached)
+            seq.num_computed_tokens = len(cached) * self.blocks.block_size
+            self.blocks.count_lookup(seq.num_tokens, seq.num_computed_tokens)
+            if leader is not None and shared > seq.num_computed_tokens:
+                # The sibling's blocks past the cached ones (all of them without the prefix cache, else the
+                # partial last block) are copied.
+                first, blocks = len(cached), self.blocks.blocks_for(shared)
+                batch.kv_copies.append((leader.block_table[first:blocks], seq.block_table[first:blocks]))
+                self.num_shared_tokens += shared - seq.num_computed_tokens
                 seq.num_computed_tokens = shared
-                self.num_shared_tokens += shared
             chunk = min(seq.num_uncomputed_tokens, budget)
             budget -= chunk
             batch.admitted.append(seq)
@@ -225,7 +231,14 @@ class Scheduler:
             position += 1
         self.waiting.insert(position, seq)
 
+    def cache_computed(self, seqs: list[Sequence]) -> None:
+        """After a step: the full blocks these sequences computed go into the prefix cache."""
+        for seq in seqs:
+            seq.num_cached_blocks = self.blocks.cache_computed(seq.block_table, seq.token_ids, seq.block_hashes,
+                                                               seq.num_computed_tokens, seq.num_cached_blocks)
+
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
+        seq.num_cached_blocks = 0
         self._free_slots.append(seq.slot)
         seq.slot = -1

@@ -28,7 +28,7 @@ class Sequence:
 
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_resumed_tokens", "num_computed_tokens",
                  "block_table", "sampling", "seed_key", "max_tokens", "slot", "status", "stream", "arrival",
-                 "priority", "logprobs", "matcher", "bias", "leader_id")
+                 "priority", "logprobs", "matcher", "bias", "leader_id", "block_hashes", "num_cached_blocks")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int,
                  stream: Any = None, priority: int = 0, num_resumed_tokens: int = 0,
@@ -51,6 +51,8 @@ class Sequence:
         self.matcher = None                       # the grammar's llguidance matcher (engine/grammar.py), or None
         self.bias = None                          # (token ids, biases) as device tensors, or None
         self.leader_id = leader_id                # a sibling whose prompt KV it copies (scheduler.py), or None
+        self.block_hashes: list[bytes] = []       # its full blocks' prefix-cache hashes, as far as computed (a memo)
+        self.num_cached_blocks = 0                # leading blocks of block_table that are in the prefix cache
 
     @property
     def num_tokens(self) -> int:
