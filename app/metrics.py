@@ -279,15 +279,25 @@ class RedisStateCollector:
                                                            "started."),
                 ("eager_steps", "llmq_engine_eager_steps", "Engine steps run eagerly (on the CPU, or no graph bucket "
                                                            "fits), over a model's live workers since each "
-                                                           "started."))}
+                                                           "started."),
+                ("kv_blocks_cached", "llmq_kv_blocks_cached", "KV-cache blocks in the prefix cache (held by a "
+                                                              "sequence or kept for reuse), over a model's workers."))}
+            # Counters in tokens, as vLLM's: hits / queries is the prefix cache's hit rate. Summed over the live
+            # workers since each started, so a worker that goes away takes its counts along (a counter reset).
+            prefix = {key: CounterMetricFamily(name, help_text, labels=["model"]) for key, name, help_text in (
+                ("prefix_cache_queries", "llmq_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                                                      "on admission, over a model's live workers."),
+                ("prefix_cache_hits", "llmq_prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
+                                                                "prefilled), over a model's live workers."))}
             ratio = GaugeMetricFamily("llmq_kv_cache_usage_ratio", "Used / total KV-cache blocks over a model's "
                                       "workers (0 to 1).", labels=["model"])
             for model, load in sorted(by_model.items()):
-                for key, family in families.items():
+                for key, family in (*families.items(), *prefix.items()):
                     family.add_metric([model], load[key])
                 total_blocks = load["kv_blocks_total"]
                 ratio.add_metric([model], load["kv_blocks_used"] / total_blocks if total_blocks else 0.0)
             yield from families.values()
+            yield from prefix.values()
             yield ratio
         except Exception as exc:  # Redis away: the scrape still answers, with the process-local metrics
             log.warning("metrics: reading Redis failed: %s", type(exc).__name__)

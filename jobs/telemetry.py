@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 JOB_STATES = ("queued", "in_progress", "completed", "failed", "cancelled")
 
 # The fields a worker's heartbeat carries about its engine (from Engine.stats()), summed over workers.
-WORKER_LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "graph_steps", "eager_steps")
+WORKER_LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "graph_steps", "eager_steps",
+                      "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits")
 
 # Kombu's Redis transport keeps a queue's messages in the list named after it, and messages sent with a
 # priority in sibling lists `{queue}\x06\x16{step}`; Celery and our batch queue send none, but count them.

@@ -400,9 +400,9 @@ def test_queue_depth_jobs_and_worker_load_are_read_from_redis(metrics_app, setti
             telemetry.job_state(job, state)
     store.heartbeat("w1", {"name": "w1", "model_id": model, **worker_load(
         {"running": 3, "waiting": 2, "kv_blocks_used": 40, "kv_blocks_total": 100, "steps": 9, "graph_steps": 7,
-         "eager_steps": 2})}, 10)
+         "eager_steps": 2, "kv_blocks_cached": 30, "prefix_cache_queries": 1000, "prefix_cache_hits": 600})}, 10)
     store.heartbeat("w2", {"name": "w2", "model_id": model, "running": 1, "kv_blocks_used": 10,
-                           "kv_blocks_total": 100}, 10)
+                           "kv_blocks_total": 100, "prefix_cache_queries": 500, "prefix_cache_hits": 100}, 10)
     store.heartbeat("w3", {"name": "w3", "model_id": "other-model"}, 10)  # without the load fields
     try:
         get = lambda name, labels=None: sample(metrics_app, name, labels)  # noqa: E731
@@ -423,6 +423,8 @@ def test_queue_depth_jobs_and_worker_load_are_read_from_redis(metrics_app, setti
         assert get("llmq_kv_blocks_used", m) == 50 and get("llmq_kv_blocks_capacity", m) == 200
         assert get("llmq_kv_cache_usage_ratio", m) == 0.25 and get("llmq_kv_cache_usage_ratio", o) == 0
         assert get("llmq_engine_graph_steps", m) == 7 and get("llmq_engine_eager_steps", m) == 2
+        assert get("llmq_kv_blocks_cached", m) == 30
+        assert get("llmq_prefix_cache_queries_total", m) == 1500 and get("llmq_prefix_cache_hits_total", m) == 700
         assert get("llmq_redis_up") == 1
     finally:
         redis_client.delete(other_queue)
@@ -468,7 +470,7 @@ def test_telemetry_writes_are_batched_and_never_fail_a_job(settings, redis_clien
 def test_aggregate_workers_tolerates_missing_and_bad_fields():
     assert aggregate_workers([{"running": 2}, {"running": "x", "waiting": None}, {}]) == {
         "running": 2, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0, "graph_steps": 0, "eager_steps": 0,
-        "workers": 3}
+        "kv_blocks_cached": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0, "workers": 3}
     by_model = aggregate_workers_by_model([{"model_id": "a", "running": 1}, {"model_id": "a", "running": 2},
                                            {"model": "old-style"}])
     assert by_model["a"]["running"] == 3 and by_model["a"]["workers"] == 2 and by_model["old-style"]["workers"] == 1
