@@ -15,14 +15,15 @@ from app.serving import ChatService
 from config.logging import setup_logging
 from config.settings import get_settings
 from jobs.batches import BatchStore
+from jobs.fair_dispatch import FairDispatcher
 from jobs.files import FileStore
 from jobs.models import ModelDirectory, model_entry
 from jobs.store import JobStore
 
 
 def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batches: bool = True) -> Flask:
-    """`enqueue` / `enqueue_batch_job` put a job on its queue (Celery and the batch queue by default;
-    unit tests of this layer pass stand-ins)."""
+    """`enqueue(record)` / `enqueue_batch_job` put a job on its queue (Celery, through fair dispatch, and the
+    batch queue by default; unit tests of this layer pass stand-ins)."""
     settings = settings or get_settings()
     setup_logging("api", secrets=settings.api_keys)
     app = Flask(__name__)
@@ -35,7 +36,8 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     # The model this deployment serves is known before its first worker is up: its requests wait for it.
     models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
     app.extensions["models"] = models
-    app.extensions["chat_service"] = ChatService(settings, jobs, models, enqueue or _celery_enqueue())
+    dispatcher = FairDispatcher(jobs.fair, _send_with(enqueue, jobs), settings.fair_dispatch_margin)
+    app.extensions["chat_service"] = ChatService(settings, jobs, models, dispatcher)
     app.extensions["file_service"] = FileService(files, settings.max_file_bytes)
     app.extensions["batch_service"] = BatchService(batches, files)
     if drive_batches:
@@ -57,10 +59,10 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     return app
 
 
-def _celery_enqueue():
-    from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
-
-    def enqueue(record) -> None:  # to the queue of the record's model pool
-        celery_app.send_task(RUN_CHAT_COMPLETION, args=[record.id], queue=record.queue)
-
-    return enqueue
+def _send_with(enqueue, jobs: JobStore):
+    """What fair dispatch sends a job with: `send(job id, queue)`, Celery's send_task by default; a stand-in
+    `enqueue(record)` gets the job's record."""
+    if enqueue is None:
+        from jobs.celery_app import send_chat_completion
+        return send_chat_completion
+    return lambda job_id, queue: enqueue(jobs.get(job_id))

@@ -12,9 +12,10 @@ them, so what each process counts must be summed over all of them. Two kinds of 
   counters and histograms live in these files, no live gauges. Without PROMETHEUS_MULTIPROC_DIR (the Flask
   test client, a gunicorn started without that config file) the metrics are this process's own, in the
   same registry.
-* State that lives elsewhere (queue depths, jobs by state, worker load): read from Redis at scrape time by a
-  custom collector: O(1)/O(log n) commands, pipelined (four round trips, whatever the load). Every API
-  process gives the same answer.
+* State that lives elsewhere (queue depths, jobs parked per API key, jobs by state, worker load): read from
+  Redis at scrape time by a custom collector: O(1)/O(log n) commands, pipelined (four round trips, and two
+  per model pool for the parked jobs, whatever the load). Every API process gives the same answer. Parked
+  jobs are labelled by the key's fingerprint (app/auth.py's `owner_of`), never by the key.
 
 `/metrics` needs no API key by default, like `/health` and `/ready` (it shows counts, never content or
 keys); set METRICS_REQUIRE_AUTH=true to require one of API_KEYS. METRICS_ENABLED=false removes the route and
@@ -241,6 +242,20 @@ class RedisStateCollector:
                         queues[entry[field]] = (model_id, kind)
         return queues
 
+    def parked_jobs(self, queues: dict[str, tuple[str, str]]):
+        """Jobs waiting in each API key's fair queue of each model pool (jobs/fair_queue.py), by fingerprint:
+        only the keys with parked jobs have a series."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        parked = GaugeMetricFamily("llmq_parked_jobs", "Jobs waiting in their API key's queue of a model pool, "
+                                   "not yet sent to its Celery queue (fair dispatch), by the key's fingerprint "
+                                   "(owner: never the key itself).", labels=["model", "queue", "owner"])
+        for name, (model, kind) in sorted(queues.items()):
+            if kind == "interactive":
+                for owner, count in sorted(self.store.fair.parked_by_owner(name).items()):
+                    parked.add_metric([model, name, owner], count)
+        return parked
+
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -254,6 +269,7 @@ class RedisStateCollector:
             for name, (model, kind) in sorted(queues.items()):
                 depth.add_metric([model, kind, name], depths.get(name, 0))
             yield depth
+            yield self.parked_jobs(queues)
 
             current, entered = self.telemetry.job_counts()
             jobs = GaugeMetricFamily("llmq_jobs", "Jobs in each state now (terminal states: those whose "

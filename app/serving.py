@@ -3,6 +3,10 @@
 The order matters: the job record is written first (the source of truth), then the API listens for the
 job's events (app/relay.py), and only then is the job enqueued, so no event can be published unheard.
 Background jobs skip the relay: they answer 202 at once and are polled, or their events replayed.
+
+Enqueued means parked: the record is written waiting in its key's queue of its pool (jobs/fair_queue.py),
+and the API pumps that pool at once (jobs/fair_dispatch.py): an idle pool starts the job with no added
+wait, a busy one takes it in its key's turn.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import json
 import math
 import logging
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 from flask import Response, stream_with_context
 from pydantic import ValidationError
@@ -23,6 +27,7 @@ from app.relay import EventHub, EventRelay, StreamInterrupted
 from config.logging import bind_job
 from jobs import vocabulary
 from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
+from jobs.fair_dispatch import FairDispatcher
 from jobs.models import ModelDirectory, ModelRoute
 from jobs.records import GenerationRequest, JobError, JobRecord
 from jobs.store import REDIS_DOWN, JobNotFound, JobStore
@@ -132,12 +137,12 @@ def compiled_grammar(response_format) -> Optional[str]:
 
 
 class ChatService:
-    def __init__(self, settings, store: JobStore, models: ModelDirectory, enqueue: Callable[[JobRecord], None]):
+    def __init__(self, settings, store: JobStore, models: ModelDirectory, dispatcher: FairDispatcher):
         self.settings = settings
         self.store = store
         self.hub = EventHub(store)  # this process's one pub/sub connection, for all its streams
         self.models = models
-        self.enqueue = enqueue
+        self.dispatcher = dispatcher
 
     # --- POST /v1/chat/completions
     def create(self, body: bytes, owner: str):
@@ -147,12 +152,12 @@ class ChatService:
         self._check_capacity(owner, route)
         if request.background:
             record = JobRecord.new(generation, kind="background", owner=owner, queue=route.queue)
-            self.store.create(record)
+            self.store.create(record, parked=True)
             self._enqueue_or_withdraw(record)
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         bind_job(record.id)
-        self.store.create(record)
+        self.store.create(record, parked=True)
         relay = EventRelay(self.store, self.hub, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
         try:
             self._enqueue_or_withdraw(record)
@@ -229,19 +234,27 @@ class ChatService:
                                 f"some to finish.", code="too_many_jobs", headers={"Retry-After": "5"})
 
     def _enqueue_or_withdraw(self, record: JobRecord) -> None:
-        """Send the job to its queue. If that fails (Redis went away between the record and the send), the
-        client gets a 503 and will retry: withdraw the record so that it never runs behind the client's back.
-        If even that fails, the lost-delivery reaper sends it later (it is in `{prefix}:queued`)."""
+        """The job is recorded parked: pump its pool, which sends it now if the pool has room (and other keys'
+        jobs in their turn). If Redis went away before the pump could take anything, or this job's own send
+        failed, the client gets a 503 and will retry: withdraw the record so that it never runs behind the
+        client's back. If even that fails, it is sent later (parked: by a dispatcher; taken: by the
+        lost-delivery reaper). Another job's failed send is the reaper's, not this client's, concern."""
         try:
-            self.enqueue(record)
+            pumped = self.dispatcher.pump(record.queue)
         except Exception:
-            error = JobError(message="The job could not be queued; it was not run.", type="service_unavailable",
-                             code="queue_unavailable")
-            try:
-                self.store.end(record.id, Ending.failed(error))
-            except REDIS_DOWN:
-                log.warning("job %s: neither queued nor withdrawn, Redis is unavailable", record.id)
+            self._withdraw(record)
             raise
+        if record.id in pumped.unsent:
+            self._withdraw(record)
+            raise pumped.error
+
+    def _withdraw(self, record: JobRecord) -> None:
+        error = JobError(message="The job could not be queued; it was not run.", type="service_unavailable",
+                         code="queue_unavailable")
+        try:
+            self.store.end(record.id, Ending.failed(error))
+        except REDIS_DOWN:
+            log.warning("job %s: neither queued nor withdrawn, Redis is unavailable", record.id)
 
     def _cancel_quietly(self, job_id: str) -> None:
         try:

@@ -43,3 +43,8 @@ def make_celery(settings=None) -> Celery:
 
 
 celery_app = make_celery()
+
+
+def send_chat_completion(job_id: str, queue: str) -> None:
+    """The job's message on its pool's Celery queue: what fair dispatch and the reapers send."""
+    celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 
 import redis
 
+from jobs.fair_queue import FairQueue
 from jobs.paging import newest_first
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
@@ -37,7 +38,10 @@ return 1
 # KEYS: queued, workers. ARGV: cutoff s (sent before it), key prefix, limit, now s. A job still queued long
 # after it was sent lost its message if the worker it was delivered to is dead (it died before starting it:
 # the message waits in that worker's unacked set until the visibility timeout, an hour). Without a delivery
-# on record, an empty queue says the same (the send itself was lost). Returns [id, kind, queue, ...].
+# on record, an empty queue says the same (the send itself was lost); and so does a job a fair dispatcher
+# took from its key's queue and never confirmed sending (it died, or the send failed: jobs/fair_queue.py),
+# however busy the queue. A parked job has no message yet: never lost (its key's queue holds it). Returns
+# [id, kind, queue, ...].
 _REAP_LOST = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local now = tonumber(ARGV[4])
@@ -45,7 +49,8 @@ local out = {}
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. ':job:' .. id
   local status = redis.call('HGET', job, 'status')
-  if status ~= 'queued' then
+  local fair = redis.call('HGET', job, 'fair')
+  if status ~= 'queued' or fair == 'parked' then
     redis.call('ZREM', KEYS[1], id)
   else
     local queue = redis.call('HGET', job, 'queue') or 'interactive'
@@ -54,6 +59,8 @@ for _, id in ipairs(ids) do
     if receiver then
       local alive_until = redis.call('ZSCORE', KEYS[2], receiver)
       lost = not alive_until or tonumber(alive_until) < now
+    elseif fair == 'sending' then
+      lost = true
     else
       lost = redis.call('LLEN', queue) == 0
     end
@@ -99,6 +106,7 @@ class JobStore:
         self._reap_lost = self.scripts.register(_REAP_LOST)
         self._mark_delivered = self.scripts.register(_MARK_DELIVERED)
         self.telemetry = JobTelemetry(client, prefix, ttl_s, scripts=self.scripts)
+        self.fair = FairQueue(client, prefix, ttl_s, self.scripts)  # per-key queues (jobs/fair_queue.py)
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
@@ -108,9 +116,13 @@ class JobStore:
         return cls(client, settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
 
     # --- records
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, parked: bool = False) -> None:
+        """Record a new job. `parked`: it waits in its key's queue of its pool (jobs/fair_queue.py) until a
+        dispatcher sends it; else the caller sends it now."""
         def fill(pipe) -> None:
             self.add_record(pipe, record)
+            if parked:
+                self.fair.park(pipe, record)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
@@ -149,15 +161,17 @@ class JobStore:
         return JobRecord.from_redis(fields), bool(cancel)
 
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
-        """In one round trip: the messages waiting in Celery's list for `queue`, and the owner's queued and
-        running jobs (entries older than `older_than_s` are stale: dropped)."""
+        """In one round trip: the jobs waiting for `queue` (messages in Celery's list, and jobs parked in its
+        per-key queues), and the owner's queued (parked or sent) and running jobs (entries older than
+        `older_than_s` are stale: dropped)."""
         key = self.keys.owner_unfinished(owner)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(queue)
+            pipe.zcard(self.fair.parked(queue))
             pipe.zremrangebyscore(key, "-inf", time.time() - older_than_s)
             pipe.zcard(key)
-            depth, _, unfinished = pipe.execute()
-        return depth, unfinished
+            in_celery, parked, _, unfinished = pipe.execute()
+        return in_celery + parked, unfinished
 
     # --- every change of a job's state: one script (jobs/transition.py)
     def start(self, job_id: str, worker: str) -> tuple[Transition, Attempt]:
@@ -205,7 +219,9 @@ class JobStore:
 
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
         """Jobs whose attempt died (lease lapsed), back to queued, each by exactly one reaper (the transition
-        decides): [(job id, kind, queue)] to send again."""
+        decides): [(job id, kind, queue)] to send again, straight to their Celery queue, not parked: each
+        already waited its turn once, may have a client reading its half-written stream, and there are at
+        most as many as the dead worker ran."""
         due = self.redis.zrangebyscore(self.keys.leases(), "-inf", _now_ms(), start=0, num=limit)
         if not due:
             return []

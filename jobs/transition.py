@@ -24,6 +24,7 @@ import enum
 from dataclasses import dataclass
 from typing import Optional
 
+from jobs.fair_queue import UNPARK
 from jobs.records import JobError, JobEvent, JobResult, JobStatus
 
 
@@ -40,12 +41,14 @@ class Outcome(str, enum.Enum):
 # ARGV: action, job id, token, now ms, now s, lease ms, channel, log ttl s, key prefix, worker,
 #       events of this attempt already acknowledged, ending status ('' = none), n record fields, then n
 #       field/value pairs, then one (log json, live json) pair per event, each without its "seq".
-# Returns {outcome, cancel flag set (0/1), detail, detail}.
+# Returns {outcome, cancel flag set (0/1), detail, detail}. A job leaving `queued` (started, or ended while
+# it waits) also leaves its key's fair queue if it is parked there (`unpark`, jobs/fair_queue.py).
 SCRIPT = """
 local job, lease, log, leases, queued, cancel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local action, id, token = ARGV[1], ARGV[2], ARGV[3]
 local now_ms, now_s, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local channel, log_ttl, prefix, worker = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+""" + UNPARK + """
 local acknowledged, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
 local first_event = 14 + 2 * nfields
 
@@ -104,6 +107,7 @@ if ending ~= '' then
   redis.call('DEL', lease)
   redis.call('ZREM', leases, id)
   redis.call('ZREM', queued, id)
+  unpark()
   local owner = redis.call('HGET', job, 'owner')
   if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
   return {'applied', cancel_flag, '', ''}
@@ -115,6 +119,7 @@ elseif action == 'start' then
   redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s,
              'attempt_events', 0)
   redis.call('HDEL', job, 'delivered_to')
+  unpark()
   if redis.call('HEXISTS', job, 'started_at') == 0 then redis.call('HSET', job, 'started_at', now_s) end
   return {'applied', cancel_flag, attempt, ''}
 elseif action == 'requeue' then

@@ -3,6 +3,9 @@
 The worker runs the threads pool: each Celery thread runs one job against the worker's one engine. The
 engine and its model live in a process of their own (workers/engine/process.py), spawned and loaded once,
 when the worker is ready, so no user request waits for it.
+
+Each worker also pumps its pool's fair dispatch (jobs/fair_dispatch.py): when it takes a message off the
+Celery queue or ends a job, the next parked jobs, round-robin across keys, take the room.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from celery.signals import task_received, worker_ready, worker_shutdown
 
 from config.logging import job_context
 from config.settings import get_settings
-from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app
+from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app, send_chat_completion
 from jobs.chat_format import raw_tokenizer
+from jobs.fair_dispatch import FairDispatcher, PumpThread
 from jobs.models import model_entry
 from jobs.records import JobError, JobStatus
 from jobs.store import JobNotFound, JobStore
@@ -58,6 +62,10 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._started_at = time.time()
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        self.fair_pump = PumpThread(FairDispatcher(self.store.fair, send_chat_completion,
+                                                   self.settings.fair_dispatch_margin),
+                                    self.settings.interactive_queue, self.settings.fair_dispatch_tick_s)
+        self.fair_pump.start()
         from jobs.batch_queue import BatchQueueProducer
         from workers.batch_consumer import BatchConsumer
         self._requeue_batch = BatchQueueProducer(self.settings)
@@ -121,15 +129,23 @@ class WorkerRuntime:
         lost = self.store.reap_lost(self.settings.lost_delivery_s)
         for job_id, _, _ in lost:
             log.warning("job %s: queued, its queue empty, never started: its message was lost; sent again", job_id)
-        for job_id, kind, queue in self.store.reap() + lost:
-            log.warning("job %s: back on queue %s", job_id, queue)
-            if kind == "batch":
-                self._requeue_batch.put(job_id, queue)
-            else:
-                celery_app.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)
+        # Straight to their queues, not through fair dispatch: they waited their turn once already
+        # (JobStore.reap). A send that fails is retried by a later pass (reap_lost watches them).
+        sent = []
+        try:
+            for job_id, kind, queue in self.store.reap() + lost:
+                log.warning("job %s: back on queue %s", job_id, queue)
+                if kind == "batch":
+                    self._requeue_batch.put(job_id, queue)
+                else:
+                    send_chat_completion(job_id, queue)
+                    sent.append(job_id)
+        finally:
+            self.store.fair.confirm_sent(sent)  # one a dispatcher had taken and never sent: sent now
 
     def stop(self) -> None:
         self._stop.set()
+        self.fair_pump.stop()
         self.batch_consumer.stop()
         try:
             self.store.remove_heartbeat(self.name)
@@ -171,6 +187,7 @@ def _mark_delivered(request=None, **_):
     this worker dies first, a reaper sends the job again at once instead of after the visibility timeout."""
     if _runtime is None or request is None or request.name != RUN_CHAT_COMPLETION or not request.args:
         return
+    _runtime.fair_pump.wake()  # a message left the Celery queue: room for the next parked job
     try:
         _runtime.store.mark_delivered(request.args[0], _runtime.name)
     except Exception as exc:  # Redis away: the job is still watched (the lost-delivery pass, queue empty)
@@ -185,7 +202,11 @@ def _stop_runtime(**_):
 
 @celery_app.task(name=RUN_CHAT_COMPLETION)
 def run_chat_completion(job_id: str) -> str:
-    return execute_job(get_runtime(), job_id)
+    runtime = get_runtime()
+    try:
+        return execute_job(runtime, job_id)
+    finally:
+        runtime.fair_pump.wake()  # this slot frees: the Celery queue may have room (if it ran dry)
 
 
 def execute_job(runtime: WorkerRuntime, job_id: str) -> str:

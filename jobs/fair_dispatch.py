@@ -1,0 +1,96 @@
+"""The dispatcher: parked jobs (jobs/fair_queue.py) to their pool's Celery queue, round-robin across keys.
+
+There is no dispatcher process. Any process may pump a queue, and several do, because `take` is one atomic
+Lua move (no job is taken twice):
+  * the API, right after it parks a request's job (an idle pool starts it at once, with no added wait);
+  * every worker, for its own pool, each time it receives a message or ends a job (the Celery list just lost
+    a message, or a slot just freed), and on a short tick (workers that came up after jobs were parked).
+So the dispatcher survives any crash: a process that dies between its move and the send leaves jobs marked
+`sending`, which the lost-delivery reaper sends again (JobStore.reap_lost).
+
+`margin` is how many messages the Celery list may hold. Workers reserve only what they run (prefetch 1 per
+thread), so Celery holds at most the pool's live capacity plus `margin` jobs; the rest wait in their keys'
+queues, where the rotation decides what goes next.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from jobs.fair_queue import FairQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pumped:
+    """What one pump did: the jobs it sent, and those it took but could not send (the send failed, with
+    `error`: each is left `sending`, for the lost-delivery reaper)."""
+    sent: list[str] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)
+    error: Optional[Exception] = None
+
+
+class FairDispatcher:
+    def __init__(self, fair: FairQueue, send: Callable[[str, str], None], margin: int):
+        """`send(job_id, queue)` puts the job's message on that Celery queue (Celery's send_task)."""
+        self.fair = fair
+        self.send = send
+        self.margin = margin
+
+    def pump(self, queue: str) -> Pumped:
+        """Fill the queue's room with parked jobs. A send that fails stops this pump (the broker is likely
+        away): that job and the rest taken stay `sending`. Raises only if Redis is away for the take."""
+        taken = self.fair.take(queue, self.margin)
+        pumped = Pumped()
+        for index, job_id in enumerate(taken):
+            try:
+                self.send(job_id, queue)
+            except Exception as exc:
+                log.warning("fair dispatch to %s: send failed (%s); %d job(s) left for the lost-delivery reaper",
+                            queue, type(exc).__name__, len(taken) - index)
+                pumped.unsent, pumped.error = taken[index:], exc
+                break
+            pumped.sent.append(job_id)
+        if pumped.sent:
+            try:
+                self.fair.confirm_sent(pumped.sent)
+            except Exception as exc:  # they were sent: at worst the reaper sends one again (fenced at start)
+                log.warning("fair dispatch to %s: confirming %d sends failed: %s", queue, len(pumped.sent), exc)
+        return pumped
+
+
+class PumpThread:
+    """A worker's pump for its pool: woken when a slot frees or a message leaves the Celery list, and every
+    `tick_s` in any case. Errors (Redis away) are logged and the next wake-up tries again."""
+
+    def __init__(self, dispatcher: FairDispatcher, queue: str, tick_s: float):
+        self.dispatcher = dispatcher
+        self.queue = queue
+        self.tick_s = tick_s
+        self._wanted = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fair-dispatch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wanted.wait(self.tick_s)
+            self._wanted.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.dispatcher.pump(self.queue)
+            except Exception as exc:
+                log.warning("fair dispatch to %s failed: %s", self.queue, exc)
