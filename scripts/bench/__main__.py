@@ -18,6 +18,7 @@ from scripts.bench.hf_runners import run_hf_generate, run_hf_generate_batch
 from scripts.bench.models import MODELS, build_model, device_slug, environment, free_memory, resolve_device
 from scripts.bench.report import add_ratios, fmt, mode_label, say, summary, table, targets, write_json
 from scripts.bench.service_runners import run_service, service_series
+from scripts.bench.shared_prefix import run_shared_prefix
 from scripts.bench.workloads import (BASELINES, DEFAULT_SAMPLING, DEFAULT_SERVICE_SAMPLING,
                                      DEFAULT_SERVICE_SDK_SAMPLING, GREEDY, SAMPLING, describe, requests_per_level,
                                      token_prompts, workload_meta, workload_names)
@@ -78,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "throughput is measured in steady state, not over one burst of c arrivals (default 4)")
     p.add_argument("--rounds", type=int, help="run every mode this many times, interleaved, and report each "
                    "row's median round (default 3 on CPU, 1 on CUDA and with --quick)")
+    p.add_argument("--shared-prefix", action="store_true", help="the prefix cache's scenario instead of the modes "
+                   "(scripts/bench/shared_prefix.py): --num-prompts requests at once (default 64) sharing a "
+                   "--prefix-len prefix, each with --suffix-len tokens of its own, --output-len new tokens (default "
+                   "32), the engine with the cache off and on")
+    p.add_argument("--prefix-len", type=int, default=1024, help="--shared-prefix: the shared prefix's tokens")
+    p.add_argument("--suffix-len", type=int, default=32, help="--shared-prefix: each request's own tokens")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run: 32 in, 16 out, "
                    "concurrency 1,4, 4 prompts, 2 hf_generate requests")
     return p.parse_args(argv)
@@ -85,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
+    if args.shared_prefix:  # its own sizes (shared_prefix.py), unless given
+        args.num_prompts = args.num_prompts or 64
+        args.output_len = args.output_len or 32
+        args.input_len = args.prefix_len + args.suffix_len
     if args.quick:
         defaults = dict(concurrency="1,4", num_prompts=4, input_len=32, output_len=16, hf_max_requests=2, rounds=1,
                         waves=1)
@@ -136,7 +147,9 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else ROOT / "bench-results"
     if args.out is None or out.is_dir() or str(args.out).endswith("/"):
-        out = out / f"bench-{device_slug(device)}-{stamp}.json"
+        out = out / f"bench-{'shared-prefix-' if args.shared_prefix else ''}{device_slug(device)}-{stamp}.json"
+    if args.shared_prefix:
+        return run_shared_prefix(args, device, out)
 
     meta = dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), environment=environment(device),
                 config=dict(model=args.model, modes=args.modes, concurrency=args.levels, num_prompts=args.num_prompts,
