@@ -11,6 +11,8 @@ Redis layout (every name starts with the configured prefix, since pub/sub ignore
   {prefix}:leases            zset   running jobs by lease expiry (ms): the reaper requeues expired ones
   {prefix}:queued            zset   jobs sent to a queue and not yet started, by send time: the reaper
                                     re-sends one whose message was lost (taken by a worker that then died)
+  {prefix}:fair:{queue}:...  interactive and background jobs not sent yet, parked in their key's queue of
+                                    their pool until fair dispatch sends them (layout: jobs/fair_queue.py)
   {prefix}:owner:{owner}:unfinished zset an API key's queued and running jobs (for its cap)
   {prefix}:job:{id}:log      stream every event of the job, entry id `0-{seq+1}`: replayable, resumable
   {prefix}:events:{id}       pub/sub channel of the job's events, in `seq` order: the live relay

@@ -1,5 +1,7 @@
 """Chaos: a few hundred jobs, some streamed, while workers are SIGKILLed and Redis restarts, and clients cancel
-background jobs (queued, running, or put back on the queue by a kill) all the while. Then every job is
+background jobs (queued, parked in their key's fair queue, running, or put back on the queue by a kill) all
+the while, and fair dispatchers die in the middle of moves (a job taken from its key's queue and never sent,
+or sent and never confirmed: what a process killed at that point leaves). Then every job is
 checked: ended exactly once (completed, or cancelled if a cancel was asked for; every cancel answered 200),
 its event log contiguous with one final event, its streamed text equal to its final text, none lost. Prints
 the figures. Bounded in time (about two minutes here).
@@ -19,7 +21,11 @@ import time
 import httpx
 import openai
 import pytest
+import redis
 
+from config.settings import Settings
+from jobs.celery_app import RUN_CHAT_COMPLETION, make_celery
+from jobs.store import JobStore
 from scripts.stack import RedisServer, Stack, chunk_text, iter_sse, job_events_stream, stack_env, wait_until
 
 MODEL = "mistralai/mistral-7b-instruct-v0.2"
@@ -146,6 +152,7 @@ def test_chaos(chaos_stack, terminal_report):
     chaos_over = threading.Event()
     cancels: dict[str, str] = {}  # job id -> the status the cancel answered
     cancel_answers = collections.Counter()
+    dispatcher_deaths = collections.Counter()  # what each dead dispatcher left: "never sent" / "not confirmed"
 
     def submit_jobs():
         # N_JOBS, then more (a few a second) until the chaos is over: on a fast machine N_JOBS alone can be
@@ -221,7 +228,30 @@ def test_chaos(chaos_stack, terminal_report):
                 else:
                     cancel_answers[f"{response.status_code} {response.text[:120]}"] += 1
 
-    threads = [threading.Thread(target=submit_jobs), threading.Thread(target=cancel_some)] + [
+    def die_mid_dispatch():
+        """A fair dispatcher killed in the middle of a move, every second or so: it took a parked job (the Lua
+        move: the job is `sending`) and died before the send, or after the send and before confirming it."""
+        fair_redis = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=5)
+        store = JobStore(fair_redis, stack.prefix, ttl_s=3600)
+        celery = make_celery(Settings(redis_url=redis_server.url))
+        queue = stack.env["INTERACTIVE_QUEUE"]
+        while not chaos_over.is_set() and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.5, 1.5))
+            try:
+                # More room than the queue's margin: a dispatcher of another configuration, or one racing.
+                taken = store.fair.take(queue, room=fair_redis.llen(queue) + 1)
+                for job_id in taken:
+                    if sum(dispatcher_deaths.values()) % 2:  # every other one: died after the send
+                        celery.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)
+                        dispatcher_deaths["sent, not confirmed"] += 1
+                    else:
+                        dispatcher_deaths["never sent"] += 1
+            except (redis.RedisError, OSError):
+                pass  # Redis restarting
+        fair_redis.close()
+
+    threads = [threading.Thread(target=submit_jobs), threading.Thread(target=cancel_some),
+               threading.Thread(target=die_mid_dispatch)] + [
         threading.Thread(target=stream_one, args=(i,)) for i in range(N_STREAMS)]
     chaos_thread = threading.Thread(target=chaos)
     chaos_thread.start()
@@ -289,10 +319,12 @@ def test_chaos(chaos_stack, terminal_report):
         "", f"chaos: jobs={len(all_ids)} (background {len(accepted)}, streamed {len(streams)}), "
             f"worker kills={len(kills)}, redis restarts={redis_restarts}, lost={lost}, duplicated={duplicated}, "
             f"stream mismatches={stream_mismatch}, resumed jobs={len(recoveries)}, p99 recovery={p99:.2f} s, "
-            f"cancels asked={len(cancels)} (ended cancelled {cancelled}), cancel answers={dict(cancel_answers)}",
+            f"cancels asked={len(cancels)} (ended cancelled {cancelled}), cancel answers={dict(cancel_answers)}, "
+            f"dispatchers dead mid-move={dict(dispatcher_deaths)}",
         *(f"chaos failure: {count} {failure}" for failure, count in failures.most_common(5)),
         *(f"chaos stream failure: {count} {error}" for error, count in stream_errors.most_common(5))])
     assert len(accepted) >= N_JOBS and len(streams) == N_STREAMS
     assert kills and redis_restarts == 1
+    assert dispatcher_deaths["never sent"] and dispatcher_deaths["sent, not confirmed"], dispatcher_deaths
     assert lost == 0 and duplicated == 0 and stream_mismatch == 0
     assert cancels and all(isinstance(code, int) and code in (200, 503) for code in cancel_answers), cancel_answers
