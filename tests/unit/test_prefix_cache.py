@@ -286,7 +286,7 @@ def run_all(model, requests, caching: bool, num_kv_blocks=None, stagger=None):
         for thread in threads:
             thread.join(120)
             assert not thread.is_alive()
-        stats = engine.stats()
+        stats = dict(engine.stats(), preempted=engine.scheduler.num_preempted, evicted=engine.blocks.num_evicted)
     finally:
         engine.shutdown()
     return results, stats
@@ -333,4 +333,50 @@ def test_eviction_under_pressure_keeps_output_the_same(model):
     without, _ = run_all(model, requests, caching=False, num_kv_blocks=12)
     with_cache, stats = run_all(model, requests, caching=True, num_kv_blocks=12)
     assert with_cache == without
+    assert stats["preempted"] > 0 and stats["evicted"] > 0 and stats["prefix_cache_hits"] > 0
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_cached"] <= 12
+
+
+def test_a_resumed_job_finds_its_earlier_attempts_blocks_and_continues_the_same(model):
+    """A job cut after k tokens comes back as prompt + those k tokens: the blocks its first attempt computed are
+    still cached, and the rest is what the uncut run made."""
+    prompt = [1] + random_tokens(40, seed=11)
+    engine = Engine(model, torch.device("cpu"), eos_token_id=-1, config=EngineConfig(prefill_chunk_tokens=64))
+    try:
+        uncut = [t for o in engine.submit(EngineRequest("uncut", prompt, SamplingParams(temperature=0.0), 30))
+                 for t in o.token_ids]
+        hits = engine.stats()["prefix_cache_hits"]
+        stream = engine.submit(EngineRequest("resumed", prompt + uncut[:20], SamplingParams(temperature=0.0), 10,
+                                             num_resumed_tokens=20))
+        rest = [t for o in stream for t in o.token_ids]
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert uncut[:20] + rest == uncut
+    assert stats["prefix_cache_hits"] - hits == 48  # 60 tokens: 3 full blocks of the first attempt's
+
+
+def test_after_an_engine_reset_the_cache_is_empty_and_output_still_right(model):
+    prompt = [1] + random_tokens(50, seed=12)
+    expected, _ = run_all(model, [("r", prompt, 10)], caching=False)
+    engine = Engine(model, torch.device("cpu"), eos_token_id=EOS)
+    try:
+        tokens = lambda rid: [t for o in engine.submit(  # noqa: E731
+            EngineRequest(rid, prompt, SamplingParams(temperature=0.0), 10)) for t in o.token_ids]
+        assert tokens("before") == expected["r"]
+        assert engine.stats()["kv_blocks_cached"] > 0
+        schedule = engine.scheduler.schedule
+
+        def fail_once():
+            engine.scheduler.schedule = schedule
+            raise RuntimeError("a bug in the bookkeeping")
+        engine.scheduler.schedule = fail_once
+        failed = list(engine.submit(EngineRequest("failed", [1, 5, 6], SamplingParams(temperature=0.0), 3)))
+        assert failed[-1].finish_reason == "error"
+        stats = engine.stats()
+        assert stats["kv_blocks_cached"] == 0 and stats["kv_blocks_used"] == 0
+        hits = stats["prefix_cache_hits"]
+        assert tokens("after") == expected["r"]
+        assert engine.stats()["prefix_cache_hits"] == hits  # computed again: nothing was left to hit
+    finally:
+        engine.shutdown()

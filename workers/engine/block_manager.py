@@ -42,6 +42,7 @@ class BlockManager:
         # Prompt tokens looked up in the prefix cache, and those found there (since start: Prometheus counters).
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.num_evicted = 0  # cached blocks handed out for new contents
         self.reset()
 
     def reset(self) -> None:
@@ -116,6 +117,7 @@ class BlockManager:
         if self._free:
             return self._free.pop()
         block, _ = self._evictable.popitem(last=False)  # the least recently freed cached block
+        self.num_evicted += 1
         del self._cached[self._hash_of[block]]
         self._hash_of[block] = None
         return block
