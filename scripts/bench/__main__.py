@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shared-prefix", action="store_true", help="the prefix cache's scenario instead of the modes "
                    "(scripts/bench/shared_prefix.py): --num-prompts requests at once (default 64) sharing a "
                    "--prefix-len prefix, each with --suffix-len tokens of its own, --output-len new tokens (default "
-                   "32), the engine with the cache off and on")
+                   "32), with the cache off and on: the engine and the service (--modes engine or service for one)")
     p.add_argument("--prefix-len", type=int, default=1024, help="--shared-prefix: the shared prefix's tokens")
     p.add_argument("--suffix-len", type=int, default=32, help="--shared-prefix: each request's own tokens")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run: 32 in, 16 out, "
@@ -92,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
+    args.modes_given = args.modes is not None
     if args.shared_prefix:  # its own sizes (shared_prefix.py), unless given
         args.num_prompts = args.num_prompts or 64
         args.output_len = args.output_len or 32

@@ -42,10 +42,12 @@ def find_redis(url: str) -> str:
 
 
 async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, out_len: list[int] | int,
-                              timeout: float, client_kind: str = "aiohttp", sampling: str = GREEDY) -> list[Req]:
+                              timeout: float, client_kind: str = "aiohttp", sampling: str = GREEDY,
+                              system: Optional[str] = None) -> list[Req]:
     """c clients, each sending its next streamed request when the previous one ends, until n are done. Request i
     samples with the workload `sampling` and seed i, and sends its output controls (response_format, logprobs and
-    top_logprobs) as they are: both clients take the same body. max_tokens is out_len (or out_len[i])."""
+    top_logprobs) as they are: both clients take the same body. max_tokens is out_len (or out_len[i]). With
+    `system`, every request starts with that system message (the shared prefix of --shared-prefix)."""
     from config.settings import SERVED_MODEL_ID
 
     counter = itertools.count()
@@ -56,7 +58,8 @@ async def service_closed_loop(base_url: str, texts: list[str], c: int, n: int, o
     async def client_loop() -> None:
         while (i := next(counter)) < n:
             reqs[i] = req = Req(start=time.perf_counter())
-            messages = [{"role": "user", "content": texts[i % len(texts)]}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": texts[i % len(texts)]}]
             try:
                 await send(req, dict(model=SERVED_MODEL_ID, messages=messages, max_tokens=max_tokens_of(out_len, i),
                                      **request_fields(sampling), seed=i, stream=True,

@@ -18,7 +18,7 @@ def test_prompts_share_the_prefix_and_nothing_else():
 
 
 def row(round_, sampling, cache, request_s, ttft_p50):
-    return dict(round=round_, sampling=sampling, prefix_cache=cache, status="ok", request_s=request_s,
+    return dict(mode="engine", round=round_, sampling=sampling, prefix_cache=cache, status="ok", request_s=request_s,
                 output_tok_s=request_s * 32, ttft_ms=dict(p50=ttft_p50, p99=ttft_p50), tpot_ms=dict(p50=1, p99=1),
                 itl_ms=dict(p50=1, p99=1), prefix_cache_hit_rate=0.9 if cache == "on" else 0.0)
 
@@ -32,12 +32,12 @@ def test_ratios_are_taken_within_a_round_and_the_median_round_is_shown():
     summary = median_rows(rows)
     on = next(r for r in summary if r["prefix_cache"] == "on")
     assert on["vs_no_cache_request_s"] == 3.5 and on["ttft_p50_vs_no_cache"] == pytest.approx(0.1)
-    assert "| greedy | on | 40.00 |" in table(summary)
+    assert "| engine | greedy | on | 40.00 |" in table(summary)
 
 
 def test_a_small_run_finds_the_prefix_in_the_cache(tmp_path, one_torch_thread):
     out = tmp_path / "shared.json"
-    assert main(["--shared-prefix", "--device", "cpu", "--num-prompts", "6", "--prefix-len", "64",
+    assert main(["--shared-prefix", "--modes", "engine", "--device", "cpu", "--num-prompts", "6", "--prefix-len", "64",
                  "--suffix-len", "8", "--output-len", "4", "--rounds", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {(r["sampling"], r["prefix_cache"]): r for r in report["summary"]}
