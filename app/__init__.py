@@ -15,7 +15,7 @@ from app.serving import ChatService
 from config.logging import setup_logging
 from config.settings import get_settings
 from jobs.batches import BatchStore
-from jobs.fair_dispatch import FairDispatcher
+from jobs.fair_dispatch import FairDispatcher, LiveSlots
 from jobs.files import FileStore
 from jobs.models import ModelDirectory, model_entry
 from jobs.store import JobStore
@@ -36,7 +36,8 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     # The model this deployment serves is known before its first worker is up: its requests wait for it.
     models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
     app.extensions["models"] = models
-    dispatcher = FairDispatcher(jobs.fair, _send_with(enqueue, jobs), settings.fair_dispatch_margin)
+    dispatcher = FairDispatcher(jobs.fair, _send_with(enqueue, jobs), settings.fair_dispatch_margin,
+                                settings.fair_dispatch_reserve, LiveSlots(jobs), settings.job_deadline_s)
     app.extensions["chat_service"] = ChatService(settings, jobs, models, dispatcher)
     app.extensions["file_service"] = FileService(files, settings.max_file_bytes)
     app.extensions["batch_service"] = BatchService(batches, files)

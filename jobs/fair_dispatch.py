@@ -10,12 +10,15 @@ So the dispatcher survives any crash: a process that dies between its move and t
 
 `margin` is how many messages the Celery list may hold. Workers reserve only what they run (prefetch 1 per
 thread), so Celery holds at most the pool's live capacity plus `margin` jobs; the rest wait in their keys'
-queues, where the rotation decides what goes next.
+queues, where the rotation decides what goes next. `reserve`: how many of the pool's live slots (its live
+workers' concurrency, from their heartbeats) one key's jobs in flight leave to the others, so that a key
+arriving behind a flood starts at once rather than when one of the flood's jobs ends.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -33,17 +36,50 @@ class Pumped:
     error: Optional[Exception] = None
 
 
+class LiveSlots:
+    """`slots(queue)`: the jobs a pool's live workers run at once (their heartbeats' concurrency, added up),
+    read at most once a second (every pump asks)."""
+
+    def __init__(self, store, cache_s: float = 1.0):
+        self.store = store
+        self.cache_s = cache_s
+        self._read_at = -float("inf")
+        self._slots: dict[str, int] = {}
+
+    def __call__(self, queue: str) -> int:
+        if time.monotonic() - self._read_at >= self.cache_s:
+            slots: dict[str, int] = {}
+            for beat in self.store.live_workers():
+                name = beat.get("queue")
+                slots[name] = slots.get(name, 0) + int(beat.get("concurrency") or 0)
+            self._slots, self._read_at = slots, time.monotonic()
+        return self._slots.get(queue, 0)
+
+
 class FairDispatcher:
-    def __init__(self, fair: FairQueue, send: Callable[[str, str], None], margin: int):
-        """`send(job_id, queue)` puts the job's message on that Celery queue (Celery's send_task)."""
+    def __init__(self, fair: FairQueue, send: Callable[[str, str], None], margin: int, reserve: int = 0,
+                 capacity: Optional[Callable[[str], int]] = None, flight_s: Optional[float] = None):
+        """`send(job_id, queue)` puts the job's message on that Celery queue (Celery's send_task);
+        `capacity(queue)` is the pool's live slots (LiveSlots); `flight_s` how long a job may count against
+        its key's share (the job deadline: it has ended by then)."""
         self.fair = fair
         self.send = send
         self.margin = margin
+        self.reserve = reserve
+        self.capacity = capacity
+        self.flight_s = flight_s
+
+    def key_cap(self, queue: str) -> int:
+        """Most jobs in flight per key: the live slots but the reserve (at least 1); no cap (0) while the pool
+        has no live worker (then only the margin bounds what goes to Celery)."""
+        slots = self.capacity(queue) if self.capacity is not None else 0
+        return max(1, slots - self.reserve) if slots > 0 else 0
 
     def pump(self, queue: str) -> Pumped:
         """Fill the queue's room with parked jobs. A send that fails stops this pump (the broker is likely
         away): that job and the rest taken stay `sending`. Raises only if Redis is away for the take."""
-        taken = self.fair.take(queue, self.margin)
+        stale_before = time.time() - self.flight_s if self.flight_s else None
+        taken = self.fair.take(queue, self.margin, self.key_cap(queue), stale_before)
         pumped = Pumped()
         for index, job_id in enumerate(taken):
             try:

@@ -6,6 +6,12 @@ across keys, and only as far as that queue has room (a small margin beyond what 
 worker reserves only the jobs it runs), so a key that sends 2,000 jobs at once has only a few in Celery's
 list, and a newly arriving key's job is next after one job of each other waiting key.
 
+Round-robin alone would still leave a newly arriving key waiting for one of the flood's running jobs to end
+(a pool's slots all held by one key). So a key's jobs in flight (taken until they end: in Celery's list or
+running) are capped at a share of the pool (`key_cap`: the dispatcher gives its live slots minus a small
+reserve): a key alone leaves a slot or so free, and another key's job starts at once. A key at its cap keeps
+its turn, and is skipped until one of its jobs ends.
+
 Redis layout, per Celery queue `{queue}` (under the configured prefix; keys are owner fingerprints, as
 app/auth.py's `owner_of` files jobs under, never a raw API key):
   {prefix}:fair:{queue}:owner:{owner}  zset  the key's parked job ids, by park time (oldest leaves first)
@@ -13,6 +19,7 @@ app/auth.py's `owner_of` files jobs under, never a raw API key):
                                              key served (or arriving) takes a new turn behind all others
   {prefix}:fair:{queue}:turn           string the turn counter
   {prefix}:fair:{queue}:parked         zset  every parked job of the queue, by park time (the caps count it)
+  {prefix}:fair:{queue}:flight:{owner} zset  the key's jobs taken and not ended (sent, or running), by take time
   and in the job record, field `fair`: `parked` while waiting here, `sending` once a dispatcher took it and
   until it confirms the send (then the field is gone).
 
@@ -21,28 +28,37 @@ Why nothing is lost or sent twice: every move is one Lua script. A parked job is
 `sending`, in the same step as it leaves its key's queue, so two dispatchers never take one job, and one that
 dies before it confirms the send leaves a job the reaper sends again (JobStore.reap_lost). A second message
 for one job is harmless: only one attempt starts it (jobs/transition.py). A job that starts or ends (a
-cancel) leaves its key's queue in its transition (`UNPARK`, part of that script).
+cancel) leaves its key's queue in its transition, and a job that ends leaves its key's flight (`UNPARK`,
+part of that script).
 """
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 from jobs.scripts import ScriptSet
 
 # Lua, part of the job transition script (jobs/transition.py): a parked job that starts or ends leaves its
-# key's queue (and a key left with nothing parked, the rotation). Reads `job`, `id` and `prefix` from there.
+# key's queue (and a key left with nothing parked, the rotation): `unpark`; a job that ends no longer counts
+# against its key's share of the pool: `land`. Reads `job`, `id` and `prefix` from there.
 UNPARK = """
+local function fair_base()
+  return prefix .. ':fair:' .. (redis.call('HGET', job, 'queue') or 'interactive'),
+         redis.call('HGET', job, 'owner') or 'anonymous'
+end
 local function unpark()
   if redis.call('HGET', job, 'fair') == 'parked' then
-    local base = prefix .. ':fair:' .. (redis.call('HGET', job, 'queue') or 'interactive')
-    local owner = redis.call('HGET', job, 'owner') or 'anonymous'
+    local base, owner = fair_base()
     local mine = base .. ':owner:' .. owner
     redis.call('ZREM', base .. ':parked', id)
     redis.call('ZREM', mine, id)
     if redis.call('EXISTS', mine) == 0 then redis.call('ZREM', base .. ':ring', owner) end
   end
   redis.call('HDEL', job, 'fair')
+end
+local function land()
+  local base, owner = fair_base()
+  redis.call('ZREM', base .. ':flight:' .. owner, id)
 end
 """
 
@@ -61,16 +77,32 @@ return 1
 """
 
 # KEYS: ring, turn, parked, queued, the Celery queue (its Redis list). ARGV: prefix, fair base, room (most
-# messages the Celery list may hold), now s. Returns the ids taken, in order; each is `sending` and watched.
+# messages the Celery list may hold), now s, key cap (most jobs in flight per key; 0: none), in-flight entries
+# taken before this are stale (dropped), ttl s. Returns the ids taken, in order; each is `sending`, watched
+# (in queued) and in flight.
 _TAKE = """
 local ring, turn, parked, queued = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, base, now = ARGV[1], ARGV[2], ARGV[4]
 local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[5])
+local cap, stale, ttl = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local capped = {}  -- keys at their share of the pool: skipped this time, their turn kept
+local function has_share(owner)
+  if cap <= 0 then return true end
+  local flight = base .. ':flight:' .. owner
+  redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
+  return redis.call('ZCARD', flight) < cap
+end
 local out = {}
 local steps = 0
 while room > 0 and steps < 1000 do  -- bounded: stale ids (ended, expired) are skipped, not counted as room
   steps = steps + 1
-  local owner = redis.call('ZRANGE', ring, 0, 0)[1]
+  local owner
+  for _, candidate in ipairs(redis.call('ZRANGE', ring, 0, -1)) do  -- in turn order
+    if not capped[candidate] then
+      if has_share(candidate) then owner = candidate break end
+      capped[candidate] = true
+    end
+  end
   if not owner then break end
   local mine = base .. ':owner:' .. owner
   local popped = redis.call('ZPOPMIN', mine)
@@ -86,6 +118,9 @@ while room > 0 and steps < 1000 do  -- bounded: stale ids (ended, expired) are s
     if redis.call('HGET', job, 'status') == 'queued' and redis.call('HGET', job, 'fair') == 'parked' then
       redis.call('HSET', job, 'fair', 'sending')
       redis.call('ZADD', queued, now, id)  -- sent from now: watched until an attempt starts it
+      local flight = base .. ':flight:' .. owner
+      redis.call('ZADD', flight, now, id)  -- counts against its key's share until it ends
+      redis.call('EXPIRE', flight, ttl)
       out[#out + 1] = id
       room = room - 1
     end
@@ -136,13 +171,17 @@ class FairQueue:
                          self.owner_queue(record.queue, record.owner), self.ring(record.queue), f"{base}:turn"],
                    args=[record.id, record.owner, repr(record.created_at), self.ttl_s], client=pipe)
 
-    def take(self, queue: str, room: int) -> list[str]:
+    def take(self, queue: str, room: int, key_cap: int = 0, stale_before: Optional[float] = None) -> list[str]:
         """Up to `room` minus the messages already in the Celery queue, round-robin across keys, oldest first
-        within a key: each marked `sending`, to be sent now and then confirmed (`confirm_sent`)."""
-        base = self.base(queue)
+        within a key, skipping keys with `key_cap` jobs in flight (0: no cap): each marked `sending`, to be
+        sent now and then confirmed (`confirm_sent`). In-flight entries taken before `stale_before` (default:
+        a job TTL ago) are dropped: a job that never ended must not hold its key's share for ever."""
+        base, now = self.base(queue), time.time()
+        stale_before = now - self.ttl_s if stale_before is None else stale_before
         return self._take(keys=[self.ring(queue), f"{base}:turn", self.parked(queue), f"{self.prefix}:queued",
                                 queue],
-                          args=[self.prefix, base, int(room), repr(time.time())])
+                          args=[self.prefix, base, int(room), repr(now), int(key_cap), repr(stale_before),
+                                self.ttl_s])
 
     def confirm_sent(self, job_ids: Iterable[str]) -> None:
         """Their messages are in the Celery queue: the lost-delivery reaper treats them as any sent job."""
@@ -151,6 +190,10 @@ class FairQueue:
             self._confirm(keys=keys, args=[])
 
     # --- reads
+    def in_flight(self, queue: str, owner: str) -> int:
+        """The key's jobs taken from its queue and not ended yet."""
+        return int(self.redis.zcard(f"{self.base(queue)}:flight:{owner}"))
+
     def parked_count(self, queue: str) -> int:
         return int(self.redis.zcard(self.parked(queue)))
 

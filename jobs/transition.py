@@ -42,7 +42,8 @@ class Outcome(str, enum.Enum):
 #       events of this attempt already acknowledged, ending status ('' = none), n record fields, then n
 #       field/value pairs, then one (log json, live json) pair per event, each without its "seq".
 # Returns {outcome, cancel flag set (0/1), detail, detail}. A job leaving `queued` (started, or ended while
-# it waits) also leaves its key's fair queue if it is parked there (`unpark`, jobs/fair_queue.py).
+# it waits) also leaves its key's fair queue if it is parked there (`unpark`, jobs/fair_queue.py); a job that
+# ends leaves its key's flight (`land`: its share of the pool).
 SCRIPT = """
 local job, lease, log, leases, queued, cancel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local action, id, token = ARGV[1], ARGV[2], ARGV[3]
@@ -108,6 +109,7 @@ if ending ~= '' then
   redis.call('ZREM', leases, id)
   redis.call('ZREM', queued, id)
   unpark()
+  land()
   local owner = redis.call('HGET', job, 'owner')
   if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
   return {'applied', cancel_flag, '', ''}

@@ -22,7 +22,7 @@ from config.logging import job_context
 from config.settings import get_settings
 from jobs.celery_app import RUN_CHAT_COMPLETION, celery_app, send_chat_completion
 from jobs.chat_format import raw_tokenizer
-from jobs.fair_dispatch import FairDispatcher, PumpThread
+from jobs.fair_dispatch import FairDispatcher, LiveSlots, PumpThread
 from jobs.models import model_entry
 from jobs.records import JobError, JobStatus
 from jobs.store import JobNotFound, JobStore
@@ -62,9 +62,10 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._started_at = time.time()
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
-        self.fair_pump = PumpThread(FairDispatcher(self.store.fair, send_chat_completion,
-                                                   self.settings.fair_dispatch_margin),
-                                    self.settings.interactive_queue, self.settings.fair_dispatch_tick_s)
+        s = self.settings
+        dispatcher = FairDispatcher(self.store.fair, send_chat_completion, s.fair_dispatch_margin,
+                                    s.fair_dispatch_reserve, LiveSlots(self.store), s.job_deadline_s)
+        self.fair_pump = PumpThread(dispatcher, s.interactive_queue, s.fair_dispatch_tick_s)
         self.fair_pump.start()
         from jobs.batch_queue import BatchQueueProducer
         from workers.batch_consumer import BatchConsumer

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from jobs.fair_dispatch import FairDispatcher
+from jobs.fair_dispatch import FairDispatcher, LiveSlots
 from jobs.records import JobRecord, JobStatus
 from jobs.transition import Ending
 from tests.unit.conftest import REQUEST
@@ -97,6 +97,48 @@ def test_two_dispatchers_racing_send_every_job_exactly_once(store):
     consumer.join()
     assert collections.Counter(sent) == collections.Counter(ids)  # each once, none missing
     assert store.fair.parked_count(queue) == 0
+
+
+def test_a_key_at_its_share_of_the_pool_waits_and_another_keys_job_goes_at_once(store):
+    """A key alone may fill all but the pool's reserved slots, never all: another key's job goes next, at once,
+    instead of waiting for one of the flood's jobs to end. The key's turn is kept while it waits."""
+    flood = [park(store, "key-a") for _ in range(5)]
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == flood[:3]  # 3 in flight: its share
+    late = park(store, "key-b")
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == [late]
+    assert store.fair.in_flight(queue_of(store), "key-a") == 3
+    started, attempt = store.start(flood[0], "w")
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == []  # running: still in flight
+    store.write(attempt, [], Ending.cancelled())  # it ends: its key has room again
+    assert store.fair.in_flight(queue_of(store), "key-a") == 2
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == [flood[3]]
+
+
+def test_a_dispatcher_keeps_a_reserve_of_the_pools_live_slots_free_of_any_one_key(store):
+    flood = [park(store, "key-a") for _ in range(6)]
+    sent = []
+    dispatcher = FairDispatcher(store.fair, celery_send(store, sent), margin=10, reserve=1,
+                                capacity=lambda queue: 4)
+    assert dispatcher.pump(queue_of(store)).sent == flood[:3]
+    no_worker = FairDispatcher(store.fair, celery_send(store, sent), margin=10, reserve=1, capacity=lambda q: 0)
+    assert no_worker.pump(queue_of(store)).sent == flood[3:6]  # no live slots to share: the margin alone
+
+
+def test_a_pools_live_slots_are_its_live_workers_concurrency(store):
+    store.heartbeat("w1", {"queue": queue_of(store), "concurrency": 8}, ttl_s=60)
+    store.heartbeat("w2", {"queue": queue_of(store), "concurrency": 4}, ttl_s=60)
+    store.heartbeat("w3", {"queue": "another-pool", "concurrency": 16}, ttl_s=60)
+    store.heartbeat("gone", {"queue": queue_of(store), "concurrency": 8}, ttl_s=0.001)
+    time.sleep(0.01)  # its heartbeat expired: a dead worker
+    slots = LiveSlots(store)
+    assert slots(queue_of(store)) == 12 and slots("another-pool") == 16 and slots("nobody's") == 0
+
+
+def test_in_flight_entries_older_than_the_deadline_are_dropped(store):
+    """A job that never ended (its record expired) must not hold its key's share for ever."""
+    old, new = park(store, "key-a"), park(store, "key-a")
+    assert store.fair.take(queue_of(store), room=10, key_cap=1) == [old]
+    assert store.fair.take(queue_of(store), room=10, key_cap=1, stale_before=time.time() + 1) == [new]
 
 
 def test_a_job_cancelled_while_parked_ends_and_is_never_sent(store):
