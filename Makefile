@@ -5,7 +5,7 @@
 #   make run          Redis + API (gunicorn, PORT) + WORKERS Celery workers in the foreground
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
 #   make bench        scripts/bench/ (engine, service and HF baselines; see README)
-#   make fairness     interactive TTFT with and without a large batch running
+#   make fairness     one key's TTFT while another key floods the queue (FAIRNESS_ARGS='--scenario batch': a batch)
 #   make gpu-check    scripts/gpu_check.sh: the GPU check (here, without a GPU: its rehearsal on tiny7b)
 #   make worker       one more worker (e.g. on another machine, same REDIS_URL)
 #   make api          one more API server on PORT (e.g. behind a load balancer)
@@ -146,7 +146,8 @@ test: install browser-deps
 bench: install
 	@'$(PY)' -m scripts.bench $(BENCH_ARGS)
 
-# Interactive TTFT with and without a 2,000-request batch running (scripts/fairness.py).
+# Fairness (scripts/fairness.py): key B's streamed TTFT alone, then while key A's 500 background jobs wait
+# (fair dispatch); FAIRNESS_ARGS='--scenario batch': interactive TTFT with and without a 2,000-request batch.
 fairness: install
 	@'$(PY)' -m scripts.fairness $(FAIRNESS_ARGS)
 
