@@ -5,6 +5,7 @@
 #   make run          Redis + API (gunicorn, PORT) + WORKERS Celery workers in the foreground
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
 #   make bench        scripts/bench/ (engine, service and HF baselines; see README)
+#   make bench-shared-prefix  the prefix cache's benchmark (make bench BENCH_ARGS=--shared-prefix)
 #   make fairness     one key's TTFT while another key floods the queue (FAIRNESS_ARGS='--scenario batch': a batch)
 #   make gpu-check    scripts/gpu_check.sh: the GPU check (here, without a GPU: its rehearsal on tiny7b)
 #   make worker       one more worker (e.g. on another machine, same REDIS_URL)
@@ -45,10 +46,10 @@ GPU_CHECK_ARGS ?=
 
 STAMP = $(VENV)/.installed
 
-.PHONY: help venv install redis redis-stop run worker api test bench fairness gpu-check clean browser-deps
+.PHONY: help venv install redis redis-stop run worker api test bench bench-shared-prefix fairness gpu-check clean browser-deps
 
 help:
-	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- Install -----------------------------------------------------------------------------------
 
@@ -145,6 +146,10 @@ test: install browser-deps
 
 bench: install
 	@'$(PY)' -m scripts.bench $(BENCH_ARGS)
+
+# 64 requests sharing a 1,024-token prefix, the engine and the service, prefix cache off and on.
+bench-shared-prefix: install
+	@'$(PY)' -m scripts.bench --shared-prefix $(BENCH_ARGS)
 
 # Fairness (scripts/fairness.py): key B's streamed TTFT alone, then while key A's 500 background jobs wait
 # (fair dispatch); FAIRNESS_ARGS='--scenario batch': interactive TTFT with and without a 2,000-request batch.
