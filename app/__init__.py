@@ -37,7 +37,8 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
     app.extensions["models"] = models
     dispatcher = FairDispatcher(jobs.fair, _send_with(enqueue, jobs), settings.fair_dispatch_margin,
-                                settings.fair_dispatch_reserve, LiveSlots(jobs), settings.job_deadline_s)
+                                settings.fair_dispatch_reserve, LiveSlots(jobs), settings.job_deadline_s,
+                                settings.fair_dispatch_active_s)
     app.extensions["chat_service"] = ChatService(settings, jobs, models, dispatcher)
     app.extensions["file_service"] = FileService(files, settings.max_file_bytes)
     app.extensions["batch_service"] = BatchService(batches, files)

@@ -138,10 +138,11 @@ class Settings(BaseSettings):
     # they take a message or end a job, and every fair_dispatch_tick_s in any case.
     fair_dispatch_margin: int = Field(default=2, ge=1)
     fair_dispatch_tick_s: float = 0.5
-    # ... and one key's jobs in flight (in that queue or running) leave this many of the pool's live slots
-    # to other keys: a key arriving behind another's flood starts at once, not when one of the flood's jobs
-    # ends. The cost: a key alone uses all but this many slots (a pool of one slot keeps none).
+    # ... and while other keys have used the pool within fair_dispatch_active_s (parked a job there), one key's
+    # jobs in flight (in that queue or running) leave this many of the pool's live slots to them: their next
+    # job starts at once, not when one of the flood's jobs ends. A key alone on a pool uses every slot.
     fair_dispatch_reserve: int = Field(default=1, ge=0)
+    fair_dispatch_active_s: float = 60.0
     # Worker heartbeat period and how long a heartbeat counts as alive.
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0

@@ -11,8 +11,9 @@ So the dispatcher survives any crash: a process that dies between its move and t
 `margin` is how many messages the Celery list may hold. Workers reserve only what they run (prefetch 1 per
 thread), so Celery holds at most the pool's live capacity plus `margin` jobs; the rest wait in their keys'
 queues, where the rotation decides what goes next. `reserve`: how many of the pool's live slots (its live
-workers' concurrency, from their heartbeats) one key's jobs in flight leave to the others, so that a key
-arriving behind a flood starts at once rather than when one of the flood's jobs ends.
+workers' concurrency, from their heartbeats) one key's jobs in flight leave to the others while other keys
+have been active within `active_s`, so that their next jobs start at once rather than when one of the flood's
+jobs ends (a key alone on the pool uses every slot).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ class LiveSlots:
 
 class FairDispatcher:
     def __init__(self, fair: FairQueue, send: Callable[[str, str], None], margin: int, reserve: int = 0,
-                 capacity: Optional[Callable[[str], int]] = None, flight_s: Optional[float] = None):
+                 capacity: Optional[Callable[[str], int]] = None, flight_s: Optional[float] = None,
+                 active_s: float = 60.0):
         """`send(job_id, queue)` puts the job's message on that Celery queue (Celery's send_task);
         `capacity(queue)` is the pool's live slots (LiveSlots); `flight_s` how long a job may count against
         its key's share (the job deadline: it has ended by then)."""
@@ -68,6 +70,7 @@ class FairDispatcher:
         self.reserve = reserve
         self.capacity = capacity
         self.flight_s = flight_s
+        self.active_s = active_s
 
     def key_cap(self, queue: str) -> int:
         """Most jobs in flight per key: the live slots but the reserve (at least 1); no cap (0) while the pool
@@ -79,7 +82,7 @@ class FairDispatcher:
         """Fill the queue's room with parked jobs. A send that fails stops this pump (the broker is likely
         away): that job and the rest taken stay `sending`. Raises only if Redis is away for the take."""
         stale_before = time.time() - self.flight_s if self.flight_s else None
-        taken = self.fair.take(queue, self.margin, self.key_cap(queue), stale_before)
+        taken = self.fair.take(queue, self.margin, self.key_cap(queue), stale_before, self.active_s)
         pumped = Pumped()
         for index, job_id in enumerate(taken):
             try:

@@ -6,11 +6,12 @@ across keys, and only as far as that queue has room (a small margin beyond what 
 worker reserves only the jobs it runs), so a key that sends 2,000 jobs at once has only a few in Celery's
 list, and a newly arriving key's job is next after one job of each other waiting key.
 
-Round-robin alone would still leave a newly arriving key waiting for one of the flood's running jobs to end
-(a pool's slots all held by one key). So a key's jobs in flight (taken until they end: in Celery's list or
-running) are capped at a share of the pool (`key_cap`: the dispatcher gives its live slots minus a small
-reserve): a key alone leaves a slot or so free, and another key's job starts at once. A key at its cap keeps
-its turn, and is skipped until one of its jobs ends.
+Round-robin alone would still leave a key arriving behind a flood waiting for one of the flood's running jobs
+to end (a pool's slots all held by one key). So while other keys have been active on the pool lately (parked
+a job within `active_since`), a key's jobs in flight (taken until they end: in Celery's list or running) are
+capped at a share of the pool (`key_cap`: the dispatcher gives its live slots minus a small reserve): the
+flood leaves a slot or so free, and the other key's next job starts at once. A key at its cap keeps its turn,
+and is skipped until one of its jobs ends. A key alone on a pool is not capped: it may use every slot.
 
 Redis layout, per Celery queue `{queue}` (under the configured prefix; keys are owner fingerprints, as
 app/auth.py's `owner_of` files jobs under, never a raw API key):
@@ -20,6 +21,7 @@ app/auth.py's `owner_of` files jobs under, never a raw API key):
   {prefix}:fair:{queue}:turn           string the turn counter
   {prefix}:fair:{queue}:parked         zset  every parked job of the queue, by park time (the caps count it)
   {prefix}:fair:{queue}:flight:{owner} zset  the key's jobs taken and not ended (sent, or running), by take time
+  {prefix}:fair:{queue}:active         zset  key -> when it last parked a job here (who else uses the pool)
   and in the job record, field `fair`: `parked` while waiting here, `sending` once a dispatcher took it and
   until it confirms the send (then the field is gone).
 
@@ -62,7 +64,7 @@ local function land()
 end
 """
 
-# KEYS: job, queued, parked, the owner's queue, ring, turn. ARGV: id, owner, now s, ttl s.
+# KEYS: job, queued, parked, the owner's queue, ring, turn, active. ARGV: id, owner, now s, ttl s.
 # Runs in the MULTI that writes the record: the job is never recorded without being parked or sent.
 _PARK = """
 redis.call('ZREM', KEYS[2], ARGV[1])  -- no message yet: its key's queue watches it, not reap_lost
@@ -72,22 +74,29 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 if not redis.call('ZSCORE', KEYS[5], ARGV[2]) then  -- a key arriving: its turn comes after every other's
   redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[2])
 end
-for i = 3, 6 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[2])
+for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return 1
 """
 
-# KEYS: ring, turn, parked, queued, the Celery queue (its Redis list). ARGV: prefix, fair base, room (most
-# messages the Celery list may hold), now s, key cap (most jobs in flight per key; 0: none), in-flight entries
-# taken before this are stale (dropped), ttl s. Returns the ids taken, in order; each is `sending`, watched
-# (in queued) and in flight.
+# KEYS: ring, turn, parked, queued, the Celery queue (its Redis list), active. ARGV: prefix, fair base, room
+# (most messages the Celery list may hold), now s, key cap (most jobs in flight per key while others are
+# active; 0: none), in-flight entries taken before this are stale (dropped), ttl s, keys that parked a job
+# since this are active. Returns the ids taken, in order; each is `sending`, watched (in queued), in flight.
 _TAKE = """
-local ring, turn, parked, queued = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ring, turn, parked, queued, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 local prefix, base, now = ARGV[1], ARGV[2], ARGV[4]
 local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[5])
-local cap, stale, ttl = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local cap, stale, ttl, active_since = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
+redis.call('ZREMRANGEBYSCORE', active, '-inf', '(' .. active_since)
+local n_active = redis.call('ZCARD', active)
 local capped = {}  -- keys at their share of the pool: skipped this time, their turn kept
 local function has_share(owner)
   if cap <= 0 then return true end
+  local own = redis.call('ZSCORE', active, owner)
+  if n_active - ((own and tonumber(own) >= active_since) and 1 or 0) == 0 then
+    return true  -- alone on the pool lately: every slot is its
+  end
   local flight = base .. ':flight:' .. owner
   redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
   return redis.call('ZCARD', flight) < cap
@@ -168,20 +177,23 @@ class FairQueue:
         queue of its pool."""
         base = self.base(record.queue)
         self._park(keys=[f"{self.prefix}:job:{record.id}", f"{self.prefix}:queued", self.parked(record.queue),
-                         self.owner_queue(record.queue, record.owner), self.ring(record.queue), f"{base}:turn"],
+                         self.owner_queue(record.queue, record.owner), self.ring(record.queue), f"{base}:turn",
+                         f"{base}:active"],
                    args=[record.id, record.owner, repr(record.created_at), self.ttl_s], client=pipe)
 
-    def take(self, queue: str, room: int, key_cap: int = 0, stale_before: Optional[float] = None) -> list[str]:
+    def take(self, queue: str, room: int, key_cap: int = 0, stale_before: Optional[float] = None,
+             active_s: float = 60.0) -> list[str]:
         """Up to `room` minus the messages already in the Celery queue, round-robin across keys, oldest first
-        within a key, skipping keys with `key_cap` jobs in flight (0: no cap): each marked `sending`, to be
-        sent now and then confirmed (`confirm_sent`). In-flight entries taken before `stale_before` (default:
-        a job TTL ago) are dropped: a job that never ended must not hold its key's share for ever."""
+        within a key, skipping keys with `key_cap` jobs in flight (0: no cap) while another key parked a job
+        within `active_s`: each marked `sending`, to be sent now and then confirmed (`confirm_sent`). In-flight
+        entries taken before `stale_before` (default: a job TTL ago) are dropped: a job that never ended must
+        not hold its key's share for ever."""
         base, now = self.base(queue), time.time()
         stale_before = now - self.ttl_s if stale_before is None else stale_before
         return self._take(keys=[self.ring(queue), f"{base}:turn", self.parked(queue), f"{self.prefix}:queued",
-                                queue],
+                                queue, f"{base}:active"],
                           args=[self.prefix, base, int(room), repr(now), int(key_cap), repr(stale_before),
-                                self.ttl_s])
+                                self.ttl_s, repr(now - active_s)])
 
     def confirm_sent(self, job_ids: Iterable[str]) -> None:
         """Their messages are in the Celery queue: the lost-delivery reaper treats them as any sent job."""

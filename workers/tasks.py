@@ -64,7 +64,8 @@ class WorkerRuntime:
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         s = self.settings
         dispatcher = FairDispatcher(self.store.fair, send_chat_completion, s.fair_dispatch_margin,
-                                    s.fair_dispatch_reserve, LiveSlots(self.store), s.job_deadline_s)
+                                    s.fair_dispatch_reserve, LiveSlots(self.store), s.job_deadline_s,
+                                    s.fair_dispatch_active_s)
         self.fair_pump = PumpThread(dispatcher, s.interactive_queue, s.fair_dispatch_tick_s)
         self.fair_pump.start()
         from jobs.batch_queue import BatchQueueProducer

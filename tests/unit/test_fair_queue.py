@@ -100,8 +100,11 @@ def test_two_dispatchers_racing_send_every_job_exactly_once(store):
 
 
 def test_a_key_at_its_share_of_the_pool_waits_and_another_keys_job_goes_at_once(store):
-    """A key alone may fill all but the pool's reserved slots, never all: another key's job goes next, at once,
-    instead of waiting for one of the flood's jobs to end. The key's turn is kept while it waits."""
+    """While another key uses the pool, a flooding key may fill all but the pool's reserved slots, never all:
+    the other key's next job goes at once, instead of waiting for one of the flood's jobs to end. The
+    flooding key keeps its turn while it waits."""
+    first_of_b = park(store, "key-b")
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == [first_of_b]
     flood = [park(store, "key-a") for _ in range(5)]
     assert store.fair.take(queue_of(store), room=10, key_cap=3) == flood[:3]  # 3 in flight: its share
     late = park(store, "key-b")
@@ -114,12 +117,26 @@ def test_a_key_at_its_share_of_the_pool_waits_and_another_keys_job_goes_at_once(
     assert store.fair.take(queue_of(store), room=10, key_cap=3) == [flood[3]]
 
 
+def test_a_key_alone_on_the_pool_may_use_every_slot(store):
+    flood = [park(store, "key-a") for _ in range(5)]
+    assert store.fair.take(queue_of(store), room=10, key_cap=3) == flood
+
+
+def test_a_key_that_has_not_parked_a_job_lately_no_longer_holds_a_reserve(store):
+    other = park(store, "key-b")
+    assert store.fair.take(queue_of(store), room=10) == [other]
+    time.sleep(0.05)
+    flood = [park(store, "key-a") for _ in range(4)]
+    assert store.fair.take(queue_of(store), room=10, key_cap=2, active_s=0.04) == flood
+
+
 def test_a_dispatcher_keeps_a_reserve_of_the_pools_live_slots_free_of_any_one_key(store):
+    other = park(store, "key-b")
     flood = [park(store, "key-a") for _ in range(6)]
     sent = []
     dispatcher = FairDispatcher(store.fair, celery_send(store, sent), margin=10, reserve=1,
                                 capacity=lambda queue: 4)
-    assert dispatcher.pump(queue_of(store)).sent == flood[:3]
+    assert dispatcher.pump(queue_of(store)).sent == [other, *flood[:3]]
     no_worker = FairDispatcher(store.fair, celery_send(store, sent), margin=10, reserve=1, capacity=lambda q: 0)
     assert no_worker.pump(queue_of(store)).sent == flood[3:6]  # no live slots to share: the margin alone
 
@@ -136,8 +153,8 @@ def test_a_pools_live_slots_are_its_live_workers_concurrency(store):
 
 def test_in_flight_entries_older_than_the_deadline_are_dropped(store):
     """A job that never ended (its record expired) must not hold its key's share for ever."""
-    old, new = park(store, "key-a"), park(store, "key-a")
-    assert store.fair.take(queue_of(store), room=10, key_cap=1) == [old]
+    other, old, new = park(store, "key-b"), park(store, "key-a"), park(store, "key-a")
+    assert store.fair.take(queue_of(store), room=10, key_cap=1) == [other, old]
     assert store.fair.take(queue_of(store), room=10, key_cap=1, stale_before=time.time() + 1) == [new]
 
 
