@@ -8,7 +8,7 @@ list, and a newly arriving key's job is next after one job of each other waiting
 
 Round-robin alone would still leave a key arriving behind a flood waiting for one of the flood's running jobs
 to end (a pool's slots all held by one key). So while other keys have been active on the pool lately (parked
-a job within `active_since`), a key's jobs in flight (taken until they end: in Celery's list or running) are
+a job within `active_s`), a key's jobs in flight (taken until they end: in Celery's list or running) are
 capped at a share of the pool (`key_cap`: the dispatcher gives its live slots minus a small reserve): the
 flood leaves a slot or so free, and the other key's next job starts at once. A key at its cap keeps its turn,
 and is skipped until one of its jobs ends. A key alone on a pool is not capped: it may use every slot.
