@@ -3,9 +3,9 @@
 --scenario keys (default): one key's latency while another floods the queue. Key B sends one streamed
 request a second for a minute with no other load, then key A submits 500 background jobs at once and B
 does the same again; B's TTFT p50/p99 both times, and all of A's jobs polled until they complete. The
-target: B's p50 under A's flood at most 3x its p50 alone (fair dispatch: jobs/fair_queue.py). A very large
---fair-margin with --fair-reserve 0 sends every job straight to Celery's queue, as before fair dispatch (one
-FIFO for all keys).
+target: B's p50 under A's flood at most 3x its p50 alone (fair dispatch: jobs/fair_queue.py).
+--fair-reserve 0 keeps the round-robin but lets A's jobs hold every slot (B then waits for one of them to end);
+no setting restores the single FIFO of before fair dispatch: measure that on the code before it.
 
     python -m scripts.fairness [--a-jobs 500] [--a-max-tokens 16] [--duration 60] [--max-num-seqs 16]
 
