@@ -7,7 +7,7 @@ target: B's p50 under A's flood at most 3x its p50 alone (fair dispatch: jobs/fa
 --fair-reserve 0 keeps the round-robin but lets A's jobs hold every slot (B then waits for one of them to end);
 no setting restores the single FIFO of before fair dispatch: measure that on the code before it.
 
-    python -m scripts.fairness [--a-jobs 500] [--a-max-tokens 16] [--duration 60] [--max-num-seqs 16]
+    python -m scripts.fairness [--a-jobs 500] [--a-max-tokens 384] [--duration 60] [--max-num-seqs 16]
 
 --scenario batch: interactive latency while a batch runs: TTFT p50/p99 of interactive streams with no batch,
 then while a large batch is in progress; and the API's memory while it drives the batch.
@@ -268,7 +268,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the engine's batch, and the worker's slots")
     keys = parser.add_argument_group("--scenario keys")
     keys.add_argument("--a-jobs", type=int, default=500, help="background jobs key A submits at once")
-    keys.add_argument("--a-max-tokens", type=int, default=16)
+    keys.add_argument("--a-max-tokens", type=int, default=384,
+                      help="each of A's jobs' max_tokens: at 384 A's backlog lasts past B's minute on a 2-core CPU "
+                           "(at 16 it drains within seconds, and the measurement shows little)")
     keys.add_argument("--a-submitters", type=int, default=32, help="A's submissions in flight at once")
     keys.add_argument("--duration", type=float, default=60.0, help="seconds of B's requests, alone and loaded")
     keys.add_argument("--b-rate", type=float, default=1.0, help="B's streamed requests per second")
