@@ -57,6 +57,19 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
+async def streamed_ttft(client: AsyncOpenAI, question: int, max_tokens: int) -> float:
+    """Seconds from sending one streamed request to its first content delta (its whole time if none came)."""
+    started = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"Interactive question {question}"}],
+        max_tokens=max_tokens, stream=True)
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - started
+    return first if first is not None else time.perf_counter() - started
+
+
 async def interactive_ttfts(base_url: str, requests: int, clients: int, max_tokens: int) -> list[float]:
     ttfts: list[float] = []
     queue = list(range(requests))
@@ -64,16 +77,7 @@ async def interactive_ttfts(base_url: str, requests: int, clients: int, max_toke
     async with AsyncOpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0, timeout=300) as client:
         async def worker():
             while queue:
-                i = queue.pop()
-                started = time.perf_counter()
-                stream = await client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": f"Interactive question {i}"}],
-                    max_tokens=max_tokens, stream=True)
-                first = None
-                async for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].delta.content:
-                        first = time.perf_counter() - started
-                ttfts.append(first if first is not None else time.perf_counter() - started)
+                ttfts.append(await streamed_ttft(client, queue.pop(), max_tokens))
 
         await asyncio.gather(*(worker() for _ in range(clients)))
     return ttfts
@@ -146,16 +150,7 @@ async def b_requests(base_url: str, duration_s: float, rate: float, max_tokens: 
     async with AsyncOpenAI(base_url=base_url + "/v1", api_key=KEY_B, max_retries=0, timeout=600) as client:
         async def one(i: int) -> None:
             a_unfinished = backlog()
-            started = time.perf_counter()
-            stream = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Interactive question {i}"}],
-                max_tokens=max_tokens, stream=True)
-            first = None
-            async for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter() - started
-            results.append({"ttft_s": first if first is not None else time.perf_counter() - started,
-                            "a_unfinished": a_unfinished})
+            results.append({"ttft_s": await streamed_ttft(client, i, max_tokens), "a_unfinished": a_unfinished})
 
         loop = asyncio.get_running_loop()
         start, tasks = loop.time(), []
