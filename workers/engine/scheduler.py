@@ -6,12 +6,15 @@
   chunks: at most `prefill_chunk_tokens` prompt tokens per step, shared oldest first, so a long prompt is
   split across steps and never stalls the running streams.
 - A waiting sequence is admitted (FIFO, never skipping the head) while there is a batch slot, prefill budget
-  and free KV blocks for its whole prompt. Decoding takes one more block every `block_size` tokens; when none
+  and free KV blocks for its whole prompt. It takes the longest run of its prompt's full blocks that the prefix
+  cache holds (block_manager.py) and computes only the rest; after each step the full blocks computed go into
+  the cache (`cache_computed`). Decoding takes one more block every `block_size` tokens; when none
   is free a running sequence is preempted: the newest of the least urgent priority (batch work before any
   interactive stream). Its blocks are freed and it waits to be recomputed.
 - Choices of one job share their prompt: a sequence with a `leader_id` waits (at the head) until that sibling
   has computed the prompt, then is admitted with the prompt's KV blocks copied from it (`kv_copies`, done by
-  the runner before the step) and computes only the prompt's last token itself, for its own first draw.
+  the runner before the step; with the prefix cache only the blocks past the cached ones, the partial last
+  block) and computes only the prompt's last token itself, for its own first draw.
 - After a device out-of-memory the engine shrinks the batch (`shrink`): the newest half of the running
   sequences is preempted, and the batch and the prefill budget stay at half until `restore`.
 - A request that could never fit (prompt + one token larger than the whole cache, or than max_model_len) is
