@@ -254,7 +254,7 @@ def mode_label(row: dict) -> str:
 
 def table(results: list[dict]) -> str:
     head = ["mode", "sampling", "conc", "reqs", "out len", "out tok/s", "req/s", "TTFT ms mean/p50/p99",
-            "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "x hf_gen", "x engine", "x engine_process", "x greedy",
+            "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99", "Redis us/tok", "x hf_gen", "x engine", "x engine_process", "x greedy",
             "x defaults", "x c=1", "rounds: tok/s min-max"]
     rows: list[list[str]] = []
     for r in results:
@@ -270,7 +270,8 @@ def table(results: list[dict]) -> str:
         elif r.get("short_requests") and r["sampling"] not in LENGTH_OF:  # (a twin is as short as its source)
             reqs += f" ({r['short_requests']} short)"
         rows.append(names + [reqs, fmt(r.get("output_len_mean")), fmt(r["output_tok_s"]), fmt(r["request_s"], 2),
-                             triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms")]
+                             triple("ttft_ms"), triple("tpot_ms"), triple("itl_ms"),
+                             fmt(r.get("redis_cpu_us_per_token"))]
                     + [fmt(r.get(ratio), 2) for ratio in RATIOS] + [spread(r)])
     # A failed row's names count for the widths, not its message.
     widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(head) or i < len(row) - 1])

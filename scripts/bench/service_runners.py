@@ -223,6 +223,10 @@ def run_service(model_kind, device, args, record, meta) -> None:
             return asyncio.run(service_closed_loop(stack.base_url, texts, c, n, out_len, args.request_timeout,
                                                    run.client, run.sampling))
 
+        import redis
+
+        from scripts.bench.redis_cost import RedisCost, per_work
+        redis_cost = RedisCost(redis.Redis.from_url(redis_url))
         prompt_lens = []
         produced: dict[tuple[str, int, str], list[int]] = {}  # (client, c, workload) -> tokens per request
         for run in runs:
@@ -233,11 +237,16 @@ def run_service(model_kind, device, args, record, meta) -> None:
             for c in run.levels:
                 here = {w: v for (client, at, w), v in produced.items() if (client, at) == (run.client, c)}
                 out_len = output_lengths(run.sampling, args.output_len, here)
+                before = redis_cost.read()
                 reqs = closed_loop(run, c, requests_per_level(args, c), out_len)
+                used = redis_cost.read() - before
                 produced[run.client, c, run.sampling] = [r.output_tokens for r in reqs]
                 prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
+                cost = per_work(used, tokens=sum(r.output_tokens for r in reqs), events=sum(len(r.times) for r in reqs))
                 record(summarize("service", c, reqs, args.output_len,
-                                 dict(note="output tokens from usage; ITL per SSE chunk"),
+                                 dict(note="output tokens from usage; ITL per SSE chunk; redis_*: the whole Redis "
+                                           "server's CPU and commands over the row, per output token and per SSE "
+                                           "chunk with text (scripts/bench/redis_cost.py)", **cost),
                                  sampling=run.sampling, client=run.client))
                 pending.remove((run, c))
         if prompt_lens:
