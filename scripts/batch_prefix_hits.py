@@ -31,8 +31,7 @@ def main() -> None:
     for index in range(args.workers):
         stack.start_worker(name=f"worker{index}", concurrency=16, extra_env={"TORCH_THREADS": "1"})
     stack.start_api()
-    try:
-        stack.wait_ready(timeout=180)
+    with stack.serving(timeout=180):
         client = stack.sdk("key", timeout=600)
         system = text_prompts(1, args.prefix_len)[0]
         lines = "\n".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
@@ -54,9 +53,6 @@ def main() -> None:
                               completed=done.request_counts.completed, seconds=round(seconds, 1),
                               prompt_tokens=queries, hit_tokens=hits, prefilled_tokens=queries - hits,
                               hit_rate=round(hits / queries, 3) if queries else None)))
-    finally:
-        stack.stop_all()
-        stack.cleanup_redis()
 
 
 if __name__ == "__main__":

@@ -164,11 +164,11 @@ class Stack:
         wait_until(up, timeout, f"the API at {base_url or self.base_url}", interval=0.05)
 
     @contextmanager
-    def serving(self):
-        """For a fixture: wait until the stack is ready, then, however the test ends, stop every process and
-        remove this stack's keys."""
+    def serving(self, timeout: float = 90):
+        """For a fixture (or a measurement): wait until the stack is ready, then, however the test ends, stop every
+        process and remove this stack's keys."""
         try:
-            self.wait_ready()
+            self.wait_ready(timeout)
             yield self
         finally:
             self.stop_all()

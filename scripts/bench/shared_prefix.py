@@ -71,11 +71,9 @@ def run_service_rows(args, caching: bool, record) -> None:
     # Texts of about the prefix's length, one per row (+ one to warm up with), and the users' own questions.
     systems = text_prompts(rows + 1, args.prefix_len)
     questions = text_prompts(n, args.suffix_len)
-    try:
-        stack.start_worker(concurrency=n, extra_env={"MAX_NUM_SEQS": str(n), "TORCH_THREADS": "1"})
-        stack.start_api(processes=2)
-        stack.wait_ready(timeout=args.service_start_timeout)
-
+    stack.start_worker(concurrency=n, extra_env={"MAX_NUM_SEQS": str(n), "TORCH_THREADS": "1"})
+    stack.start_api(processes=2)
+    with stack.serving(timeout=args.service_start_timeout):
         def closed_loop(system: str, sampling: str, count: int, out_len: int):
             return asyncio.run(service_closed_loop(stack.base_url, questions, count, count, out_len,
                                                    args.request_timeout, args.service_client, sampling,
@@ -90,12 +88,6 @@ def run_service_rows(args, caching: bool, record) -> None:
             row.update(prefix_cache="on" if caching else "off",
                        prefix_cache_hit_rate=(counts[0] - before[0]) / queries if queries > 0 else None)
             record(row, round_)
-    finally:
-        stack.stop_all()
-        try:
-            stack.cleanup_redis()
-        except Exception:
-            pass
 
 
 def prefix_counts(base_url: str) -> tuple[float, float]:
