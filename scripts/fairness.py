@@ -42,6 +42,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def ms_summary(values: list[float]) -> dict:
+    """Seconds as milliseconds: how many, p50, p99, mean."""
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50": round(1000 * percentile(values, 0.5), 1),
+            "p99": round(1000 * percentile(values, 0.99), 1), "mean": round(1000 * statistics.mean(values), 1)}
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and its children (gunicorn's master and its workers)."""
     pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
@@ -88,8 +96,7 @@ def batch_scenario(args) -> None:
     stack = Stack(stack_env(api_keys=(KEY,), MAX_NUM_SEQS=str(args.max_num_seqs)), log_dir)
     stack.start_worker(concurrency=args.max_num_seqs)
     stack.start_api()
-    try:
-        stack.wait_ready()
+    with stack.serving():
         base = stack.base_url
         asyncio.run(interactive_ttfts(base, 4, 2, 4))  # warm-up
         alone = asyncio.run(interactive_ttfts(base, args.requests, args.clients, args.max_tokens))
@@ -118,31 +125,16 @@ def batch_scenario(args) -> None:
             "batch_counts": done.request_counts.model_dump(),
             "batch_completed_during_measurement": progress.completed,
             "batch_seconds_after_measurement": round(time.time() - started, 1),
-            "ttft_no_batch_ms": {"p50": round(1000 * percentile(alone, 0.5), 1),
-                                 "p99": round(1000 * percentile(alone, 0.99), 1),
-                                 "mean": round(1000 * statistics.mean(alone), 1)},
-            "ttft_with_batch_ms": {"p50": round(1000 * percentile(during, 0.5), 1),
-                                   "p99": round(1000 * percentile(during, 0.99), 1),
-                                   "mean": round(1000 * statistics.mean(during), 1)},
+            "ttft_no_batch_ms": ms_summary(alone), "ttft_with_batch_ms": ms_summary(during),
             "api_rss_mib": {"before_batch": round(rss_before, 1), "peak": round(rss_peak, 1)},
         }
         print(json.dumps(report, indent=2))
         a, d = report["ttft_no_batch_ms"], report["ttft_with_batch_ms"]
         print(f"\n| | TTFT p50 (ms) | TTFT p99 (ms) |\n|---|---|---|\n| no batch | {a['p50']} | {a['p99']} |\n"
               f"| {args.batch_lines}-line batch running | {d['p50']} | {d['p99']} |")
-    finally:
-        stack.stop_all()
-        stack.cleanup_redis()
 
 
 # --- --scenario keys: one key's latency while another floods the queue
-def ms_summary(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "p50": round(1000 * percentile(values, 0.5), 1),
-            "p99": round(1000 * percentile(values, 0.99), 1), "mean": round(1000 * statistics.mean(values), 1)}
-
-
 async def b_requests(base_url: str, duration_s: float, rate: float, max_tokens: int, backlog) -> list[dict]:
     """Key B: one streamed request every 1/rate seconds for duration_s (sent on schedule, whether or not the
     previous one is done); each one's TTFT, and A's unfinished jobs when it was sent (`backlog()`)."""
@@ -208,8 +200,7 @@ def keys_scenario(args) -> None:
     stack.start_api()
     a_unfinished_key = f"{stack.prefix}:owner:{owner_of(KEY_A)}:unfinished"  # A's queued + running jobs
     backlog = lambda: int(stack.redis.zcard(a_unfinished_key))  # noqa: E731
-    try:
-        stack.wait_ready()
+    with stack.serving():
         base = stack.base_url
         asyncio.run(b_requests(base, 4, 2, args.b_max_tokens, backlog))  # warm-up
         alone = asyncio.run(b_requests(base, args.duration, args.b_rate, args.b_max_tokens, backlog))
@@ -252,9 +243,6 @@ def keys_scenario(args) -> None:
         if w["n"] < len(loaded):
             print(f"note: A's backlog was gone after {w['n']} of B's {len(loaded)} requests under load: a larger "
                   f"--a-max-tokens keeps it for the whole measurement")
-    finally:
-        stack.stop_all()
-        stack.cleanup_redis()
 
 
 def main() -> None:
