@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from kombu import Connection
 
+from jobs.redis_connection import broker_settings
+
 
 def connect(settings) -> Connection:
-    return Connection(settings.redis_url,
-                      transport_options={"visibility_timeout": settings.visibility_timeout_s})
+    # The same broker URL and options as Celery's (a Sentinel set's, where REDIS_URL names one).
+    url, options = broker_settings(settings.redis_url, {"visibility_timeout": settings.visibility_timeout_s})
+    return Connection(url, transport_options=options)
 
 
 def open_queue(connection: Connection, name: str):

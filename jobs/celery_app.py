@@ -8,13 +8,21 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import get_settings
+from jobs.redis_connection import broker_settings
 
 RUN_CHAT_COMPLETION = "workers.tasks.run_chat_completion"
 
 
 def make_celery(settings=None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("llmq", broker=settings.redis_url, include=["workers.tasks"])
+    # REDIS_URL may name a Sentinel set: kombu then gets its sentinel:// URL and the master's name
+    # (jobs/redis_connection.py).
+    broker_url, transport_options = broker_settings(
+        settings.redis_url,
+        # The Redis broker redelivers unacked messages after this, counted from delivery: keep it above the
+        # longest job, or a long job runs twice.
+        {"visibility_timeout": settings.visibility_timeout_s})
+    app = Celery("llmq", broker=broker_url, include=["workers.tasks"])
     app.conf.update(
         # Long GPU jobs: acknowledge only when done, so a dead worker's job is delivered again ...
         task_acks_late=True,
@@ -28,9 +36,7 @@ def make_celery(settings=None) -> Celery:
                                    "interval_max": 1},
         # ... and never let one worker reserve jobs it cannot start (other workers could).
         worker_prefetch_multiplier=1,
-        # The Redis broker redelivers unacked messages after this, counted from delivery: keep it above
-        # the longest job, or a long job runs twice.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.interactive_queue,
         # Results live in our own job record (jobs.records), not in Celery's result backend.

@@ -110,9 +110,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
-                                      socket_keepalive=True, socket_connect_timeout=3, socket_timeout=15,
-                                      retry_on_timeout=True)
+        from jobs.redis_connection import redis_client  # plain Redis or a Sentinel set's master
+        client = redis_client(settings.redis_url)
         return cls(client, settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
 
     # --- records

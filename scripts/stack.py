@@ -19,6 +19,8 @@ import openai
 import redis
 from openai.types.chat import ChatCompletionChunk
 
+from jobs.redis_connection import redis_client
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
@@ -84,7 +86,7 @@ class Stack:
         self.port = int(env["PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.redis = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+        self.redis = redis_client(env["REDIS_URL"])  # a plain Redis, or a Sentinel set's master
         self.prefix = env["REDIS_PREFIX"]
 
     def start_worker(self, name: str = "worker", concurrency: int = 1, extra_env: dict | None = None):
