@@ -22,10 +22,14 @@ from jobs.paging import newest_first
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
 from jobs.telemetry import JobTelemetry
+from jobs.transition import APPEND
 from jobs.transition import SCRIPT as TRANSITION
-from jobs.transition import Attempt, Ending, Outcome, Transition, event_args
+from jobs.transition import Attempt, Ending, Outcome, Transition, Write, event_args
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis away (a restart): retry, don't fail the job
+
+# Runs per APPEND call: one call is atomic, so Redis serves nothing else meanwhile; this bounds how long.
+APPEND_MAX_RUNS = 64
 
 # KEYS: lease, leases. ARGV: token, lease ms, now ms, job id. 1 if still ours (renewed), else 0.
 _RENEW = """
@@ -102,6 +106,7 @@ class JobStore:
         # A pipeline that calls one of these runs through `self.scripts.run` (jobs/scripts.py).
         self.scripts = ScriptSet(client)
         self._transition_script = self.scripts.register(TRANSITION)
+        self._append_script = self.scripts.register(APPEND)
         self._renew = self.scripts.register(_RENEW)
         self._reap_lost = self.scripts.register(_REAP_LOST)
         self._mark_delivered = self.scripts.register(_MARK_DELIVERED)
@@ -174,28 +179,87 @@ class JobStore:
 
     # --- every change of a job's state: one script (jobs/transition.py)
     def start(self, job_id: str, worker: str) -> tuple[Transition, Attempt]:
-        """Start an attempt under a new lease. Applied: `detail[0]` is its number (1 for a first attempt);
-        FENCED: another live attempt holds the job; TERMINAL / MISSING: nothing to run."""
-        attempt = Attempt(job_id, uuid.uuid4().hex)
-        done = self._transition(job_id, "start", token=attempt.token, worker=worker)
-        if done.applied:
-            done = Transition(done.outcome, done.cancel_requested, (int(done.detail[0]),))
-            self.telemetry.job_state(job_id, JobStatus.IN_PROGRESS)
-        return done, attempt
+        """Start an attempt under a new lease. Applied: `detail[0]` is its number (1 for a first attempt), and
+        the attempt knows the seq of its first event; FENCED: another live attempt holds the job; TERMINAL /
+        MISSING: nothing to run."""
+        token = uuid.uuid4().hex
+        done = self._transition(job_id, "start", token=token, worker=worker)
+        if not done.applied:
+            return done, Attempt(job_id, token)
+        self.telemetry.job_state(job_id, JobStatus.IN_PROGRESS)
+        number, first_seq = done.detail
+        return (Transition(done.outcome, done.cancel_requested, (int(number),)),
+                Attempt(job_id, token, first_seq=int(first_seq)))
 
     def write(self, attempt: Attempt, events: list[JobEvent], ending: Optional[Ending] = None,
-              acknowledged: int = 0, client=None):
-        """An attempt's new events (`acknowledged`: how many of its events earlier writes were answered for,
-        so a retry after a lost answer logs nothing twice), and its end if it has one. FENCED once the
-        attempt lost its lease. In a pipeline (`client`) the raw answer comes back: `Transition.from_reply`;
-        the caller records the end in telemetry."""
+              acknowledged: int = 0) -> Transition:
+        """An attempt's new events (`acknowledged`: how many of its events earlier writes were answered for:
+        the first of these is seq `attempt.first_seq + acknowledged`, so a retry after a lost answer logs
+        nothing twice), and its end if it has one. FENCED once the attempt lost its lease."""
+        done = self.write_many([Write(attempt, events, ending, acknowledged)])[0]
+        if isinstance(done, Exception):
+            raise done
         if ending is not None:
-            events = [*events, ending.event]
-        done = self._transition(attempt.job_id, "write", token=attempt.token, events=events, ending=ending,
-                                acknowledged=acknowledged, client=client)
-        if client is None and ending is not None:
             self._record_end(attempt.job_id, ending, done)
         return done
+
+    def write_many(self, writes: list[Write]) -> list:
+        """Many attempts' writes in one round trip (a worker's publisher cycle): each end is its own transition,
+        and the runs that only have events (or a cancel check) share APPEND calls. Per write, its Transition,
+        or the error its script raised (that write alone failed); a Redis outage raises. The caller records
+        the ends in telemetry."""
+        ends = [i for i, w in enumerate(writes) if w.ending is not None]
+        appends = [i for i, w in enumerate(writes) if w.ending is None]
+        groups = [appends[i:i + APPEND_MAX_RUNS] for i in range(0, len(appends), APPEND_MAX_RUNS)]
+
+        def fill(pipe) -> None:
+            for i in ends:
+                self._write_end(writes[i], client=pipe)
+            for group in groups:
+                self._append([writes[i] for i in group], client=pipe)
+
+        results = self._run_many(fill)
+        answers: list = [None] * len(writes)
+        for i, result in zip(ends, results):
+            answers[i] = result if isinstance(result, Exception) else Transition.from_reply(result)
+        for group, result in zip(groups, results[len(ends):]):
+            if isinstance(result, Exception):  # one write broke the call: find which, each on its own
+                result = self._append_each([writes[i] for i in group])
+            for i, outcome, cancel in zip(group, result[::2], result[1::2]):
+                answers[i] = outcome if isinstance(outcome, Exception) else Transition(Outcome(outcome),
+                                                                                       bool(int(cancel)))
+        return answers
+
+    def _append_each(self, writes: list[Write]) -> list:
+        """APPEND per write, as flat (outcome, cancel) pairs; a write whose call failed: (its error, 0)."""
+        def fill(pipe) -> None:
+            for write in writes:
+                self._append([write], client=pipe)
+
+        return [part for reply in self._run_many(fill)
+                for part in ((reply, 0) if isinstance(reply, Exception) else reply)]
+
+    def _run_many(self, fill) -> list:
+        results = self.scripts.run(fill, transaction=False, raise_on_error=False)
+        for result in results:
+            if isinstance(result, REDIS_DOWN):
+                raise result
+        return results
+
+    def _write_end(self, write: Write, client) -> None:
+        self._transition(write.attempt.job_id, "write", token=write.attempt.token,
+                         events=[*write.events, write.ending.event], ending=write.ending,
+                         first_seq=write.attempt.first_seq + write.acknowledged, client=client)
+
+    def _append(self, writes: list[Write], client) -> None:
+        keys, args = [], [self.ttl_s]
+        for write in writes:
+            job_id = write.attempt.job_id
+            events = event_args(write.events)
+            keys += [self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.cancel(job_id)]
+            args += [write.attempt.token, self.keys.events(job_id), write.attempt.first_seq + write.acknowledged,
+                     int(write.acknowledged == 0), int(write.check_cancel), len(events) // 2, *events]
+        self._append_script(keys=keys, args=args, client=client)
 
     def end(self, job_id: str, ending: Ending) -> Transition:
         """End a job that no attempt runs (a cancel while it waits, a job the API could not queue, a duplicate
@@ -235,14 +299,14 @@ class JobStore:
         return requeued
 
     def _transition(self, job_id: str, action: str, token: str = "", worker: str = "",
-                    events: Iterable[JobEvent] = (), ending: Optional[Ending] = None, acknowledged: int = 0,
+                    events: Iterable[JobEvent] = (), ending: Optional[Ending] = None, first_seq: int = 0,
                     client=None):
         fields = ending.fields() if ending is not None else []
         reply = self._transition_script(
             keys=[self.keys.job(job_id), self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.leases(),
                   self.keys.queued(), self.keys.cancel(job_id)],
             args=[action, job_id, token, _now_ms(), repr(time.time()), self.lease_ms, self.keys.events(job_id),
-                  self.ttl_s, self.prefix, worker, acknowledged, ending.status.value if ending else "",
+                  self.ttl_s, self.prefix, worker, first_seq, ending.status.value if ending else "",
                   len(fields) // 2, *fields, *event_args(list(events))],
             client=client)
         return reply if client is not None else Transition.from_reply(reply)

@@ -7,21 +7,27 @@ attempt runs (a cancel while queued, a job it could not queue). So the rules are
   * who may act: an attempt only while it holds the job's lease (its token); a caller without an attempt
     only while none holds it (else the answer is `running`, and the caller asks the attempt to stop by
     setting the cancel flag); the reaper only once the lease has lapsed;
-  * events are numbered here, from the job's log, never by the caller: `seq` is the log's next entry. A
-    retried write (Redis went away before its reply) carries how many of its attempt's events were already
-    acknowledged, and the script skips those that the earlier call did log, so nothing is repeated;
+  * events are numbered by the log: the log's entries are its events, contiguous from seq 0, so its length
+    (XLEN, O(1)) is the next seq. An attempt learns it when it starts and then knows the seq of every event
+    it writes; a write says the seq of its first event, and the script skips those the log already has (a
+    retry after Redis went away before its reply: nothing is repeated) and refuses a write that would leave
+    a hole (`gap`: Redis lost events it had acknowledged, e.g. a crash between AOF syncs);
   * record, log and live channel change in the same step, and the answer says what happened.
 
+The hot path, an attempt's events while it runs (no change of state), has its own lighter script, APPEND,
+below: one call carries the events of every run in a publisher cycle whose keys live together.
+
 Actions (ARGV[1]):
-  start    queued (or in_progress with a lapsed lease) -> in_progress under a new lease; detail: attempt no.
-  write    the holder's events, and its end if it brings one (then the lease is gone)
+  start    queued (or in_progress with a lapsed lease) -> in_progress under a new lease; detail: attempt no.,
+           and the seq its first event will have
+  write    the holder's end, with its last events (events alone go through APPEND)
   end      a caller without an attempt ends the job (cancelled, failed) with one event
   requeue  in_progress whose lease lapsed -> queued; detail: the job's kind and queue (to send it again)
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from jobs.fair_queue import UNPARK
@@ -35,12 +41,27 @@ class Outcome(str, enum.Enum):
     TERMINAL = "terminal"      # the job is over already
     MISSING = "missing"        # no such job (expired)
     NOT_LAPSED = "not_lapsed"  # `requeue`: the lease was renewed since the reaper looked, or the job is queued
+    GAP = "gap"                # the log lacks events this attempt was told were logged (Redis lost them)
 
+
+# Shared by both scripts: log events from ARGV[from], ARGV[from + 2], ... up to ARGV[to] (each a (log json,
+# live json) pair without its "seq") as seq `seq`, `seq` + 1, ..., and publish them. Returns how many.
+LOG_EVENTS = """
+local function log_events(log, channel, from, to, seq)
+  for i = from, to, 2 do
+    local head = '{"seq":' .. seq .. ','
+    redis.call('XADD', log, '0-' .. (seq + 1), 'e', head .. string.sub(ARGV[i], 2))  -- entry ids: 0-(seq + 1)
+    redis.call('PUBLISH', channel, head .. string.sub(ARGV[i + 1], 2))
+    seq = seq + 1
+  end
+  return math.max(0, math.floor((to - from) / 2) + 1)
+end
+"""
 
 # KEYS: job, lease, log, leases, queued, cancel.
 # ARGV: action, job id, token, now ms, now s, lease ms, channel, log ttl s, key prefix, worker,
-#       events of this attempt already acknowledged, ending status ('' = none), n record fields, then n
-#       field/value pairs, then one (log json, live json) pair per event, each without its "seq".
+#       seq of the first event (`write`: the writer's; else ignored), ending status ('' = none), n record
+#       fields, then n field/value pairs, then one (log json, live json) pair per event, each without "seq".
 # Returns {outcome, cancel flag set (0/1), detail, detail}. A job leaving `queued` (started, or ended while
 # it waits) also leaves its key's fair queue if it is parked there (`unpark`, jobs/fair_queue.py); a job that
 # ends leaves its key's flight (`land`: its share of the pool).
@@ -49,8 +70,8 @@ local job, lease, log, leases, queued, cancel = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local action, id, token = ARGV[1], ARGV[2], ARGV[3]
 local now_ms, now_s, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local channel, log_ttl, prefix, worker = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-""" + UNPARK + """
-local acknowledged, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+""" + UNPARK + LOG_EVENTS + """
+local first_seq, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
 local first_event = 14 + 2 * nfields
 
 local cancel_flag = redis.call('EXISTS', cancel)
@@ -82,25 +103,16 @@ else
   return redis.error_reply('unknown job transition ' .. tostring(action))
 end
 
--- 2. The events, numbered from the log. A retried write skips the events its earlier call logged.
-local skip = 0
-if action == 'write' then
-  skip = tonumber(redis.call('HGET', job, 'attempt_events') or '0') - acknowledged
+-- 2. The events. The log's length is the next seq; a write skips the events the log already has.
+if first_event <= #ARGV then
+  local seq = redis.call('XLEN', log)
+  local from = first_event
+  if action == 'write' then
+    if seq < first_seq then return {'gap', cancel_flag, seq, ''} end
+    from = first_event + 2 * (seq - first_seq)
+  end
+  if log_events(log, channel, from, #ARGV - 1, seq) > 0 then redis.call('EXPIRE', log, log_ttl) end
 end
-local logged, seq = 0, 0
-if first_event + 2 * skip <= #ARGV then
-  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
-  if last[1] then seq = tonumber(string.sub(last[1][1], 3)) end  -- entry ids are 0-(seq + 1)
-end
-for i = first_event + 2 * skip, #ARGV, 2 do
-  local head = '{"seq":' .. seq .. ','
-  redis.call('XADD', log, '0-' .. (seq + 1), 'e', head .. string.sub(ARGV[i], 2))
-  redis.call('PUBLISH', channel, head .. string.sub(ARGV[i + 1], 2))
-  seq = seq + 1
-  logged = logged + 1
-end
-if logged > 0 then redis.call('EXPIRE', log, log_ttl) end
-if action == 'write' then redis.call('HINCRBY', job, 'attempt_events', logged) end
 
 -- 3. The state.
 if ending ~= '' then
@@ -118,12 +130,13 @@ elseif action == 'start' then
   redis.call('ZADD', leases, now_ms + lease_ms, id)
   redis.call('ZREM', queued, id)
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
-  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s,
-             'attempt_events', 0)
+  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s)
   redis.call('HDEL', job, 'delivered_to')
   unpark()
   if redis.call('HEXISTS', job, 'started_at') == 0 then redis.call('HSET', job, 'started_at', now_s) end
-  return {'applied', cancel_flag, attempt, ''}
+  -- pcall: a log that is not a stream (a bug) fails this attempt's writes, which end the job, not its start
+  local next_seq = redis.pcall('XLEN', log)
+  return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0}
 elseif action == 'requeue' then
   redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
   redis.call('HDEL', job, 'delivered_to')
@@ -135,13 +148,50 @@ end
 return {'applied', cancel_flag, '', ''}
 """
 
+# The hot path: running attempts' events, nothing else. One call carries several runs (a publisher cycle's,
+# whose keys live on one Redis) and does per run only what its events need: the lease check (fencing), the
+# log's length (seq check and retry skip, as in `write`), one XADD and one PUBLISH per event; the log's
+# expiry only on an attempt's first events (`refresh`), the cancel flag only when the caller asks (it polls
+# it every few hundred ms, not per token). No read of the record, no fair-queue bookkeeping.
+# KEYS: per run: lease, log, cancel. ARGV: log ttl s, then per run: token, channel, seq of its first event,
+#       refresh expiry (0/1), check cancel (0/1), n events, then n (log json, live json) pairs without "seq".
+# Returns per run: outcome ('applied', 'fenced' or 'gap'), cancel flag (0/1).
+APPEND = LOG_EVENTS + """
+local log_ttl, a, replies = ARGV[1], 2, {}
+for k = 1, #KEYS, 3 do
+  local lease, log, cancel = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local token, channel, first_seq = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local refresh, check_cancel, n = ARGV[a + 3] == '1', ARGV[a + 4] == '1', tonumber(ARGV[a + 5])
+  local from = a + 6
+  a = from + 2 * n
+  local outcome, cancel_flag = 'applied', 0
+  if redis.call('GET', lease) ~= token then
+    outcome = 'fenced'
+  else
+    local seq = redis.call('XLEN', log)
+    if seq < first_seq then
+      outcome = 'gap'
+    else
+      log_events(log, channel, from + 2 * (seq - first_seq), a - 2, seq)
+      if refresh then redis.call('EXPIRE', log, log_ttl) end
+      if check_cancel then cancel_flag = redis.call('EXISTS', cancel) end
+    end
+  end
+  replies[#replies + 1] = outcome
+  replies[#replies + 1] = cancel_flag
+end
+return replies
+"""
+
 
 @dataclass(frozen=True)
 class Attempt:
     """One attempt at a job: the job and the lease token it runs under. Two attempts of the same job (one
-    of them stale) never share a name: not in a worker's tables, not in its engine."""
+    of them stale) never share a name: not in a worker's tables, not in its engine. `first_seq`: the seq its
+    first event gets (the events earlier attempts logged), from the store when it started."""
     job_id: str
     token: str
+    first_seq: int = field(default=0, compare=False)
 
     @property
     def name(self) -> str:
@@ -195,6 +245,18 @@ class Transition:
     def from_reply(cls, reply) -> "Transition":
         outcome, cancel, *detail = reply
         return cls(Outcome(outcome), bool(int(cancel)), tuple(detail))
+
+
+@dataclass(frozen=True)
+class Write:
+    """What one attempt writes in a publisher cycle: its new events (`acknowledged`: how many of its events
+    earlier writes were answered for), its end if it came, and whether to report the cancel flag (an end
+    always does)."""
+    attempt: Attempt
+    events: list[JobEvent]
+    ending: Optional[Ending] = None
+    acknowledged: int = 0
+    check_cancel: bool = True
 
 
 def event_args(events: list[JobEvent]) -> list[str]:

@@ -2,8 +2,10 @@
 in one Redis pipeline per cycle.
 
 Each cycle: wait until the engine produced something (or a short tick), let every run absorb its outputs
-(detokenize, match stops: all off the engine's thread), then one pipeline carries every run's events and
-end, each as one job-store transition (jobs/transition.py) that also reports a client's cancel. A write
+(detokenize, match stops: all off the engine's thread), then one round trip carries every run's events and
+end (`JobStore.write_many`): each end is one job-store transition (jobs/transition.py), and the runs that
+only have events share one script call. A client's cancel comes back with a run's end, and with its events
+every `cancel_poll_s` (asking on every token would cost Redis a lookup per event for a rare answer). A write
 refused because the attempt lost its lease (FENCED) stops that run; a write that fails with an error fails
 that run alone. Runs are known by their attempt (job id, lease token), so a stale attempt of a job and a
 new one on the same worker never touch each other. While Redis is away, events wait in the runs' outboxes
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from jobs.records import JobError
 from jobs.store import REDIS_DOWN, JobStore
-from jobs.transition import Attempt, Ending, Outcome, Transition
+from jobs.transition import Attempt, Ending, Outcome, Transition, Write
 from workers.job_runner import JobRun
 
 if TYPE_CHECKING:  # an Engine, or the EngineProcess in front of one (same interface)
@@ -100,8 +102,10 @@ class Publisher:
                if run.outbox or run.ending is not None or now - run.last_checked >= self.cancel_poll_s]
         if not due:
             return
+        writes = [Write(run.attempt, run.outbox, run.ending, run.acknowledged,
+                        check_cancel=now - run.last_checked >= self.cancel_poll_s) for run in due]
         try:
-            answers = self._write(due)
+            answers = self.store.write_many(writes)
         except REDIS_DOWN as exc:
             self._outage_since = self._outage_since or now
             if now - self._outage_since > self.retry_s:
@@ -118,13 +122,18 @@ class Publisher:
                           if isinstance(done, Transition) and done.applied and run.first_text_pending],
             states=[(run.id, run.ending.status) for run, done in zip(due, answers)
                     if isinstance(done, Transition) and done.applied and run.ending is not None])
-        for run, done in zip(due, answers):
-            run.last_checked = now
+        for run, done, write in zip(due, answers, writes):
+            if write.check_cancel:
+                run.last_checked = now
             if isinstance(done, Exception):  # this run's write failed (a bug, bad data): this run fails
                 self._fail_run(run, done)
             elif done.outcome is Outcome.FENCED:
                 log.warning("job %s: attempt %s lost its lease to another attempt; stopped", run.id, run.attempt.name)
                 self._close(run, "fenced")
+            elif done.outcome is Outcome.GAP:  # Redis lost events it had acknowledged (a crash between syncs)
+                log.error("job %s: its log lacks events attempt %s wrote; given up, to resume from the log",
+                          run.id, run.attempt.name)
+                self._close(run, "abandoned")  # its lease lapses; the reaper requeues the job
             elif done.outcome is not Outcome.APPLIED:  # over already (a retried end), or expired
                 self._close(run, "skipped")
             else:
@@ -137,20 +146,6 @@ class Publisher:
                     run.cancel_requested_by_client(self.engine)
                 if run.ending is not None:
                     self._close(run, run.ending.status.value)
-
-    def _write(self, runs: list[JobRun]) -> list:
-        """One pipeline: each run's events and its end (if it came), with its cancel check. Per run, the
-        Transition, or the error its script raised; a Redis outage raises (the caller retries)."""
-        def fill(pipe) -> None:
-            for run in runs:
-                self.store.write(run.attempt, run.outbox, run.ending, acknowledged=run.acknowledged, client=pipe)
-
-        answers = []
-        for result in self.store.scripts.run(fill, transaction=False, raise_on_error=False):
-            if isinstance(result, REDIS_DOWN):
-                raise result
-            answers.append(result if isinstance(result, Exception) else Transition.from_reply(result))
-        return answers
 
     def _fail_run(self, run: JobRun, error: Exception) -> None:
         """A run whose write the store refused with an error: end the job as failed if it can still be

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
-from jobs.transition import Ending, Outcome
+from jobs.transition import Ending, Outcome, Write
 from tests.unit.conftest import new_job
 
 DONE = Ending.completed(JobResult(text="ab", finish_reason="stop",
@@ -126,3 +126,72 @@ def test_a_cancel_ends_a_waiting_job_and_asks_a_running_one_to_stop(store):
     assert store.cancel(running).outcome is Outcome.RUNNING
     assert store.get(running).status == JobStatus.IN_PROGRESS
     assert store.write(attempt, [delta("a")]).cancel_requested  # what its attempt hears on its next write
+
+
+# --- the hot path: a publisher cycle's events (APPEND through write_many)
+def test_a_cycle_writes_many_runs_in_one_round_trip_each_fenced_or_applied_alone(store):
+    jobs = [new_job(store) for _ in range(3)]
+    attempts = [store.start(job_id, "w1")[1] for job_id in jobs]
+    time.sleep(0.3)
+    store.reap()  # every lease lapsed: the second job goes to a new attempt, the others are started again
+    stale = attempts[1]
+    attempts = [store.start(job_id, "w2")[1] for job_id in jobs]
+    answers = store.write_many([Write(attempts[0], [delta("a"), delta("b")]), Write(stale, [delta("x")]),
+                                Write(attempts[2], [delta("c")])])
+    assert [a.outcome for a in answers] == [Outcome.APPLIED, Outcome.FENCED, Outcome.APPLIED]
+    assert log(store, jobs[0]) == [(0, "delta", "a"), (1, "delta", "b")]
+    assert log(store, jobs[1]) == []
+    assert log(store, jobs[2]) == [(0, "delta", "c")]
+
+
+def test_a_cycle_retried_after_a_lost_answer_logs_nothing_twice(store):
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    store.write_many([Write(attempt, [delta("a")])])
+    store.write_many([Write(attempt, [delta("b")], acknowledged=1)])                # answer lost
+    store.write_many([Write(attempt, [delta("b"), delta("c")], acknowledged=1)])  # the retry
+    store.write(attempt, [delta("d")], DONE, acknowledged=3)
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "delta", "b"), (2, "delta", "c"), (3, "delta", "d"),
+                                  (4, "done", "")]
+
+
+def test_a_resumed_attempt_knows_where_its_events_start(store):
+    job_id = requeued_after_a_lost_worker(store)
+    _, new = store.start(job_id, "w2")
+    assert new.first_seq == 1
+    assert store.write_many([Write(new, [delta("b")])])[0].applied
+    assert log(store, job_id) == [(0, "delta", "a"), (1, "delta", "b")]
+
+
+def test_a_log_that_lost_acknowledged_events_is_a_gap_not_a_renumbering(store):
+    """Redis lost events it had acknowledged (a crash between AOF syncs): the next write must not give its
+    events the lost ones' seqs (a client may have seen those live), for an end as for events."""
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    store.write(attempt, [delta("a"), delta("b")])
+    store.redis.xdel(store.keys.event_log(job_id), "0-2")  # the lost entry
+    assert store.write(attempt, [delta("c")], acknowledged=2).outcome is Outcome.GAP
+    assert store.write(attempt, [], DONE, acknowledged=2).outcome is Outcome.GAP
+    assert log(store, job_id) == [(0, "delta", "a")]
+    assert store.get(job_id).status == JobStatus.IN_PROGRESS
+
+
+def test_events_ask_for_the_cancel_flag_only_when_the_writer_polls_it(store):
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w1")
+    store.request_cancel(job_id)
+    assert not store.write_many([Write(attempt, [delta("a")], check_cancel=False)])[0].cancel_requested
+    assert store.write_many([Write(attempt, [delta("b")], acknowledged=1)])[0].cancel_requested
+
+
+def test_the_log_expiry_is_set_by_an_attempts_first_events_and_its_end_not_by_every_event(store):
+    job_id = new_job(store)
+    key = store.keys.event_log(job_id)
+    _, attempt = store.start(job_id, "w1")
+    store.write(attempt, [delta("a")])
+    assert 0 < store.redis.ttl(key) <= store.ttl_s
+    store.redis.persist(key)
+    store.write(attempt, [delta("b")], acknowledged=1)
+    assert store.redis.ttl(key) == -1  # not refreshed per event
+    store.write(attempt, [], DONE, acknowledged=2)
+    assert 0 < store.redis.ttl(key) <= store.ttl_s
