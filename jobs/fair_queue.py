@@ -87,6 +87,8 @@ _TAKE = """
 local ring, turn, parked, queued, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 local prefix, base, now = ARGV[1], ARGV[2], ARGV[4]
 local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[5])
+-- Most pumps (every job's end, every message received, every tick) find nothing to do: cheaply.
+if room <= 0 or redis.call('EXISTS', ring) == 0 then return {} end
 local cap, stale, ttl, active_since = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 redis.call('ZREMRANGEBYSCORE', active, '-inf', '(' .. active_since)
 local n_active = redis.call('ZCARD', active)

@@ -186,7 +186,6 @@ class JobStore:
         done = self._transition(job_id, "start", token=token, worker=worker)
         if not done.applied:
             return done, Attempt(job_id, token)
-        self.telemetry.job_state(job_id, JobStatus.IN_PROGRESS)
         number, first_seq = done.detail
         return (Transition(done.outcome, done.cancel_requested, (int(number),)),
                 Attempt(job_id, token, first_seq=int(first_seq)))
@@ -199,15 +198,12 @@ class JobStore:
         done = self.write_many([Write(attempt, events, ending, acknowledged)])[0]
         if isinstance(done, Exception):
             raise done
-        if ending is not None:
-            self._record_end(attempt.job_id, ending, done)
         return done
 
     def write_many(self, writes: list[Write]) -> list:
         """Many attempts' writes in one round trip (a worker's publisher cycle): each end is its own transition,
         and the runs that only have events (or a cancel check) share APPEND calls. Per write, its Transition,
-        or the error its script raised (that write alone failed); a Redis outage raises. The caller records
-        the ends in telemetry."""
+        or the error its script raised (that write alone failed); a Redis outage raises."""
         ends = [i for i, w in enumerate(writes) if w.ending is not None]
         appends = [i for i, w in enumerate(writes) if w.ending is None]
         groups = [appends[i:i + APPEND_MAX_RUNS] for i in range(0, len(appends), APPEND_MAX_RUNS)]
@@ -252,11 +248,12 @@ class JobStore:
                          first_seq=write.attempt.first_seq + write.acknowledged, client=client)
 
     def _append(self, writes: list[Write], client) -> None:
-        keys, args = [], [self.ttl_s]
+        keys, args = [], [self.ttl_s, repr(time.time())]
         for write in writes:
             job_id = write.attempt.job_id
             events = event_args(write.events)
-            keys += [self.keys.lease(job_id), self.keys.event_log(job_id), self.keys.cancel(job_id)]
+            keys += [self.keys.job(job_id), self.keys.lease(job_id), self.keys.event_log(job_id),
+                     self.keys.cancel(job_id)]
             args += [write.attempt.token, self.keys.events(job_id), write.attempt.first_seq + write.acknowledged,
                      int(write.acknowledged == 0), int(write.check_cancel), len(events) // 2, *events]
         self._append_script(keys=keys, args=args, client=client)
@@ -264,9 +261,7 @@ class JobStore:
     def end(self, job_id: str, ending: Ending) -> Transition:
         """End a job that no attempt runs (a cancel while it waits, a job the API could not queue, a duplicate
         delivery past its deadline). RUNNING: an attempt holds it, ask that one to stop (`request_cancel`)."""
-        done = self._transition(job_id, "end", events=[ending.event], ending=ending)
-        self._record_end(job_id, ending, done)
-        return done
+        return self._transition(job_id, "end", events=[ending.event], ending=ending)
 
     def cancel(self, job_id: str) -> Transition:
         """A client's cancel: a job that no attempt runs ends here, cancelled; a running one is asked to stop
@@ -275,10 +270,6 @@ class JobStore:
         if done.outcome is Outcome.RUNNING:
             self.request_cancel(job_id)
         return done
-
-    def _record_end(self, job_id: str, ending: Ending, done: Transition) -> None:
-        if done.applied:
-            self.telemetry.job_state(job_id, ending.status)
 
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
         """Jobs whose attempt died (lease lapsed), back to queued, each by exactly one reaper (the transition
@@ -293,10 +284,8 @@ class JobStore:
                 self._transition(job_id, "requeue", client=pipe)
 
         replies = self.scripts.run(fill, transaction=False)
-        requeued = [(job_id, *done.detail) for job_id, done in zip(due, map(Transition.from_reply, replies))
-                    if done.applied]
-        self.telemetry.record(states=[(job_id, JobStatus.QUEUED) for job_id, _, _ in requeued])
-        return requeued
+        return [(job_id, *done.detail) for job_id, done in zip(due, map(Transition.from_reply, replies))
+                if done.applied]
 
     def _transition(self, job_id: str, action: str, token: str = "", worker: str = "",
                     events: Iterable[JobEvent] = (), ending: Optional[Ending] = None, first_seq: int = 0,

@@ -4,13 +4,19 @@ call. Like the rest of `jobs/`, this imports neither Flask nor torch (nor promet
 Redis layout (under the configured prefix, next to the keys listed in jobs/records.py):
   {prefix}:metrics:jobs:{state}   zset   job id -> when it entered `state` (one zset per JobStatus). A job is
                                          in exactly one of them: entering a state removes it from the others.
-                                         Entries older than the job TTL are dropped (their records are gone).
+                                         Entries older than the job TTL are dropped at scrape time (their
+                                         records are gone).
   {prefix}:metrics:jobs_total     hash   state -> how many jobs ever entered it (a Prometheus counter)
 Both expire after 2 x job TTL without a write, so an abandoned prefix leaves nothing behind.
 
+A new job enters `queued` here (`job_state`, in the pipeline that records it); every later change of state
+moves its entry inside the job's transition script (jobs/transition.py: `enter_state`), in the same step as
+the state itself, so no extra round trip per change and no entry out of step with its record. The time of a
+job's first text is stamped on its record by the script that logs that text.
+
 Why sorted sets rather than +1/-1 counters: entering a state is idempotent (a redelivered job entering
-`in_progress` twice, or a caller that records a state twice, changes nothing), no caller needs to know the
-state the job leaves, and nothing drifts if a process dies between two writes. ZCOUNT is O(log n) at scrape.
+`in_progress` twice, or a caller that records a state twice, changes nothing), and nothing drifts if a
+process dies between two writes. ZCOUNT is O(log n) at scrape.
 """
 from __future__ import annotations
 
@@ -85,36 +91,13 @@ class JobTelemetry:
         """Record that `job_id` is now in `state` (a JobStatus or its value). Idempotent."""
         if pipe is not None:
             self._job_state(pipe, job_id, state, now)
-        else:
-            self.record(states=[(job_id, state)], now=now)
-
-    def first_token(self, job_id: str, pipe=None, now: Optional[float] = None) -> None:
-        """Stamp the job record's `first_token_at` (HSETNX: only the first call counts): when the job's first
-        text was published."""
-        if pipe is not None:
-            self._first_token(pipe, job_id, now)
-        else:
-            self.record(first_tokens=[job_id], now=now)
-
-    def record(self, states: Iterable[tuple] = (), first_tokens: Iterable[str] = (),
-               now: Optional[float] = None) -> None:
-        """Several of the above in one round trip (nothing sent when both are empty); best effort."""
-        states, first_tokens = list(states), list(first_tokens)
-        if not states and not first_tokens:
             return
-
-        def fill(pipe) -> None:
-            for job_id in first_tokens:
-                self._first_token(pipe, job_id, now)
-            for job_id, state in states:
-                self._job_state(pipe, job_id, state, now)
-
         try:
-            self.scripts.run(fill, transaction=False)
+            self.scripts.run(lambda p: self._job_state(p, job_id, state, now), transaction=False)
         except ValueError:
             raise  # an unknown state: a bug in the caller
         except Exception as exc:
-            log.warning("telemetry: recording %d job states failed: %s", len(states) + len(first_tokens), exc)
+            log.warning("telemetry: recording job %s's state failed: %s", job_id, exc)
 
     def _job_state(self, client, job_id: str, state, now: Optional[float]) -> None:
         name = _state_name(state)
@@ -123,18 +106,17 @@ class JobTelemetry:
         args = [job_id, JOB_STATES.index(name) + 1, name, repr(now), repr(now - self.ttl_s), 2 * self.ttl_s]
         self._enter(keys=keys, args=args, client=client)
 
-    def _first_token(self, client, job_id: str, now: Optional[float]) -> None:
-        client.hsetnx(self.job_key(job_id), "first_token_at", repr(time.time() if now is None else now))
-
     # --- reads (scrape time)
     def job_counts(self, now: Optional[float] = None) -> tuple[dict[str, int], dict[str, int]]:
         """({state: jobs in it now}, {state: jobs that ever entered it}), in one round trip."""
         horizon = (time.time() if now is None else now) - self.ttl_s
         with self.redis.pipeline(transaction=False) as pipe:
             for state in JOB_STATES:
+                pipe.zremrangebyscore(self.state_key(state), "-inf", f"({horizon!r}")  # records gone: drop
                 pipe.zcount(self.state_key(state), f"({horizon!r}", "+inf")
             pipe.hgetall(self.totals_key)
-            *current, totals = pipe.execute()
+            *counts, totals = pipe.execute()
+        current = counts[1::2]
         return (dict(zip(JOB_STATES, (int(n) for n in current))),
                 {state: int(_decode(totals.get(state) or totals.get(state.encode(), 0))) for state in JOB_STATES})
 

@@ -58,19 +58,32 @@ local function log_events(log, channel, from, to, seq)
 end
 """
 
+# Part of the transition script: the job's entry in the metrics' state zsets (jobs/telemetry.py), moved in the
+# same step as its state: from the state it leaves to the one it enters (counted in the totals once).
+ENTER_STATE = """
+local function enter_state(old, new)
+  local base, totals = prefix .. ':metrics:jobs:', prefix .. ':metrics:jobs_total'
+  if old ~= new then redis.call('ZREM', base .. old, id) end
+  if redis.call('ZADD', base .. new, 'NX', now_s, id) == 1 then redis.call('HINCRBY', totals, new, 1) end
+  redis.call('EXPIRE', base .. new, 2 * log_ttl)
+  redis.call('EXPIRE', totals, 2 * log_ttl)
+end
+"""
+
 # KEYS: job, lease, log, leases, queued, cancel.
 # ARGV: action, job id, token, now ms, now s, lease ms, channel, log ttl s, key prefix, worker,
 #       seq of the first event (`write`: the writer's; else ignored), ending status ('' = none), n record
 #       fields, then n field/value pairs, then one (log json, live json) pair per event, each without "seq".
 # Returns {outcome, cancel flag set (0/1), detail, detail}. A job leaving `queued` (started, or ended while
 # it waits) also leaves its key's fair queue if it is parked there (`unpark`, jobs/fair_queue.py); a job that
-# ends leaves its key's flight (`land`: its share of the pool).
+# ends leaves its key's flight (`land`: its share of the pool); every change of state moves the job's entry
+# in the metrics (`enter_state`).
 SCRIPT = """
 local job, lease, log, leases, queued, cancel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local action, id, token = ARGV[1], ARGV[2], ARGV[3]
 local now_ms, now_s, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local channel, log_ttl, prefix, worker = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-""" + UNPARK + LOG_EVENTS + """
+""" + UNPARK + LOG_EVENTS + ENTER_STATE + """
 local first_seq, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
 local first_event = 14 + 2 * nfields
 
@@ -111,12 +124,17 @@ if first_event <= #ARGV then
     if seq < first_seq then return {'gap', cancel_flag, seq, ''} end
     from = first_event + 2 * (seq - first_seq)
   end
-  if log_events(log, channel, from, #ARGV - 1, seq) > 0 then redis.call('EXPIRE', log, log_ttl) end
+  local logged = log_events(log, channel, from, #ARGV - 1, seq)
+  if logged > 0 then redis.call('EXPIRE', log, log_ttl) end
+  if seq == 0 and logged > 1 then  -- the job's first text came with its end (APPEND stamps it otherwise)
+    redis.call('HSETNX', job, 'first_token_at', now_s)
+  end
 end
 
 -- 3. The state.
 if ending ~= '' then
   redis.call('HSET', job, 'status', ending, 'finished_at', now_s, unpack(ARGV, 14, first_event - 1))
+  enter_state(status, ending)
   redis.call('DEL', lease)
   redis.call('ZREM', leases, id)
   redis.call('ZREM', queued, id)
@@ -131,6 +149,7 @@ elseif action == 'start' then
   redis.call('ZREM', queued, id)
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
   redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s)
+  enter_state(status, 'in_progress')
   redis.call('HDEL', job, 'delivered_to')
   unpark()
   if redis.call('HEXISTS', job, 'started_at') == 0 then redis.call('HSET', job, 'started_at', now_s) end
@@ -139,6 +158,7 @@ elseif action == 'start' then
   return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0}
 elseif action == 'requeue' then
   redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
+  enter_state(status, 'queued')
   redis.call('HDEL', job, 'delivered_to')
   redis.call('ZREM', leases, id)
   redis.call('ZADD', queued, now_s, id)  -- sent again: watched until an attempt starts it
@@ -153,13 +173,15 @@ return {'applied', cancel_flag, '', ''}
 # log's length (seq check and retry skip, as in `write`), one XADD and one PUBLISH per event; the log's
 # expiry only on an attempt's first events (`refresh`), the cancel flag only when the caller asks (it polls
 # it every few hundred ms, not per token). No read of the record, no fair-queue bookkeeping.
-# KEYS: per run: lease, log, cancel. ARGV: log ttl s, then per run: token, channel, seq of its first event,
-#       refresh expiry (0/1), check cancel (0/1), n events, then n (log json, live json) pairs without "seq".
+# A job's first event also stamps its record's `first_token_at` (the time-to-first-token metric).
+# KEYS: per run: job, lease, log, cancel. ARGV: log ttl s, now s, then per run: token, channel, seq of its
+#       first event, refresh expiry (0/1), check cancel (0/1), n events, then n (log json, live json) pairs
+#       without "seq".
 # Returns per run: outcome ('applied', 'fenced' or 'gap'), cancel flag (0/1).
 APPEND = LOG_EVENTS + """
-local log_ttl, a, replies = ARGV[1], 2, {}
-for k = 1, #KEYS, 3 do
-  local lease, log, cancel = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+local log_ttl, now_s, a, replies = ARGV[1], ARGV[2], 3, {}
+for k = 1, #KEYS, 4 do
+  local job, lease, log, cancel = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local token, channel, first_seq = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local refresh, check_cancel, n = ARGV[a + 3] == '1', ARGV[a + 4] == '1', tonumber(ARGV[a + 5])
   local from = a + 6
@@ -172,7 +194,9 @@ for k = 1, #KEYS, 3 do
     if seq < first_seq then
       outcome = 'gap'
     else
-      log_events(log, channel, from + 2 * (seq - first_seq), a - 2, seq)
+      if log_events(log, channel, from + 2 * (seq - first_seq), a - 2, seq) > 0 and seq == 0 then
+        redis.call('HSETNX', job, 'first_token_at', now_s)
+      end
       if refresh then redis.call('EXPIRE', log, log_ttl) end
       if check_cancel then cancel_flag = redis.call('EXISTS', cancel) end
     end

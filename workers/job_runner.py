@@ -146,11 +146,6 @@ class JobRun:
     def streams(self) -> list[RequestStream]:
         return [c.stream for c in self.choices if c.stream is not None]
 
-    @property
-    def first_text_pending(self) -> bool:
-        """Whether the outbox holds the job's first text (for the time-to-first-token metric)."""
-        return bool(self.outbox) and self.resumed_events + self.acknowledged == 0
-
     # --- driving the engine
     def start(self, engine: Engine) -> None:
         request = self.record.request

@@ -117,11 +117,6 @@ class Publisher:
                 time.sleep(0.2)
             return
         self._outage_since = None
-        self.store.telemetry.record(  # metrics: first text published, jobs finished (best effort)
-            first_tokens=[run.id for run, done in zip(due, answers)
-                          if isinstance(done, Transition) and done.applied and run.first_text_pending],
-            states=[(run.id, run.ending.status) for run, done in zip(due, answers)
-                    if isinstance(done, Transition) and done.applied and run.ending is not None])
         for run, done, write in zip(due, answers, writes):
             if write.check_cancel:
                 run.last_checked = now

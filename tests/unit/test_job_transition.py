@@ -7,6 +7,7 @@ import time
 import pytest
 
 from jobs.records import JobError, JobEvent, JobResult, JobStatus, Usage
+from jobs.telemetry import JOB_STATES
 from jobs.transition import Ending, Outcome, Write
 from tests.unit.conftest import new_job
 
@@ -195,3 +196,44 @@ def test_the_log_expiry_is_set_by_an_attempts_first_events_and_its_end_not_by_ev
     assert store.redis.ttl(key) == -1  # not refreshed per event
     store.write(attempt, [], DONE, acknowledged=2)
     assert 0 < store.redis.ttl(key) <= store.ttl_s
+
+
+def test_each_change_of_state_moves_the_jobs_metrics_entry_in_the_same_step(store):
+    def states(job_id):
+        return [s for s in JOB_STATES if store.redis.zscore(store.telemetry.state_key(s), job_id) is not None]
+
+    _, before = store.telemetry.job_counts()
+    job_id = new_job(store)
+    assert states(job_id) == ["queued"]
+    _, attempt = store.start(job_id, "w1")
+    store.start(job_id, "w1")  # fenced: changes nothing
+    assert states(job_id) == ["in_progress"]
+    time.sleep(0.3)
+    store.reap()
+    assert states(job_id) == ["queued"]
+    _, attempt = store.start(job_id, "w2")
+    store.write(attempt, [], DONE)
+    assert states(job_id) == ["completed"]
+    _, after = store.telemetry.job_counts()
+    assert {s: after[s] - before[s] for s in JOB_STATES} == {  # entered queued twice (sent again)
+        "queued": 2, "in_progress": 2, "completed": 1, "failed": 0, "cancelled": 0}
+    cancelled = new_job(store)
+    store.cancel(cancelled)
+    assert states(cancelled) == ["cancelled"]
+
+
+def test_a_jobs_first_text_stamps_its_first_token_time_once(store):
+    streamed, short = new_job(store), new_job(store)
+    _, attempt = store.start(streamed, "w1")
+    store.write(attempt, [delta("a")])
+    first = store.redis.hget(store.keys.job(streamed), "first_token_at")
+    assert first is not None
+    time.sleep(0.01)
+    store.write(attempt, [delta("b")], DONE, acknowledged=1)
+    assert store.redis.hget(store.keys.job(streamed), "first_token_at") == first
+    _, attempt = store.start(short, "w1")  # all its text came with its end, in one write
+    store.write(attempt, [delta("a")], DONE)
+    assert store.redis.hget(store.keys.job(short), "first_token_at") is not None
+    cancelled = new_job(store)
+    store.cancel(cancelled)
+    assert store.redis.hget(store.keys.job(cancelled), "first_token_at") is None

@@ -437,34 +437,20 @@ def test_job_state_entries_expire_with_the_records(settings, redis_client):
     telemetry.job_state("new", "completed", now=now)
     current, entered = telemetry.job_counts(now=now)
     assert current["completed"] == 1 and entered["completed"] == 2
-    assert redis_client.zcard(telemetry.state_key("completed")) == 1  # trimmed at the last write
+    assert redis_client.zcard(telemetry.state_key("completed")) == 1  # trimmed (at the last write, and scrape)
     assert 0 < redis_client.ttl(telemetry.state_key("completed")) <= 200
     with pytest.raises(ValueError):
         telemetry.job_state("x", "exploded")
 
 
-def test_first_token_is_stamped_once(settings, redis_client):
+def test_telemetry_writes_never_fail_a_job(settings, redis_client):
     telemetry = JobTelemetry(redis_client, settings.redis_prefix, settings.job_ttl_s)
-    telemetry.first_token("j", now=10.0)
-    with redis_client.pipeline() as pipe:
-        telemetry.first_token("j", pipe=pipe, now=20.0)
-        pipe.execute()
-    assert float(redis_client.hget(telemetry.job_key("j"), "first_token_at")) == 10.0
-
-
-def test_telemetry_writes_are_batched_and_never_fail_a_job(settings, redis_client):
-    telemetry = JobTelemetry(redis_client, settings.redis_prefix, settings.job_ttl_s)
-    telemetry.record(states=[("a", "completed"), ("b", "failed")], first_tokens=["a"], now=50.0)
-    assert redis_client.zscore(telemetry.state_key("completed"), "a") == 50.0
-    assert redis_client.zscore(telemetry.state_key("failed"), "b") == 50.0
-    assert redis_client.hget(telemetry.job_key("a"), "first_token_at") == "50.0"
     with redis_client.pipeline() as pipe:  # in a caller's pipeline: sent with it
         telemetry.job_state("c", "queued", pipe=pipe)
         pipe.execute()
     assert redis_client.zscore(telemetry.state_key("queued"), "c") is not None
     down = JobTelemetry(redis.Redis(port=1, socket_connect_timeout=0.2), settings.redis_prefix, 60)
     down.job_state("d", "in_progress")  # Redis away: logged, not raised
-    down.first_token("d")
 
 
 def test_aggregate_workers_tolerates_missing_and_bad_fields():
