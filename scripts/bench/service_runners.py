@@ -168,6 +168,33 @@ def service_series(args) -> list[ServiceSeries]:
     return [ServiceSeries(client, name, tuple(sorted(at))) for (client, name), at in levels.items()]
 
 
+def redis_capacity(closed_loop, redis_cost, run: ServiceSeries, c: int, args, reqs: list[Req], used) -> dict:
+    """The capacity model (scripts/bench/capacity.py): the greedy row at the highest level again, with
+    SHORT_OUTPUT_LEN tokens per request, and a fit of both rows' Redis CPU to per job and per token."""
+    from scripts.bench.capacity import SHORT_OUTPUT_LEN, describe, fit, plan
+
+    def measured(rows: list[Req], cpu_s: float) -> dict:
+        done = [r for r in rows if not r.error]
+        return dict(jobs=len(done), tokens=sum(r.output_tokens for r in done), cpu_s=cpu_s)
+
+    before = redis_cost.read()
+    short = closed_loop(run, c, requests_per_level(args, c), SHORT_OUTPUT_LEN)
+    short_used = redis_cost.read() - before
+    rows = dict(long=measured(reqs, used.cpu_s), short=measured(short, short_used.cpu_s))
+    model = fit(rows["long"], rows["short"])
+    if model is None:
+        say(f"redis capacity: no fit from {rows} (noise larger than the difference)")
+        return dict(rows=rows, fit=None)
+    model.update(concurrency=c, long_len=args.output_len, short_len=SHORT_OUTPUT_LEN)
+    # Jobs as long as this run's, and as long as a chat answer; at the 8,000 tok/s per GPU this project
+    # targets, for a 16-GPU deployment.
+    plans = [plan(model["per_job_us"], model["per_token_us"], length, worker_tok_s=8000, gpus=16)
+             for length in dict.fromkeys((args.output_len, 512))]
+    for line in describe(model, plans):
+        say(line)
+    return dict(rows=rows, fit=model, plans=plans)
+
+
 def run_service(model_kind, device, args, record, meta) -> None:
     runs = service_series(args)
     pending = [(run, c) for run in runs for c in run.levels]  # the rows this round still owes
@@ -243,6 +270,8 @@ def run_service(model_kind, device, args, record, meta) -> None:
                 produced[run.client, c, run.sampling] = [r.output_tokens for r in reqs]
                 prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
                 cost = per_work(used, tokens=sum(r.output_tokens for r in reqs), events=sum(len(r.times) for r in reqs))
+                if run.sampling == GREEDY and c == max_c and run.client == args.service_client:
+                    meta["redis_capacity"] = redis_capacity(closed_loop, redis_cost, run, c, args, reqs, used)
                 record(summarize("service", c, reqs, args.output_len,
                                  dict(note="output tokens from usage; ITL per SSE chunk; redis_*: the whole Redis "
                                            "server's CPU and commands over the row, per output token and per SSE "
