@@ -18,7 +18,7 @@ from jobs.batches import BatchStore
 from jobs.fair_dispatch import FairDispatcher, LiveSlots
 from jobs.files import FileStore
 from jobs.models import ModelDirectory, model_entry
-from jobs.store import JobStore
+from jobs.shards import ShardedJobStore
 
 
 def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batches: bool = True) -> Flask:
@@ -30,7 +30,7 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     app.config.update(SETTINGS=settings, STARTED_AT=now(), MAX_CONTENT_LENGTH=settings.max_body_bytes)
     app.json.sort_keys = False
 
-    jobs = JobStore.from_settings(settings)
+    jobs = ShardedJobStore.from_settings(settings)  # one Redis, or several (REDIS_SHARDS)
     files = FileStore(jobs.redis, settings.redis_prefix)
     batches = BatchStore(jobs.redis, settings.redis_prefix)
     # The model this deployment serves is known before its first worker is up: its requests wait for it.
@@ -61,7 +61,7 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     return app
 
 
-def _send_with(enqueue, jobs: JobStore):
+def _send_with(enqueue, jobs: ShardedJobStore):
     """What fair dispatch sends a job with: `send(job id, queue)`, Celery's send_task by default; a stand-in
     `enqueue(record)` gets the job's record."""
     if enqueue is None:

@@ -223,7 +223,6 @@ class RedisStateCollector:
     def __init__(self, settings, store):
         self.settings = settings
         self.store = store
-        self.telemetry = JobTelemetry(store.redis, settings.redis_prefix, settings.job_ttl_s)
 
     def queues(self) -> dict[str, tuple[str, str]]:
         """queue name -> (model, kind) for every queue to report: the queues of each model pool in the model
@@ -271,7 +270,7 @@ class RedisStateCollector:
             yield depth
             yield self.parked_jobs(queues)
 
-            current, entered = self.telemetry.job_counts()
+            current, entered = self.store.job_counts()
             jobs = GaugeMetricFamily("llmq_jobs", "Jobs in each state now (terminal states: those whose "
                                      "records have not expired, i.e. finished within JOB_TTL_S).",
                                      labels=["state"])
@@ -351,8 +350,8 @@ def setup_metrics(app: Flask, settings=None, store=None) -> None:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     if store is None:
-        from jobs.store import JobStore
-        store = JobStore.from_settings(settings)
+        from jobs.shards import ShardedJobStore
+        store = ShardedJobStore.from_settings(settings)
     own = init_metrics()
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -1,8 +1,9 @@
 """The live relay: every job's events, from Redis to the streams this API process serves.
 
-`EventHub`: one pub/sub connection per API process, subscribed to every job's channel by pattern. It hands
-each message to the streams of that job open here and drops the rest. One connection instead of one per
-stream: no subscribe round trip per request, and one socket read carries many streams' events.
+`EventHub`: one pub/sub connection per API process and Redis node, subscribed to every job's channel there by
+pattern. It hands each message to the streams of that job open here and drops the rest. One connection instead
+of one per stream: no subscribe round trip per request, and one socket read carries many streams' events.
+`ShardedEventHub`: one EventHub per shard (jobs/shards.py), each stream listening on its job's.
 
 `EventRelay`: one stream's view: the job's events with seq > after_seq, in order, exactly once. It first
 replays the job's event log (a Redis Stream), then takes live events from the hub, skipping any it has
@@ -22,6 +23,7 @@ import time
 from typing import Iterator, Optional
 
 from jobs.records import JobEvent
+from jobs.shards import ShardedJobStore
 from jobs.store import REDIS_DOWN, JobStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class EventHub:
                 if not inboxes:
                     del self._listeners[channel]
 
-    def down_for(self) -> float:
+    def down_for(self, job_id: Optional[str] = None) -> float:
         """Seconds since the hub lost (or has not yet made) its subscription; 0 while subscribed."""
         since = self._down_since
         return 0.0 if since is None else time.monotonic() - since
@@ -112,11 +114,35 @@ class EventHub:
             inbox.put(item)
 
 
+class ShardedEventHub:
+    """An EventHub per shard of the job store: a job's stream listens on the hub of the Redis its job lives on.
+    Each hub connects when its first stream listens."""
+
+    def __init__(self, store: ShardedJobStore, retry_pause_s: float = 0.5):
+        self.store = store
+        self.hubs = [EventHub(shard, retry_pause_s) for shard in store.shards]
+
+    def _hub(self, job_id: str) -> EventHub:
+        return self.hubs[self.store.index_of(job_id)]
+
+    def listen(self, job_id: str) -> queue.SimpleQueue:
+        return self._hub(job_id).listen(job_id)
+
+    def unlisten(self, job_id: str, inbox: queue.SimpleQueue) -> None:
+        self._hub(job_id).unlisten(job_id, inbox)
+
+    def down_for(self, job_id: Optional[str] = None) -> float:
+        """How long the job's shard's subscription has been down (any job: the longest)."""
+        if job_id is not None:
+            return self._hub(job_id).down_for()
+        return max(hub.down_for() for hub in self.hubs)
+
+
 class EventRelay:
     """A job's events with seq > after_seq, in order, exactly once (see the module's docstring). Yields None
     as a keep-alive tick when nothing came for `keepalive_s`."""
 
-    def __init__(self, store: JobStore, hub: EventHub, job_id: str, after_seq: int, keepalive_s: float,
+    def __init__(self, store: ShardedJobStore, hub: ShardedEventHub, job_id: str, after_seq: int, keepalive_s: float,
                  reconnect_s: float = 30.0):
         self.store = store
         self.hub = hub
@@ -149,7 +175,7 @@ class EventRelay:
                             replay_needed = True
                         else:
                             batch.append(JobEvent.model_validate_json(item))
-                    if not batch and self.hub.down_for() > self.reconnect_s:
+                    if not batch and self.hub.down_for(self.job_id) > self.reconnect_s:
                         raise StreamInterrupted(self.job_id)
                 outage_since = None
             except REDIS_DOWN:  # reading the log: keep the stream open, retry the replay

@@ -153,7 +153,7 @@ def ready():
     """Ready to serve: Redis answers and at least one worker's heartbeat is fresh."""
     store = _service().store
     try:
-        store.redis.ping()
+        store.ping()  # every Redis node
         workers = store.live_workers()
     except Exception as exc:
         raise APIError(503, f"Redis is not reachable: {type(exc).__name__}.", code="redis_unavailable",

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from app import protocol
 from app.errors import APIError, from_validation_error
 from app.metrics import StreamTimer, observe_completion, observe_error, timing_headers
-from app.relay import EventHub, EventRelay, StreamInterrupted
+from app.relay import EventRelay, ShardedEventHub, StreamInterrupted
 from config.logging import bind_job
 from jobs import vocabulary
 from jobs.chat_format import ConversationError, Message, encode_conversation, min_tokens
@@ -140,7 +140,7 @@ class ChatService:
     def __init__(self, settings, store: JobStore, models: ModelDirectory, dispatcher: FairDispatcher):
         self.settings = settings
         self.store = store
-        self.hub = EventHub(store)  # this process's one pub/sub connection, for all its streams
+        self.hub = ShardedEventHub(store)  # this process's pub/sub connection per shard, for all its streams
         self.models = models
         self.dispatcher = dispatcher
 

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
 
     # --- Redis: broker, job store and pub/sub all live in one Redis.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Job state over several Redis nodes (jobs/shards.py): comma-separated Redis URLs, each job on the one its
+    # id picks. Empty: every job on REDIS_URL's. REDIS_URL stays the broker's and the directories' node.
+    # Append only to a drained deployment; never reorder.
+    redis_shards: str = ""
     # Prefix of every key and pub/sub channel we own (pub/sub ignores the db number, so prefix it).
     redis_prefix: str = "llmq"
 

@@ -114,9 +114,10 @@ class JobStore:
         self.fair = FairQueue(client, prefix, ttl_s, self.scripts)  # per-key queues (jobs/fair_queue.py)
 
     @classmethod
-    def from_settings(cls, settings) -> "JobStore":
+    def from_settings(cls, settings, redis_url: Optional[str] = None) -> "JobStore":
+        """The store on REDIS_URL's Redis, or on `redis_url` (a shard: jobs/shards.py)."""
         from jobs.redis_connection import redis_client  # plain Redis or a Sentinel set's master
-        client = redis_client(settings.redis_url)
+        client = redis_client(redis_url or settings.redis_url)
         return cls(client, settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
 
     # --- records
@@ -343,11 +344,26 @@ class JobStore:
         self.redis.set(self.keys.cancel(job_id), "1", ex=self.ttl_s)
 
     # --- listing an owner's background jobs (newest first, cursor = the last id seen)
+    def job_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Jobs in each state now and that ever entered it (the metrics: jobs/telemetry.py)."""
+        return self.telemetry.job_counts()
+
     def list_owner_jobs(self, owner: str, limit: int, after: Optional[str] = None) -> tuple[list[str], bool]:
         return newest_first(self.redis, self.keys.owner_jobs(owner), limit, after)
 
     def owns(self, owner: str, job_id: str) -> bool:
-        return self.redis.zscore(self.keys.owner_jobs(owner), job_id) is not None
+        return self.owner_job_score(owner, job_id) is not None
+
+    def owner_job_score(self, owner: str, job_id: str) -> Optional[float]:
+        """When the owner's background job was created, if it is in its index."""
+        return self.redis.zscore(self.keys.owner_jobs(owner), job_id)
+
+    def owner_jobs_below(self, owner: str, below: Optional[float], limit: int) -> list[tuple[str, float]]:
+        """Up to `limit` (id, creation time) of the owner's background jobs created before `below` (None: any),
+        newest first: one shard's part of a listing merged across shards."""
+        top = "+inf" if below is None else f"({below}"
+        return self.redis.zrevrangebyscore(self.keys.owner_jobs(owner), top, "-inf", start=0, num=limit,
+                                           withscores=True)
 
     # --- worker heartbeats
     def heartbeat(self, worker: str, info: dict, ttl_s: float, model: Optional[dict] = None) -> None:

@@ -25,7 +25,8 @@ from jobs.chat_format import raw_tokenizer
 from jobs.fair_dispatch import FairDispatcher, LiveSlots, PumpThread
 from jobs.models import model_entry
 from jobs.records import JobError, JobStatus
-from jobs.store import JobNotFound, JobStore
+from jobs.shards import ShardedJobStore
+from jobs.store import JobNotFound
 from jobs.transition import Attempt, Ending
 
 log = logging.getLogger("workers")
@@ -42,7 +43,7 @@ class WorkerRuntime:
         self.settings = get_settings()
         # Node name (worker.1, ...) @ host : pid of the worker process (its engine runs in a child of it).
         self.name = f"{os.environ.get('HONCHO_PROCESS_NAME', 'worker')}@{socket.gethostname()}:{os.getpid()}"
-        self.store = JobStore.from_settings(self.settings)
+        self.store = ShardedJobStore.from_settings(self.settings)
         self.tokenizer = raw_tokenizer()
         # The model and its engine live in a process of their own, so the decode loop never waits for this
         # process's GIL (the publisher, Celery's threads). If it dies, this worker exits: the supervisor
