@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 
 from jobs.fair_queue import FairQueue
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys
-from jobs.store import JobStore
+from jobs.store import REDIS_DOWN, JobStore
 from jobs.transition import Attempt, Ending, Transition, Write
 
 
@@ -139,11 +139,20 @@ class ShardedJobStore:
 
     # --- many jobs: grouped by shard, one round trip per shard
     def write_many(self, writes: list[Write]) -> list:
-        """JobStore.write_many per shard; answers in `writes`' order. A Redis outage of any shard raises
-        (the publisher keeps every write and retries them all: a retry logs nothing twice)."""
+        """JobStore.write_many per shard; answers in `writes`' order. The writes of a shard that is away get
+        its error (a REDIS_DOWN instance: the publisher keeps them to retry, and the other shards' runs go
+        on); only if every shard is away does this raise, as JobStore.write_many does."""
         answers: list = [None] * len(writes)
-        for store, places in self._by_shard(w.attempt.job_id for w in writes):
-            for place, answer in zip(places, store.write_many([writes[i] for i in places])):
+        groups = self._by_shard(w.attempt.job_id for w in writes)
+        away = 0
+        for store, places in groups:
+            try:
+                done = store.write_many([writes[i] for i in places])
+            except REDIS_DOWN as exc:
+                done, away = [exc] * len(places), away + 1
+                if away == len(groups):
+                    raise
+            for place, answer in zip(places, done):
                 answers[place] = answer
         return answers
 

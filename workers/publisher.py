@@ -8,8 +8,9 @@ only have events share one script call. A client's cancel comes back with a run'
 every `cancel_poll_s` (asking on every token would cost Redis a lookup per event for a rare answer). A write
 refused because the attempt lost its lease (FENCED) stops that run; a write that fails with an error fails
 that run alone. Runs are known by their attempt (job id, lease token), so a stale attempt of a job and a
-new one on the same worker never touch each other. While Redis is away, events wait in the runs' outboxes
-and the same writes are retried (they are idempotent), for up to `redis_retry_s`. Leases are renewed by the
+new one on the same worker never touch each other. While Redis is away (or, with job state on several shards,
+a run's shard: jobs/shards.py), events wait in the runs' outboxes and the same writes are retried (they are
+idempotent), for up to `redis_retry_s`; the runs on other shards go on. Leases are renewed by the
 worker's housekeeping, and only while the engine makes progress (workers/tasks.py).
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Publisher:
         # the time to first token. Runs signal through `_first_output` until their first event is out.
         self._first_output = threading.Event()
         self._first_output_signal = _SetBoth(self._wakeup, self._first_output)
-        self._outage_since: float | None = None
+        self._away_since: dict[Attempt, float] = {}  # runs whose Redis did not answer: since when
         threading.Thread(target=self._loop, name="publisher", daemon=True).start()
 
     def run(self, job_run: JobRun, grace_s: float = 60.0) -> str:
@@ -107,17 +108,17 @@ class Publisher:
         try:
             answers = self.store.write_many(writes)
         except REDIS_DOWN as exc:
-            self._outage_since = self._outage_since or now
-            if now - self._outage_since > self.retry_s:
-                log.error("Redis unavailable for %.0f s; giving up the running attempts", now - self._outage_since)
-                for run in due:
-                    self._close(run, "abandoned")  # their leases lapse; the reaper requeues them
-            else:
-                log.warning("Redis unavailable (%s); keeping %d runs' events to retry", exc, len(due))
+            answers = [exc] * len(writes)
+        waiting = [(run, done) for run, done in zip(due, answers) if isinstance(done, REDIS_DOWN)]
+        if waiting:
+            self._redis_away(waiting, now)
+            if len(waiting) == len(due):
                 time.sleep(0.2)
-            return
-        self._outage_since = None
+                return
         for run, done, write in zip(due, answers, writes):
+            if isinstance(done, REDIS_DOWN):
+                continue
+            self._away_since.pop(run.attempt, None)
             if write.check_cancel:
                 run.last_checked = now
             if isinstance(done, Exception):  # this run's write failed (a bug, bad data): this run fails
@@ -142,6 +143,20 @@ class Publisher:
                 if run.ending is not None:
                     self._close(run, run.ending.status.value)
 
+    def _redis_away(self, waiting: list[tuple[JobRun, Exception]], now: float) -> None:
+        """Runs whose Redis (their job's shard) did not answer: their events wait in their outboxes, and the
+        same writes are retried next cycle, for up to `retry_s` from a run's first unanswered write."""
+        given_up = []
+        for run, _ in waiting:
+            if now - self._away_since.setdefault(run.attempt, now) > self.retry_s:
+                given_up.append(run)
+                self._close(run, "abandoned")  # its lease lapses; the reaper requeues the job
+        if given_up:
+            log.error("Redis unavailable for over %.0f s; gave up %d running attempt(s)", self.retry_s, len(given_up))
+        if len(given_up) < len(waiting):
+            log.warning("Redis unavailable (%s); keeping %d runs' events to retry", waiting[0][1],
+                        len(waiting) - len(given_up))
+
     def _fail_run(self, run: JobRun, error: Exception) -> None:
         """A run whose write the store refused with an error: end the job as failed if it can still be
         written; otherwise (its end was what failed) give the attempt up: its lease lapses, another
@@ -161,6 +176,7 @@ class Publisher:
         with self._lock:
             if self._runs.get(run.attempt) is run:
                 del self._runs[run.attempt]
+        self._away_since.pop(run.attempt, None)
         run.end(status)
 
 

@@ -129,3 +129,47 @@ def test_one_runs_failed_write_fails_that_run_alone(store, publisher):
     assert threads[0].status == "completed" and store.get(good).status == JobStatus.COMPLETED
     assert threads[1].status == "abandoned"  # its end could not be written either: its lease lapses
     assert store.get(bad).status == JobStatus.IN_PROGRESS
+
+
+def test_a_shard_away_holds_up_only_its_own_runs(store, engine, tmp_path):
+    """Job state on two shards (jobs/shards.py), the second a redis-server of its own that is stopped while
+    both jobs stream: the job on the first shard finishes meanwhile; the other's events wait, and once its shard
+    is back its job finishes too, its log whole and equal to its text."""
+    from jobs.shards import ShardedJobStore, new_id_on
+    from jobs.records import JobRecord
+    from jobs.store import JobStore
+    from scripts.stack import RedisServer
+    from tests.unit.conftest import REQUEST
+    import redis as redis_py
+
+    server = RedisServer(tmp_path / "shard1")
+    server.start()
+    try:
+        away = JobStore(redis_py.Redis.from_url(server.url, decode_responses=True, socket_timeout=1,
+                                                socket_connect_timeout=0.5), store.prefix, ttl_s=600, lease_s=30)
+        sharded = ShardedJobStore([store, away])
+        publisher = Publisher(sharded, engine, retry_s=60.0)
+        request = REQUEST.model_copy(update=dict(prompt_token_ids=[1, 733, 1000, 2000], max_tokens=120))
+        ids = []
+        for shard in (0, 1):
+            record = JobRecord.new(request, kind="background", owner="o", queue=f"{store.prefix}-q")
+            record.id = new_id_on(lambda: f"chatcmpl-{__import__('uuid').uuid4().hex}", shard, 2)
+            sharded.create(record)
+            ids.append(record.id)
+        threads = [RunThread(sharded, publisher, job_id) for job_id in ids]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: all(sharded.read_log(job_id) for job_id in ids))
+        server.stop()  # SIGTERM: its AOF is whole
+        threads[0].join(60)
+        assert threads[0].status == "completed"   # not held up by the other shard's outage
+        assert threads[1].is_alive()              # its events wait for its shard
+        server.start()
+        threads[1].join(60)
+        assert threads[1].status == "completed"
+        for job_id in ids:
+            record, events = sharded.get(job_id), sharded.read_log(job_id)
+            assert [e.seq for e in events] == list(range(len(events))) and events[-1].type == "done"
+            assert "".join(e.text or "" for e in events) == record.result.text
+    finally:
+        server.stop()
