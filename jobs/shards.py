@@ -23,6 +23,7 @@ The Celery broker stays one Redis: its traffic is per job (a message in, a messa
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import zlib
 from typing import Callable, Iterable, Optional
@@ -31,6 +32,8 @@ from jobs.fair_queue import FairQueue
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys
 from jobs.store import REDIS_DOWN, JobStore
 from jobs.transition import Attempt, Ending, Transition, Write
+
+log = logging.getLogger(__name__)
 
 
 def shard_index(object_id: str, shards: int) -> int:
@@ -157,11 +160,13 @@ class ShardedJobStore:
         return answers
 
     def renew(self, attempts: Iterable[Attempt]) -> list[Attempt]:
+        """JobStore.renew per shard. A shard that is away is skipped (nothing can reap its jobs meanwhile
+        either): it must not keep the other shards' leases from being renewed."""
         attempts = list(attempts)
-        lost: list[Attempt] = []
-        for store, places in self._by_shard(a.job_id for a in attempts):
-            lost += store.renew([attempts[i] for i in places])
-        return lost
+        groups = self._by_shard(a.job_id for a in attempts)
+        return [attempt for lost in self._on_each([store for store, _ in groups],
+                                                  lambda store, i: store.renew([attempts[p] for p in groups[i][1]]))
+                for attempt in lost]
 
     def _by_shard(self, job_ids: Iterable[str]) -> list[tuple[JobStore, list[int]]]:
         places: dict[int, list[int]] = {}
@@ -169,12 +174,30 @@ class ShardedJobStore:
             places.setdefault(self.index_of(job_id), []).append(place)
         return [(self.shards[index], group) for index, group in places.items()]
 
-    # --- every shard
+    def _on_each(self, stores: list, call) -> list:
+        """call(store, i) for each store, skipping those whose Redis is away (logged); raises only if every one
+        is (as one JobStore would)."""
+        results, away = [], []
+        for i, store in enumerate(stores):
+            try:
+                results.append(call(store, i))
+            except REDIS_DOWN as exc:
+                away.append(exc)
+        if away and len(away) == len(stores):
+            raise away[0]
+        if away:
+            log.warning("%d of %d Redis shard(s) away (%s); going on with the others", len(away), len(stores),
+                        away[0])
+        return results
+
+    # --- every shard (one that is away is skipped: its jobs wait for it)
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        return [found for store in self.shards for found in store.reap(limit)]
+        return [found for found_here in self._on_each(self.shards, lambda store, _: store.reap(limit))
+                for found in found_here]
 
     def reap_lost(self, stall_s: float, limit: int = 100) -> list[tuple[str, str, str]]:
-        return [found for store in self.shards for found in store.reap_lost(stall_s, limit)]
+        return [found for found_here in self._on_each(self.shards, lambda store, _: store.reap_lost(stall_s, limit))
+                for found in found_here]
 
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
         """Added up over the nodes: Celery's list is on the home node only (elsewhere its length is 0), each
@@ -218,8 +241,8 @@ class ShardedJobStore:
 
     # --- workers (home; heartbeats on every shard too, for the lost-delivery reaper there)
     def heartbeat(self, worker: str, info: dict, ttl_s: float, model: Optional[dict] = None) -> None:
-        for store in self._nodes:
-            store.heartbeat(worker, info, ttl_s, model=model if store is self.home else None)
+        self._on_each(self._nodes, lambda store, _: store.heartbeat(worker, info, ttl_s,
+                                                                    model=model if store is self.home else None))
 
     def remove_heartbeat(self, worker: str) -> None:
         for store in self._nodes:

@@ -134,3 +134,26 @@ def test_heartbeats_reach_every_shard_and_workers_are_read_from_home(sharded):
     sharded.ping()
     sharded.remove_heartbeat("w1")
     assert not any(shard.redis.zscore(shard.keys.workers(), "w1") for shard in sharded.shards)
+
+
+def test_a_shard_away_does_not_stop_the_others_leases_or_sweeps(sharded):
+    from scripts.stack import free_port
+    from jobs.transition import Attempt
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    dead = JobStore(redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0),
+                                decode_responses=True),
+                    sharded.prefix, ttl_s=600, lease_s=5)
+    store = ShardedJobStore([sharded.shards[0], dead])
+    make = lambda: f"chatcmpl-{uuid.uuid4().hex}"  # noqa: E731
+    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
+    record.id = new_id_on(make, 0, 2)
+    store.create(record)
+    _, alive = store.start(record.id, "w")
+    stranded = Attempt(new_id_on(make, 1, 2), "token")
+    assert store.renew([alive, stranded]) == []  # the live shard's lease renewed; the dead one's skipped
+    assert store.reap() == [] and store.reap_lost(0.0) == []
+    store.heartbeat("w1", {"name": "w1"}, ttl_s=30)
+    assert [w["name"] for w in store.live_workers()] == ["w1"]
+    with pytest.raises(redis.ConnectionError):
+        ShardedJobStore([dead]).reap()  # every shard away: as one JobStore
