@@ -31,8 +31,8 @@ def create_app(settings=None, enqueue=None, enqueue_batch_job=None, drive_batche
     app.json.sort_keys = False
 
     jobs = ShardedJobStore.from_settings(settings)  # one Redis, or several (REDIS_SHARDS)
-    files = FileStore(jobs.redis, settings.redis_prefix)
-    batches = BatchStore(jobs.redis, settings.redis_prefix)
+    files = FileStore(jobs, settings.redis_prefix)  # each file on its shard, owners' indexes at home
+    batches = BatchStore(jobs, settings.redis_prefix)  # a batch, its line jobs and outputs on one shard
     # The model this deployment serves is known before its first worker is up: its requests wait for it.
     models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
     app.extensions["models"] = models

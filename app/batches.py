@@ -7,6 +7,10 @@ process drives it at a time, and on each tick:
     batch of any size is processed with memory that does not grow with it (bad lines go to the error file);
   - collects finished line jobs into the output or error file and the request counts;
   - finalizes (completed, cancelled or expired) when nothing is left.
+
+Over several Redis nodes (REDIS_SHARDS), a batch, its line jobs and its output and error lists are on the
+batch's shard (jobs/batches.py), so each of those steps stays one transaction or script on one node; the
+input file is read from its own shard.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from pydantic import ValidationError
 
@@ -29,6 +33,7 @@ from jobs.chat_format import is_valid_unicode
 from jobs.files import FileStore
 from jobs.models import ModelDirectory
 from jobs.records import JobRecord, JobStatus
+from jobs.shards import ShardedJobStore
 from jobs.store import JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
@@ -100,13 +105,18 @@ def error_line(custom_id, index: int, message: str, code: str, param: Optional[s
 
 
 class BatchDispatcher:
-    def __init__(self, settings, batches: BatchStore, files: FileStore, jobs: JobStore, models: ModelDirectory,
-                 enqueue_batch_job: Callable[[JobRecord], None]):
+    def __init__(self, settings, batches: BatchStore, files: FileStore, jobs: Union[ShardedJobStore, JobStore],
+                 models: ModelDirectory, enqueue_batch_job: Callable[[JobRecord], None]):
         self.settings = settings
         self.models = models
         self.batches = batches
         self.files = files
-        self.jobs = jobs
+        self.jobs = jobs if isinstance(jobs, ShardedJobStore) else ShardedJobStore([jobs])
+        # A line job's record goes in the feed's MULTI on the batch's node: the job store must look for it
+        # there, so both stores place ids over the same nodes, in the same order (app/__init__.py builds
+        # them from one ShardedJobStore).
+        if len(self.jobs.shards) != len(batches.placement.nodes):
+            raise ValueError("the batch store and the job store must be built on the same Redis nodes")
         self.enqueue = enqueue_batch_job
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
@@ -144,7 +154,7 @@ class BatchDispatcher:
             return
         self._collect(batch_id)
         batch = self.batches.get(batch_id)
-        inflight = self.jobs.redis.scard(self.jobs.keys.batch_inflight(batch_id))
+        inflight = self.batches.inflight_count(batch_id)
         if batch["status"] == "in_progress" and time.time() > batch["expires_at"]:
             self.batches.move(batch_id, "cancelling", only_from=("in_progress",), final_status="expired")
             batch = self.batches.get(batch_id)
@@ -191,7 +201,9 @@ class BatchDispatcher:
             outcome = self._line_to_job(batch, cursor + offset, line)
             (new_jobs if isinstance(outcome, JobRecord) else bad_lines).append(outcome)
         keys = self.jobs.keys
-        with self.jobs.redis.pipeline() as pipe:  # records, in-flight set, errors and cursor in one step
+        # Records, in-flight set, errors and cursor in one step, on the batch's node: the line jobs' ids and
+        # the error list's are colocated with the batch.
+        with self.batches.node(batch_id).pipeline() as pipe:
             for record in new_jobs:
                 self.jobs.add_record(pipe, record)
                 pipe.sadd(keys.batch_inflight(batch_id), record.id)
@@ -241,19 +253,21 @@ class BatchDispatcher:
             param = f"body.{exc.body['param']}" if exc.body.get("param") else "body"
             return error_line(custom_id, index, exc.body["message"], exc.body["code"] or "invalid_request",
                               param, exc.status)
-        if not self.jobs.redis.sadd(self.jobs.keys.batch_custom_ids(batch["id"]), custom_id):
+        if not self.batches.add_custom_id(batch["id"], custom_id):
             return error_line(custom_id, index, f"Duplicate custom_id '{custom_id}'.", "duplicate_custom_id",
                               "custom_id")
-        return JobRecord.new(generation, kind="batch", owner=batch["owner"], batch_id=batch["id"],
-                             custom_id=custom_id, queue=route.batch_queue)
+        # JobRecord.new's record, with an id on the batch's shard (the feed writes it with the batch's keys).
+        return JobRecord(id=self.batches.line_job_id(batch["id"]), created_at=time.time(), request=generation,
+                         kind="batch", owner=batch["owner"], batch_id=batch["id"], custom_id=custom_id,
+                         queue=route.batch_queue)
 
     def _collect(self, batch_id: str) -> None:
         """Move finished line jobs into the output or error file (each exactly once: SREM decides)."""
         keys = self.jobs.keys
-        ids = list(self.jobs.redis.smembers(keys.batch_inflight(batch_id)))
+        ids = self.batches.inflight(batch_id)
         if not ids:
             return
-        with self.jobs.redis.pipeline(transaction=False) as pipe:
+        with self.batches.node(batch_id).pipeline(transaction=False) as pipe:  # the line jobs' node
             for job_id in ids:
                 pipe.hget(keys.job(job_id), "status")
             statuses = pipe.execute()
@@ -275,7 +289,7 @@ class BatchDispatcher:
 
     def _cancel_inflight(self, batch_id: str) -> None:
         """Lines no attempt runs end here; running ones are asked to stop (the next ticks collect them)."""
-        for job_id in self.jobs.redis.smembers(self.jobs.keys.batch_inflight(batch_id)):
+        for job_id in self.batches.inflight(batch_id):
             self.jobs.cancel(job_id)
 
     def _finalize(self, batch: dict, final_status: str) -> None:
@@ -283,12 +297,11 @@ class BatchDispatcher:
         if batch["status"] == "in_progress" and not self.batches.move(
                 batch["id"], "finalizing", only_from=("in_progress",), final_status=final_status):
             return  # cancelled meanwhile: the next step cancels it
-        keys = self.jobs.keys
         published = {}
         for kind, list_name, field in (("output", "output_list", "output_file_id"),
                                        ("error", "error_list", "error_file_id")):
             file_id = batch[list_name]
-            if self.jobs.redis.exists(keys.file_lines(file_id)):
+            if self.files.has_lines(file_id):
                 if self.files.get(file_id) is None:
                     self.files.create_from_list(file_id, f"{batch['id']}_{kind}.jsonl", f"batch_{kind}",
                                                 batch["owner"])
