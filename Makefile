@@ -6,6 +6,7 @@
 #   make test         Redis + pytest (REDIS_URL=TEST_REDIS_URL)
 #   make bench        scripts/bench/ (engine, service and HF baselines; see README)
 #   make bench-shared-prefix  the prefix cache's benchmark (make bench BENCH_ARGS=--shared-prefix)
+#   make bench-redis  Redis CPU per job and per token, and the workers one Redis carries
 #   make fairness     one key's TTFT while another key floods the queue (FAIRNESS_ARGS='--scenario batch': a batch)
 #   make gpu-check    scripts/gpu_check.sh: the GPU check (here, without a GPU: its rehearsal on tiny7b)
 #   make worker       one more worker (e.g. on another machine, same REDIS_URL)
@@ -46,10 +47,10 @@ GPU_CHECK_ARGS ?=
 
 STAMP = $(VENV)/.installed
 
-.PHONY: help venv install redis redis-stop run worker api test bench bench-shared-prefix fairness gpu-check clean browser-deps
+.PHONY: help venv install redis redis-stop run worker api test bench bench-shared-prefix bench-redis fairness gpu-check clean browser-deps
 
 help:
-	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,15p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- Install -----------------------------------------------------------------------------------
 
@@ -146,6 +147,13 @@ test: install browser-deps
 
 bench: install
 	@'$(PY)' -m scripts.bench $(BENCH_ARGS)
+
+# What the service costs Redis and how many workers one Redis carries (README, "Scaling Redis"): the service's
+# greedy rows at 32 concurrent streams of 128 tokens, then of 8, and Redis's CPU (REDIS_URL's, the whole server)
+# fit to per job and per token, per round.
+bench-redis: install
+	@'$(PY)' -m scripts.bench --modes service --concurrency 32 --service-sampling '' --service-sdk-sampling '' \
+		--num-prompts 64 $(BENCH_ARGS)
 
 # 64 requests sharing a 1,024-token prefix, the engine and the service, prefix cache off and on.
 bench-shared-prefix: install

@@ -4,7 +4,10 @@ Both sides import this module; it depends on neither Flask nor torch. The record
 of truth for a job (not Celery's result backend): the Celery message carries only the job id, and a
 worker reads the request from here.
 
-Redis layout (every name starts with the configured prefix, since pub/sub ignores the db number):
+Redis layout (every name starts with the configured prefix, since pub/sub ignores the db number). With
+several shards (REDIS_SHARDS, jobs/shards.py) a job's keys, and the indexes its transitions keep (leases,
+queued, fair queues, the owner's indexes, metrics), are on the shard its id picks; workers, models and the
+owners' file and batch lists on REDIS_URL's node; a file or batch on the shard its id picks:
   {prefix}:job:{id}          hash   the job record (fields below), expires `job_ttl_s` after creation
   {prefix}:job:{id}:cancel   string set when the client asked to cancel (or went away)
   {prefix}:job:{id}:lease    string the running attempt's token; renewed while it runs, fences stale attempts

@@ -271,7 +271,8 @@ def run_service(model_kind, device, args, record, meta) -> None:
                 prompt_lens += [r.prompt_tokens for r in reqs if r.prompt_tokens]
                 cost = per_work(used, tokens=sum(r.output_tokens for r in reqs), events=sum(len(r.times) for r in reqs))
                 if run.sampling == GREEDY and c == max_c and run.client == args.service_client:
-                    meta["redis_capacity"] = redis_capacity(closed_loop, redis_cost, run, c, args, reqs, used)
+                    meta.setdefault("redis_capacity", []).append(  # one per round
+                        redis_capacity(closed_loop, redis_cost, run, c, args, reqs, used))
                 record(summarize("service", c, reqs, args.output_len,
                                  dict(note="output tokens from usage; ITL per SSE chunk; redis_*: the whole Redis "
                                            "server's CPU and commands over the row, per output token and per SSE "
