@@ -7,7 +7,9 @@ of one per stream: no subscribe round trip per request, and one socket read carr
 
 `EventRelay`: one stream's view: the job's events with seq > after_seq, in order, exactly once. It first
 replays the job's event log (a Redis Stream), then takes live events from the hub, skipping any it has
-already yielded. Its listener is registered before the log is read, so nothing falls in between.
+already yielded. Its listener is registered before the log is read, so nothing falls in between. A relay for
+a job that does not exist yet (`new_job`: the API listens before it records the job) skips that first read
+when the hub is subscribed as it listens: every event of the job is published after that, so all come live.
 
 When the hub's connection drops (a Redis restart), events published meanwhile are missed. So after every
 (re)connect the hub tells every listener to resync, and each relay replays the log from the last event it
@@ -143,7 +145,7 @@ class EventRelay:
     as a keep-alive tick when nothing came for `keepalive_s`."""
 
     def __init__(self, store: ShardedJobStore, hub: ShardedEventHub, job_id: str, after_seq: int, keepalive_s: float,
-                 reconnect_s: float = 30.0):
+                 reconnect_s: float = 30.0, new_job: bool = False):
         self.store = store
         self.hub = hub
         self.job_id = job_id
@@ -151,10 +153,13 @@ class EventRelay:
         self.keepalive_s = keepalive_s
         self.reconnect_s = reconnect_s
         self.inbox: Optional[queue.SimpleQueue] = hub.listen(job_id)  # before the log is read
+        # Subscribed now, before the job exists: nothing of it can have been published. (If the subscription
+        # drops later, the hub's RESYNC makes this relay read the log then.)
+        self._replay_first = not (new_job and hub.down_for(job_id) == 0)
 
     def events(self, deadline: Optional[float]) -> Iterator[Optional[JobEvent]]:
         last_seq = self.after_seq
-        replay_needed = True
+        replay_needed = self._replay_first
         last_yield = time.monotonic()
         outage_since: Optional[float] = None
         while deadline is None or time.monotonic() < deadline:

@@ -157,9 +157,11 @@ class ChatService:
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         bind_job(record.id)
-        self.store.create(record, parked=True)
-        relay = EventRelay(self.store, self.hub, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s)
+        # Listening before the job exists: its stream needs no read of its log (EventRelay, `new_job`).
+        relay = EventRelay(self.store, self.hub, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s,
+                           new_job=True)
         try:
+            self.store.create(record, parked=True)
             self._enqueue_or_withdraw(record)
         except Exception:
             relay.close()

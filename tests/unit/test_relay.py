@@ -83,3 +83,38 @@ def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(h
     finally:
         relay.close()
     assert [(e.seq, e.type) for e in events] == [(0, "delta"), (1, "done")]
+
+
+def _finished_job_events(store, hub, new_job: bool) -> tuple[list, int]:
+    """A new job's relay, listening before the job exists (as the API's create does), then the job runs to its
+    end: the events the relay yields, and how many times it read the job's log."""
+    request = GenerationRequest(model="m", prompt_token_ids=[1], max_tokens=2, temperature=0.0, top_p=1.0,
+                                frequency_penalty=0.0, presence_penalty=0.0, seed=0)
+    record = JobRecord.new(request, kind="interactive", owner="o", queue="q")
+    reads = []
+    status_and_log = store.status_and_log
+    store.status_and_log = lambda *a, **k: reads.append(a) or status_and_log(*a, **k)
+    relay = EventRelay(store, hub, record.id, after_seq=-1, keepalive_s=0.2, new_job=new_job)
+    store.create(record)
+    _, attempt = store.start(record.id, "w")
+    usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    store.write(attempt, [JobEvent(type="delta", text="Hi")])
+    store.write(attempt, [], Ending.completed(JobResult(text="Hi", finish_reason="stop", usage=usage)), acknowledged=1)
+    try:
+        events = [e for e in relay.events(deadline=time.monotonic() + 10) if e is not None]
+    finally:
+        relay.close()
+    return [(e.seq, e.type) for e in events], len(reads)
+
+
+def test_a_new_jobs_stream_reads_no_log_while_the_hub_is_subscribed(hub):
+    """A job created after its relay listened on a subscribed hub has every event coming live: reading its
+    (empty) log first would be a wasted round trip per request."""
+    warm = hub.listen("job-warm")
+    assert next_item(warm) is RESYNC  # the hub is subscribed
+    assert _finished_job_events(hub.store, hub, new_job=True) == ([(0, "delta"), (1, "done")], 0)
+
+
+def test_a_new_jobs_stream_replays_the_log_when_the_hub_was_not_subscribed_yet(hub):
+    events, reads = _finished_job_events(hub.store, hub, new_job=True)  # the hub's first listener
+    assert events == [(0, "delta"), (1, "done")] and reads >= 1
