@@ -1,6 +1,10 @@
 """Run the whole service as real processes (Celery worker(s) holding the model, the API under gunicorn),
 for the integration tests, the benchmark and the fairness measurement. Each run gets its own Redis key
-prefix and queue names, so runs never see each other's jobs."""
+prefix and queue names, so runs never see each other's jobs.
+
+One Redis (REDIS_URL), or several (job state sharded over them, jobs/shards.py): `start_redis_shards` starts N
+private redis-servers and `stack_env(shard_urls=...)` names them (REDIS_URL the first, REDIS_SHARDS all); a
+Stack then reads each job on its shard (`job`, `job_redis`) and cleans every node."""
 from __future__ import annotations
 
 import json
@@ -20,6 +24,7 @@ import redis
 from openai.types.chat import ChatCompletionChunk
 
 from jobs.redis_connection import redis_client
+from jobs.shards import shard_index
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -86,8 +91,15 @@ class Stack:
         self.port = int(env["PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.redis = redis_client(env["REDIS_URL"])  # a plain Redis, or a Sentinel set's master
+        self.redis = redis_client(env["REDIS_URL"])  # a plain Redis, or a Sentinel set's master: the home node
         self.prefix = env["REDIS_PREFIX"]
+        # The job store's shards in REDIS_SHARDS' order (a job's is `shard_index` of its id); none set: the one
+        # Redis. The home node's client is `self.redis` wherever REDIS_SHARDS names REDIS_URL.
+        urls = [u.strip() for u in env.get("REDIS_SHARDS", "").split(",") if u.strip()]
+        self.shard_urls = urls or [env["REDIS_URL"]]
+        self.shards = [self.redis if url == env["REDIS_URL"] else redis_client(url) for url in self.shard_urls]
+        # Every Redis node once, the home node first (what cleanup and key listings visit).
+        self.nodes = [self.redis] + [c for c in self.shards if c is not self.redis]
 
     def start_worker(self, name: str = "worker", concurrency: int = 1, extra_env: dict | None = None):
         cmd = [sys.executable, "-m", "workers"]
@@ -186,16 +198,31 @@ class Stack:
             self.stop(name)
 
     def cleanup_redis(self):
-        for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=1000):
-            self.redis.delete(key)
+        """Remove this stack's keys from every node (a node that is not answering is skipped)."""
+        for node in self.nodes:
+            try:
+                for key in node.scan_iter(match=f"{self.prefix}:*", count=1000):
+                    node.delete(key)
+            except redis.RedisError:
+                if node is self.redis:
+                    raise
 
     def owned_keys(self) -> list[str]:
-        """The Redis keys of this stack: its prefix's, and its queues' lists (Celery's and kombu's)."""
+        """The Redis keys of this stack: its prefix's (on every node: the same name may be on several, e.g. a
+        worker's heartbeat), and its queues' lists (Celery's and kombu's, on the home node)."""
         queues = [q for q in (self.env["INTERACTIVE_QUEUE"], self.env["BATCH_QUEUE"]) if self.redis.exists(q)]
-        return list(self.redis.scan_iter(match=f"{self.prefix}:*", count=1000)) + queues
+        return [key for node in self.nodes for key in node.scan_iter(match=f"{self.prefix}:*", count=1000)] + queues
+
+    def shard_of(self, job_id: str) -> int:
+        """The index (in REDIS_SHARDS) of the shard that holds the job (or batch, or file) with this id."""
+        return shard_index(job_id, len(self.shards))
+
+    def job_redis(self, job_id: str) -> redis.Redis:
+        """The client of the Redis that holds everything about this job (record, log, lease, cancel flag)."""
+        return self.shards[self.shard_of(job_id)]
 
     def job(self, job_id: str) -> dict:
-        return self.redis.hgetall(f"{self.prefix}:job:{job_id}")
+        return self.job_redis(job_id).hgetall(f"{self.prefix}:job:{job_id}")
 
     def sdk(self, api_key: str, asynchronous: bool = False, base_url: str | None = None,
             **options) -> openai.OpenAI | openai.AsyncOpenAI:
@@ -207,7 +234,8 @@ class Stack:
 
 
 class RedisServer:
-    """A private redis-server with the project's config (AOF, noeviction), for tests that restart Redis."""
+    """A private redis-server with the project's config (AOF, noeviction), for tests that restart Redis.
+    `start` again after `stop`: the same port and data directory (what the AOF kept)."""
 
     def __init__(self, data_dir: Path, port: int | None = None):
         self.port = port or free_port()
@@ -230,6 +258,31 @@ class RedisServer:
             self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             self.proc.wait(timeout=20)
         self.proc = None
+
+
+def start_redis_shards(base_dir: Path, count: int) -> list[RedisServer]:
+    """`count` private redis-servers, each with its own port and data directory (base_dir/shard{i}), started.
+    Their URLs, in order, are a deployment's REDIS_SHARDS (`stack_env(shard_urls=...)`); the first is its home
+    node. Stop them with `stop_redis_servers` (however the test ends)."""
+    servers: list[RedisServer] = []
+    try:
+        for i in range(count):
+            server = RedisServer(base_dir / f"shard{i}")
+            servers.append(server)
+            server.start()
+    except BaseException:
+        stop_redis_servers(servers)
+        raise
+    return servers
+
+
+def stop_redis_servers(servers: list[RedisServer]) -> None:
+    """Stop each (SIGTERM); one that does not go is SIGKILLed, so that none is left behind."""
+    for server in servers:
+        try:
+            server.stop(graceful=True)
+        except subprocess.TimeoutExpired:
+            server.stop(graceful=False)
 
 
 def _pings(client) -> bool:
@@ -268,13 +321,19 @@ def chunk_text(chunk: ChatCompletionChunk) -> str:
 
 
 def stack_env(redis_url: str = DEFAULT_REDIS_URL, api_keys: tuple = (), max_model_len: int = 4096,
-              **overrides) -> dict:
+              shard_urls: list[str] | tuple = (), **overrides) -> dict:
+    """A stack's environment on one Redis (`redis_url`), or with its job state sharded over `shard_urls`
+    (REDIS_SHARDS: every URL, in order; REDIS_URL, the home node: the first)."""
+    if shard_urls:
+        redis_url = shard_urls[0]
     run_id = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEYS", "MODEL_", "REDIS_"))}
     env.update(REDIS_URL=redis_url, REDIS_PREFIX=f"test-{run_id}", INTERACTIVE_QUEUE=f"interactive-{run_id}",
                BATCH_QUEUE=f"batch-{run_id}",
                MODEL_SOURCE="tiny-random", MAX_MODEL_LEN=str(max_model_len), API_KEYS=",".join(api_keys),
                PORT=str(free_port()), SSE_KEEPALIVE_S="0.5", PYTHONUNBUFFERED="1")
+    if shard_urls:
+        env["REDIS_SHARDS"] = ",".join(shard_urls)
     env.update(overrides)
     return env
 
