@@ -4,6 +4,7 @@ relay: a job's events exactly once, whatever happens between its reads."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import uuid
 
@@ -85,7 +86,7 @@ def test_a_job_finishing_while_its_log_is_read_still_ends_with_its_final_event(h
     assert [(e.seq, e.type) for e in events] == [(0, "delta"), (1, "done")]
 
 
-def _finished_job_events(store, hub, new_job: bool) -> tuple[list, int]:
+def _finished_job_events(store, hub, new_job: bool, written=None) -> tuple[list, int]:
     """A new job's relay, listening before the job exists (as the API's create does), then the job runs to its
     end: the events the relay yields, and how many times it read the job's log."""
     request = GenerationRequest(model="m", prompt_token_ids=[1], max_tokens=2, temperature=0.0, top_p=1.0,
@@ -100,6 +101,8 @@ def _finished_job_events(store, hub, new_job: bool) -> tuple[list, int]:
     usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
     store.write(attempt, [JobEvent(type="delta", text="Hi")])
     store.write(attempt, [], Ending.completed(JobResult(text="Hi", finish_reason="stop", usage=usage)), acknowledged=1)
+    if written is not None:
+        written.set()
     try:
         events = [e for e in relay.events(deadline=time.monotonic() + 10) if e is not None]
     finally:
@@ -107,14 +110,34 @@ def _finished_job_events(store, hub, new_job: bool) -> tuple[list, int]:
     return [(e.seq, e.type) for e in events], len(reads)
 
 
-def test_a_new_jobs_stream_reads_no_log_while_the_hub_is_subscribed(hub):
-    """A job created after its relay listened on a subscribed hub has every event coming live: reading its
-    (empty) log first would be a wasted round trip per request."""
-    warm = hub.listen("job-warm")
-    assert next_item(warm) is RESYNC  # the hub is subscribed
+def test_a_new_jobs_stream_reads_no_log_once_its_channel_is_subscribed(hub):
+    """A relay for a job not recorded yet waits for its channel's subscription; the job, recorded after it,
+    has every event coming live: reading its (empty) log first would be a wasted round trip per request."""
     assert _finished_job_events(hub.store, hub, new_job=True) == ([(0, "delta"), (1, "done")], 0)
 
 
-def test_a_new_jobs_stream_replays_the_log_when_the_hub_was_not_subscribed_yet(hub):
-    events, reads = _finished_job_events(hub.store, hub, new_job=True)  # the hub's first listener
+def test_a_new_jobs_stream_replays_the_log_when_its_subscription_came_late(hub, monkeypatch):
+    monkeypatch.setattr("app.relay.NEW_JOB_SUBSCRIBE_WAIT_S", 0.0)  # the job is recorded before it is confirmed
+    connect = hub._connect
+    written = threading.Event()  # the hub connects only once the job has run to its end
+    monkeypatch.setattr(hub, "_connect", lambda: written.wait(10) and connect())
+    events, reads = _finished_job_events(hub.store, hub, new_job=True, written=written)
     assert events == [(0, "delta"), (1, "done")] and reads >= 1
+
+
+def test_one_subscription_per_job_channel_and_a_second_stream_of_a_job_resyncs_at_once(hub, redis_client):
+    """Per channel, not by pattern: Redis writes a job's events only to the API processes that stream it."""
+    a = hub.listen("job-a")
+    assert next_item(a) is RESYNC
+    assert redis_client.pubsub_numpat() == 0 or not any(
+        c["name"] == hub.store.prefix and int(c.get("psub", 0)) for c in redis_client.client_list(_type="pubsub"))
+    assert redis_client.pubsub_numsub(hub.store.keys.events("job-a"))[0][1] == 1
+    again = hub.listen("job-a")
+    assert next_item(again) is RESYNC  # already subscribed: it may replay the log now
+    hub.unlisten("job-a", a)
+    assert redis_client.pubsub_numsub(hub.store.keys.events("job-a"))[0][1] == 1  # one stream still reads it
+    hub.unlisten("job-a", again)
+    wait = time.monotonic() + 5
+    while redis_client.pubsub_numsub(hub.store.keys.events("job-a"))[0][1] and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert redis_client.pubsub_numsub(hub.store.keys.events("job-a"))[0][1] == 0
