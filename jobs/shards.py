@@ -196,8 +196,20 @@ class ShardedJobStore:
                 for found in found_here]
 
     def reap_lost(self, stall_s: float, limit: int = 100) -> list[tuple[str, str, str]]:
-        return [found for found_here in self._on_each(self.shards, lambda store, _: store.reap_lost(stall_s, limit))
-                for found in found_here]
+        """JobStore.reap_lost on every shard. A job is lost only if its Celery list is empty, and that list is
+        on the home node: a shard that is not it gets the lengths read there (a queue that drains meanwhile
+        counts as busy this sweep, lost at the next)."""
+        def one(store: JobStore, _):
+            if store is self.home:
+                return store.reap_lost(stall_s, limit)  # its script reads Celery's lists itself
+            queues = sorted(store.stale_queues(stall_s, limit))
+            with self.home.redis.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.llen(queue)
+                lengths = dict(zip(queues, pipe.execute())) if queues else {}
+            return store.reap_lost(stall_s, limit, queue_lengths=lengths)
+
+        return [found for found_here in self._on_each(self.shards, one) for found in found_here]
 
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
         """Added up over the nodes: Celery's list is on the home node only (elsewhere its length is 0), each

@@ -39,7 +39,9 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
 return 1
 """
 
-# KEYS: queued, workers. ARGV: cutoff s (sent before it), key prefix, limit, now s. A job still queued long
+# KEYS: queued, workers. ARGV: cutoff s (sent before it), key prefix, limit, now s, then '' (Celery's lists are
+# in this Redis: LLEN them) or the lengths of the queues' lists on the broker, where it is another node (a shard's:
+# jobs/shards.py) as queue, length pairs (a queue not among them: judged at a later sweep). A job still queued long
 # after it was sent lost its message if the worker it was delivered to is dead (it died before starting it:
 # the message waits in that worker's unacked set until the visibility timeout, an hour). Without a delivery
 # on record, an empty queue says the same (the send itself was lost); and so does a job a fair dispatcher
@@ -49,6 +51,9 @@ return 1
 _REAP_LOST = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local now = tonumber(ARGV[4])
+local remote = ARGV[5] ~= ''
+local lengths = {}
+for i = 5, #ARGV - 1, 2 do lengths[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local out = {}
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. ':job:' .. id
@@ -65,6 +70,8 @@ for _, id in ipairs(ids) do
       lost = not alive_until or tonumber(alive_until) < now
     elseif fair == 'sending' then
       lost = true
+    elseif remote then
+      lost = lengths[queue] == 0  -- nil (not read): not now
     else
       lost = redis.call('LLEN', queue) == 0
     end
@@ -314,12 +321,26 @@ class JobStore:
         results = self.scripts.run(fill, transaction=False)
         return [attempt for attempt, ok in zip(attempts, results) if not ok]
 
-    def reap_lost(self, stall_s: float, limit: int = 100) -> list[tuple[str, str, str]]:
-        """Queued jobs whose message was lost with a dead worker: [(job id, kind, queue)] to send again."""
+    def reap_lost(self, stall_s: float, limit: int = 100,
+                  queue_lengths: Optional[dict[str, int]] = None) -> list[tuple[str, str, str]]:
+        """Queued jobs whose message was lost with a dead worker: [(job id, kind, queue)] to send again.
+        `queue_lengths`: where Celery's lists are on another node (this store is a shard), their lengths
+        there, for the queues of `stale_queues`."""
         now = time.time()
+        lengths = [""] if queue_lengths is None else [part for item in queue_lengths.items() for part in item]
         flat = self._reap_lost(keys=[self.keys.queued(), self.keys.workers()],
-                               args=[now - stall_s, self.prefix, limit, now])
+                               args=[now - stall_s, self.prefix, limit, now, *lengths])
         return list(zip(flat[::3], flat[1::3], flat[2::3]))
+
+    def stale_queues(self, stall_s: float, limit: int = 100) -> set[str]:
+        """The queues of the jobs `reap_lost` looks at now (sent more than `stall_s` ago, still queued)."""
+        ids = self.redis.zrangebyscore(self.keys.queued(), "-inf", time.time() - stall_s, start=0, num=limit)
+        if not ids:
+            return set()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.keys.job(job_id), "queue")
+            return {queue or "interactive" for queue in pipe.execute()}
 
     def mark_delivered(self, job_id: str, worker: str) -> None:
         """A worker received the job's message (not started yet): if that worker dies before it starts the

@@ -157,3 +157,15 @@ def test_a_shard_away_does_not_stop_the_others_leases_or_sweeps(sharded):
     assert [w["name"] for w in store.live_workers()] == ["w1"]
     with pytest.raises(redis.ConnectionError):
         ShardedJobStore([dead]).reap()  # every shard away: as one JobStore
+
+
+def test_lost_deliveries_judge_a_queue_by_the_brokers_list_on_every_shard(sharded):
+    """A job sent a while ago and not received by any worker is lost only if its Celery list is empty: that
+    list is on the home node, not on the job's shard (where it would always look empty)."""
+    queue = f"{sharded.prefix}-q"
+    records = [new_job(sharded, created_at=time.time() - 60) for _ in range(12)]
+    assert {sharded.index_of(r.id) for r in records} == {0, 1, 2}
+    sharded.redis.rpush(queue, "a message ahead of them")
+    assert sharded.reap_lost(stall_s=5) == []  # the queue is busy: they wait their turn
+    sharded.redis.delete(queue)
+    assert sorted(job_id for job_id, _, _ in sharded.reap_lost(stall_s=5)) == sorted(r.id for r in records)
