@@ -42,25 +42,25 @@ from jobs.scripts import ScriptSet
 
 # Lua, part of the job transition script (jobs/transition.py): a parked job that starts or ends leaves its
 # key's queue (and a key left with nothing parked, the rotation): `unpark`; a job that ends no longer counts
-# against its key's share of the pool: `land`. Reads `job`, `id` and `prefix` from there.
+# against its key's share of the pool: `land`. Reads `job`, `id` and `prefix` from there, and takes the record's
+# `fair`, `queue` and `owner` fields (false where absent), which the transition has read already.
 UNPARK = """
-local function fair_base()
-  return prefix .. ':fair:' .. (redis.call('HGET', job, 'queue') or 'interactive'),
-         redis.call('HGET', job, 'owner') or 'anonymous'
+local function fair_base(queue, owner)
+  return prefix .. ':fair:' .. (queue or 'interactive'), owner or 'anonymous'
 end
-local function unpark()
-  if redis.call('HGET', job, 'fair') == 'parked' then
-    local base, owner = fair_base()
-    local mine = base .. ':owner:' .. owner
+local function unpark(fair, queue, owner)
+  if fair == 'parked' then
+    local base, key = fair_base(queue, owner)
+    local mine = base .. ':owner:' .. key
     redis.call('ZREM', base .. ':parked', id)
     redis.call('ZREM', mine, id)
-    if redis.call('EXISTS', mine) == 0 then redis.call('ZREM', base .. ':ring', owner) end
+    if redis.call('EXISTS', mine) == 0 then redis.call('ZREM', base .. ':ring', key) end
   end
-  redis.call('HDEL', job, 'fair')
+  if fair then redis.call('HDEL', job, 'fair') end
 end
-local function land()
-  local base, owner = fair_base()
-  redis.call('ZREM', base .. ':flight:' .. owner, id)
+local function land(queue, owner)
+  local base, key = fair_base(queue, owner)
+  redis.call('ZREM', base .. ':flight:' .. key, id)
 end
 """
 
@@ -93,15 +93,20 @@ local cap, stale, ttl, active_since = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonum
 redis.call('ZREMRANGEBYSCORE', active, '-inf', '(' .. active_since)
 local n_active = redis.call('ZCARD', active)
 local capped = {}  -- keys at their share of the pool: skipped this time, their turn kept
+local flying = {}  -- key -> its jobs in flight (read once per call, then counted here); false: not capped
 local function has_share(owner)
   if cap <= 0 then return true end
-  local own = redis.call('ZSCORE', active, owner)
-  if n_active - ((own and tonumber(own) >= active_since) and 1 or 0) == 0 then
-    return true  -- alone on the pool lately: every slot is its
+  if flying[owner] == nil then
+    local own = redis.call('ZSCORE', active, owner)
+    if n_active - ((own and tonumber(own) >= active_since) and 1 or 0) == 0 then
+      flying[owner] = false  -- alone on the pool lately: every slot is its
+    else
+      local flight = base .. ':flight:' .. owner
+      redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
+      flying[owner] = redis.call('ZCARD', flight)
+    end
   end
-  local flight = base .. ':flight:' .. owner
-  redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
-  return redis.call('ZCARD', flight) < cap
+  return flying[owner] == false or flying[owner] < cap
 end
 local out = {}
 local steps = 0
@@ -126,12 +131,14 @@ while room > 0 and steps < 1000 do  -- bounded: stale ids (ended, expired) are s
   if id then
     redis.call('ZREM', parked, id)
     local job = prefix .. ':job:' .. id
-    if redis.call('HGET', job, 'status') == 'queued' and redis.call('HGET', job, 'fair') == 'parked' then
+    local status, fair = unpack(redis.call('HMGET', job, 'status', 'fair'))
+    if status == 'queued' and fair == 'parked' then
       redis.call('HSET', job, 'fair', 'sending')
       redis.call('ZADD', queued, now, id)  -- sent from now: watched until an attempt starts it
       local flight = base .. ':flight:' .. owner
       redis.call('ZADD', flight, now, id)  -- counts against its key's share until it ends
       redis.call('EXPIRE', flight, ttl)
+      if flying[owner] then flying[owner] = flying[owner] + 1 end
       out[#out + 1] = id
       room = room - 1
     end

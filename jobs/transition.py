@@ -88,7 +88,9 @@ local first_seq, ending, nfields = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[1
 local first_event = 14 + 2 * nfields
 
 local cancel_flag = redis.call('EXISTS', cancel)
-local status = redis.call('HGET', job, 'status')
+-- The record's fields this script reads, in one call.
+local status, fair, queue, owner, kind, started_at =
+  unpack(redis.call('HMGET', job, 'status', 'fair', 'queue', 'owner', 'kind', 'started_at'))
 if not status then return {'missing', cancel_flag, '', ''} end
 if status ~= 'queued' and status ~= 'in_progress' then
   if action == 'requeue' then redis.call('ZREM', leases, id) end
@@ -138,9 +140,8 @@ if ending ~= '' then
   redis.call('DEL', lease)
   redis.call('ZREM', leases, id)
   redis.call('ZREM', queued, id)
-  unpark()
-  land()
-  local owner = redis.call('HGET', job, 'owner')
+  unpark(fair, queue, owner)
+  land(queue, owner)
   if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
   return {'applied', cancel_flag, '', ''}
 elseif action == 'start' then
@@ -151,8 +152,8 @@ elseif action == 'start' then
   redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s)
   enter_state(status, 'in_progress')
   redis.call('HDEL', job, 'delivered_to')
-  unpark()
-  if redis.call('HEXISTS', job, 'started_at') == 0 then redis.call('HSET', job, 'started_at', now_s) end
+  unpark(fair, queue, owner)
+  if not started_at then redis.call('HSET', job, 'started_at', now_s) end
   -- pcall: a log that is not a stream (a bug) fails this attempt's writes, which end the job, not its start
   local next_seq = redis.pcall('XLEN', log)
   return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0}
@@ -162,8 +163,7 @@ elseif action == 'requeue' then
   redis.call('HDEL', job, 'delivered_to')
   redis.call('ZREM', leases, id)
   redis.call('ZADD', queued, now_s, id)  -- sent again: watched until an attempt starts it
-  return {'applied', cancel_flag, redis.call('HGET', job, 'kind') or 'interactive',
-          redis.call('HGET', job, 'queue') or 'interactive'}
+  return {'applied', cancel_flag, kind or 'interactive', queue or 'interactive'}
 end
 return {'applied', cancel_flag, '', ''}
 """
