@@ -125,7 +125,15 @@ class EventHub:
                     self._send("SUBSCRIBE", self._control, *self._listeners)
                 while True:
                     if conn.can_read(timeout=1.0):
-                        self._handle(conn.read_response(push_request=True))
+                        replies = [conn.read_response(push_request=True)]
+                        while len(replies) < 512 and conn.can_read(timeout=0):
+                            replies.append(conn.read_response(push_request=True))
+                        if any(reply[0] == "message" for reply in replies):
+                            # A Sentinel set: events reach streams once a replica has them (one lost in a
+                            # failover must never have been seen); else NotReplicated: resubscribe, replay.
+                            self.store.settle()
+                        for reply in replies:
+                            self._handle(reply)
             except REDIS_DOWN as exc:
                 if self._down_since is None:
                     log.warning("event hub: lost Redis (%s); reconnecting", exc)
@@ -230,6 +238,8 @@ class EventRelay:
                     # Read together: a job over by then has its final event in this log. (Read one after
                     # the other, a job finishing in between could look over with its final event unseen.)
                     status, batch = self.store.status_and_log(self.job_id, after_seq=last_seq)
+                    if batch:  # shown once a replica has it (EventHub._run)
+                        (self.store.of(self.job_id) if hasattr(self.store, "of") else self.store).settle()
                     over = status is None or status.is_terminal  # gone (expired) counts as over
                     replay_needed = False
                     if over and not any(e.is_final for e in batch):

@@ -19,7 +19,7 @@ import redis
 
 from jobs.fair_queue import FairQueue
 from jobs.paging import newest_first
-from jobs.records import JobEvent, JobRecord, JobStatus, Keys, log_id
+from jobs.records import JobError, JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
 from jobs.telemetry import JobTelemetry
 from jobs.transition import APPEND
@@ -104,6 +104,9 @@ def _now_ms() -> int:
 
 
 class JobStore:
+    # On a Sentinel set (from_settings): a new record waits for a replica's confirmation (jobs/redis_connection.py).
+    replica_wait = None
+
     def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, lease_s: float = 10.0):
         self.redis = client
         self.prefix = prefix
@@ -123,9 +126,11 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings, redis_url: Optional[str] = None) -> "JobStore":
         """The store on REDIS_URL's Redis, or on `redis_url` (a shard: jobs/shards.py)."""
-        from jobs.redis_connection import redis_client  # plain Redis or a Sentinel set's master
-        client = redis_client(redis_url or settings.redis_url)
-        return cls(client, settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
+        from jobs.redis_connection import redis_client, replica_wait  # plain Redis or a Sentinel set's master
+        url = redis_url or settings.redis_url
+        store = cls(redis_client(url), settings.redis_prefix, settings.job_ttl_s, settings.job_lease_s)
+        store.replica_wait = replica_wait(url)  # a Sentinel set: creates wait for a replica (create)
+        return store
 
     # --- records
     def create(self, record: JobRecord, parked: bool = False) -> None:
@@ -146,6 +151,33 @@ class JobStore:
                 pipe.expire(index, 2 * self.ttl_s)
 
         self.scripts.run(fill)
+        if self.replica_wait is not None:
+            self._confirm_replicated(record)
+
+    def _confirm_replicated(self, record: JobRecord) -> None:
+        """On a Sentinel set: return once a replica has the new record, so that the id the API is about to
+        give out survives a failover (replication is asynchronous: a master that dies loses what it had not
+        sent). If that cannot be promised (ReplicaWait raises NotReplicated: a lagging replica, a failover under
+        way; or Redis went away meanwhile), withdraw the job if Redis lets us, so that it does not run behind the
+        client's back, and raise: a REDIS_DOWN error, the API's 503, and the client retries. A master with no
+        replica at all accepts it alone, as one Redis would."""
+        try:
+            self.replica_wait.confirm(self.redis, self.keys.job(record.id), self.ttl_s)
+        except REDIS_DOWN:
+            error = JobError(message="The job could not be recorded durably; it was not run.",
+                             type="service_unavailable", code="queue_unavailable")
+            try:
+                self.end(record.id, Ending.failed(error))
+            except REDIS_DOWN:
+                pass
+            raise
+
+    def settle(self) -> None:
+        """On a Sentinel set: return once a replica has everything this master took so far (ReplicaWait.settle),
+        so that events shown to a client after this survive a failover; a REDIS_DOWN error (NotReplicated) when
+        that cannot be promised now: retry. Nothing to do on a plain Redis."""
+        if self.replica_wait is not None:
+            self.replica_wait.settle(self.redis, f"{self.prefix}:replicated")
 
     def add_record(self, pipe, record: JobRecord) -> None:
         """A new queued job's record, as part of the caller's pipeline (a batch's feed writes its line jobs

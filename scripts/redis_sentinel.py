@@ -6,6 +6,7 @@ Sentinels here judge a master down after `down_after_ms` without an answer (1 s,
 several seconds), so a test's failover takes a few seconds, not half a minute."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -29,7 +30,12 @@ class RedisNode:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port),
+        # Its own copy of the project's config: a Sentinel that reconfigures a node (replicaof) makes it rewrite
+        # its config file (CONFIG REWRITE), which must never be config/redis.conf itself.
+        conf = self.data_dir / "redis.conf"
+        if not conf.exists():
+            shutil.copyfile(ROOT / "config" / "redis.conf", conf)
+        cmd = ["redis-server", str(conf), "--port", str(self.port),
                "--dir", str(self.data_dir), "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
         if self.replica_of is not None:
             cmd += ["--replicaof", "127.0.0.1", str(self.replica_of)]
@@ -42,9 +48,22 @@ class RedisNode:
     def stop(self, graceful: bool = True) -> None:
         """Graceful: SIGTERM (Redis fsyncs its AOF and exits). Else SIGKILL: a crash."""
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen one could not exit
             self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             self.proc.wait(timeout=20)
         self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: it stops reading (a stalled replica: what its master sends meanwhile waits in a buffer)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def replication(self) -> dict:
+        return self.client().info("replication")
 
 
 class SentinelProcess:
@@ -105,9 +124,9 @@ class SentinelSet:
         # hello channel): until then a failover could not be agreed on.
         def acquainted():
             try:
-                return all(int(s.client().sentinel_master(MASTER_NAME)["num-other-sentinels"]) == len(self.sentinels) - 1
-                           and int(s.client().sentinel_master(MASTER_NAME)["num-slaves"]) >= 1
-                           for s in self.sentinels)
+                states = [s.client().sentinel_master(MASTER_NAME) for s in self.sentinels]
+                return all(int(state["num-other-sentinels"]) == len(self.sentinels) - 1
+                           and int(state["num-slaves"]) >= 1 for state in states)
             except redis.RedisError:
                 return False
         wait_until(acquainted, 30, "the Sentinels to know the replica and each other", interval=0.2)
@@ -129,11 +148,29 @@ class SentinelSet:
         port = self.master_port()
         return next(node for node in self.nodes if node.port != port)
 
-    def kill_master(self) -> RedisNode:
-        """SIGKILL the master, as a crash of its machine would: what it had not sent its replica is gone."""
-        node = self.master()
+    def kill_master(self, lag_s: float = 0.0) -> tuple[RedisNode, int]:
+        """SIGKILL the master, as a crash of its machine would: what it had not sent its replica is gone. With
+        `lag_s`, the replication link is cut that long before (the master drops its replica, which is frozen
+        meanwhile so that it cannot reconnect: a partition between the two), so that what the master takes
+        meanwhile is surely lost; the replica is thawed right after the kill. Returns the dead node and its
+        replication offset just before the kill."""
+        node, replica = self.master(), self.replica()
+        if lag_s:
+            replica.freeze()
+            node.client().client_kill_filter(_type="replica")
+            time.sleep(lag_s)
+        try:
+            offset = int(node.replication()["master_repl_offset"])
+        except redis.RedisError:
+            offset = -1
         node.stop(graceful=False)
-        return node
+        replica.thaw()
+        return node, offset
+
+    def promoted_at_offset(self) -> int:
+        """The replication offset the current master had when it was promoted (what it had of the old
+        master's stream): compare with the old master's offset at its death."""
+        return int(self.master().replication()["second_repl_offset"]) - 1
 
     def failover(self) -> None:
         """SENTINEL FAILOVER: promote the replica while the master is alive (a planned switch)."""

@@ -111,3 +111,87 @@ def test_celery_app_uses_the_sentinel_broker_and_keeps_its_transport_options():
     plain = make_celery(Settings(redis_url="redis://h:6379/1", visibility_timeout_s=77))
     assert plain.conf.broker_url == "redis://h:6379/1"
     assert plain.conf.broker_transport_options == {"visibility_timeout": 77}
+
+
+# --- ReplicaWait: a new job's record (and events, `settle`) confirmed by a replica before a client is told
+
+def test_replica_wait_ms_is_read_from_the_url_and_only_a_sentinel_set_waits():
+    from jobs.redis_connection import DEFAULT_REPLICA_WAIT_MS, replica_wait
+    assert parse_sentinel_url("redis+sentinel://h/m").replica_wait_ms == DEFAULT_REPLICA_WAIT_MS
+    assert parse_sentinel_url("redis+sentinel://h/m?replica_wait_ms=250").replica_wait_ms == 250
+    assert replica_wait("redis+sentinel://h/m?replica_wait_ms=250").timeout_ms == 250
+    assert replica_wait("redis+sentinel://h/m?replica_wait_ms=0") is None  # asynchronous, as Redis gives it
+    assert replica_wait("redis://h:6379/0") is None                        # a plain Redis has no replica
+    with pytest.raises(ValueError):
+        parse_sentinel_url("redis+sentinel://h/m?replica_wait_ms=soon")
+
+
+def test_the_store_of_a_sentinel_set_waits_and_a_plain_one_does_not():
+    from jobs.store import JobStore
+    sentinel = JobStore.from_settings(Settings(redis_url="redis+sentinel://h1:26379/llmq/1?replica_wait_ms=300"))
+    assert sentinel.replica_wait is not None and sentinel.replica_wait.timeout_ms == 300
+    assert JobStore.from_settings(Settings(redis_url="redis://h:6379/1")).replica_wait is None
+
+
+@pytest.fixture
+def lone_redis():
+    """The test Redis (a master with no replica), on a db of its own for these keys."""
+    from tests.conftest import REDIS_URL
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    yield client
+    client.delete("replica-wait-test:job:1")
+    client.close()
+
+
+def test_a_master_alone_refuses_for_its_delay_then_accepts_and_skips_the_wait(lone_redis):
+    import time
+    from jobs.redis_connection import NotReplicated, ReplicaWait
+    from jobs.store import REDIS_DOWN
+    lone_redis.set("replica-wait-test:job:1", "x", ex=60)
+    wait = ReplicaWait(timeout_ms=50, alone_after_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(NotReplicated) as refused:  # alone: a replica cut off just now could be promoted
+        wait.confirm(lone_redis, "replica-wait-test:job:1", 3600)
+    assert isinstance(refused.value, REDIS_DOWN)  # what the API answers 503 for
+    assert time.monotonic() - started >= 0.05     # it did WAIT, the first time
+    assert wait.alone_since is not None
+    started = time.monotonic()
+    with pytest.raises(NotReplicated):
+        wait.settle(lone_redis, "replica-wait-test:replicated")
+    assert time.monotonic() - started < 0.05      # alone: no WAIT any more
+    time.sleep(0.3)
+    assert wait.confirm(lone_redis, "replica-wait-test:job:1", 3600) == 0  # trusted alone now
+    assert wait.settle(lone_redis, "replica-wait-test:replicated") == 0
+    assert lone_redis.ttl("replica-wait-test:job:1") > 60  # the PEXPIRE that WAIT follows: the record's TTL
+
+
+def test_a_record_missing_from_the_master_is_never_confirmed(lone_redis):
+    from jobs.redis_connection import NotReplicated, ReplicaWait
+    wait = ReplicaWait(timeout_ms=50, alone_after_s=0)
+    with pytest.raises(NotReplicated, match="not on the master"):  # a failover came between create and confirm
+        wait.confirm(lone_redis, "replica-wait-test:job:absent", 3600)
+
+
+def test_a_create_no_replica_confirmed_is_withdrawn_and_raises_what_the_api_answers_503_for(make_store):
+    """JobStore.create on a Sentinel set: NotReplicated ends the job (it must not run behind the client's back:
+    the client is told 503 and retries) and propagates."""
+    from jobs.records import JobRecord, JobStatus
+    from jobs.redis_connection import NotReplicated
+    from tests.unit.conftest import REQUEST
+
+    class Refusing:
+        def confirm(self, client, key, ttl_s):
+            assert client.exists(key)  # asked after the record is written
+            raise NotReplicated("no replica confirmed it")
+
+    store = make_store(lease_s=5)
+    store.replica_wait = Refusing()
+    record = JobRecord.new(REQUEST, kind="background", owner="o", queue=f"{store.prefix}-q")
+    with pytest.raises(NotReplicated):
+        store.create(record, parked=True)
+    withdrawn = store.get(record.id)
+    assert withdrawn.status is JobStatus.FAILED and withdrawn.error.code == "queue_unavailable"
