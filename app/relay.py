@@ -239,7 +239,7 @@ class EventRelay:
                     # the other, a job finishing in between could look over with its final event unseen.)
                     status, batch = self.store.status_and_log(self.job_id, after_seq=last_seq)
                     if batch:  # shown once a replica has it (EventHub._run)
-                        (self.store.of(self.job_id) if hasattr(self.store, "of") else self.store).settle()
+                        self.store.settle(self.job_id)
                     over = status is None or status.is_terminal  # gone (expired) counts as over
                     replay_needed = False
                     if over and not any(e.is_final for e in batch):

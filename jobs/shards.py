@@ -137,6 +137,10 @@ class ShardedJobStore:
     def read_log(self, job_id: str, after_seq: int = -1, count: Optional[int] = None) -> list[JobEvent]:
         return self.of(job_id).read_log(job_id, after_seq, count)
 
+    def settle(self, job_id: str) -> None:
+        """JobStore.settle on the job's shard (what its relay has read is on a replica before it is shown)."""
+        self.of(job_id).settle()
+
     def owns(self, owner: str, job_id: str) -> bool:
         return self.of(job_id).owns(owner, job_id)
 

@@ -172,10 +172,11 @@ class JobStore:
                 pass
             raise
 
-    def settle(self) -> None:
+    def settle(self, job_id: Optional[str] = None) -> None:
         """On a Sentinel set: return once a replica has everything this master took so far (ReplicaWait.settle),
         so that events shown to a client after this survive a failover; a REDIS_DOWN error (NotReplicated) when
-        that cannot be promised now: retry. Nothing to do on a plain Redis."""
+        that cannot be promised now: retry. Nothing to do on a plain Redis. (`job_id`: the job whose events are
+        to be shown; one store holds them all, so any: ShardedJobStore.settle's signature.)"""
         if self.replica_wait is not None:
             self.replica_wait.settle(self.redis, f"{self.prefix}:replicated")
 
