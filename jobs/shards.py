@@ -68,6 +68,8 @@ class ShardedJobStore:
         urls = [u.strip() for u in (settings.redis_shards or "").split(",") if u.strip()]
         if not urls:
             return cls([home])
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"REDIS_SHARDS names a Redis twice: {settings.redis_shards!r}")
         shards = [home if url == settings.redis_url else JobStore.from_settings(settings, redis_url=url)
                   for url in urls]
         return cls(shards, home)
