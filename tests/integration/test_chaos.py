@@ -10,7 +10,6 @@ The streams are read as users read them: a third with the official SDK's sync cl
 client, and a third as raw lines, which resume after their last event id."""
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
@@ -19,107 +18,17 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 import redis
 
 from config.settings import Settings
 from jobs.celery_app import RUN_CHAT_COMPLETION, make_celery
 from jobs.store import JobStore
-from scripts.stack import RedisServer, Stack, chunk_text, iter_sse, job_events_stream, stack_env, wait_until
+from scripts.stack import RedisServer, stack_env, wait_until
+from tests.integration.mixed_load import AUTH, KEY, MODEL, post_with_retry, read_a_stream, running_stack
 
-MODEL = "mistralai/mistral-7b-instruct-v0.2"
-KEY = "chaos-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 N_JOBS, N_STREAMS, N_WORKERS = int(os.environ.get("CHAOS_JOBS", 200)), 20, 3
 MAX_KILLS = 6
-
-
-def post_with_retry(client: httpx.Client, body: dict, deadline: float) -> httpx.Response:
-    """What a well-behaved client does: retry 503/429 after Retry-After (and connection errors)."""
-    while True:
-        try:
-            response = client.post("/v1/chat/completions", json=body, headers=AUTH)
-            if response.status_code not in (429, 503):
-                return response
-            pause = float(response.headers.get("Retry-After", "1"))
-        except httpx.TransportError:
-            pause = 1.0
-        if time.monotonic() > deadline:
-            raise TimeoutError("could not submit before the deadline")
-        time.sleep(min(pause, 2.0))
-
-
-def read_stream(base_url: str, body: dict, deadline: float, seen: dict) -> None:
-    """Stream a completion as raw lines; on an interrupted stream, resume from the last event id. Fills `seen`
-    with what the client saw: job id, text and the event ids."""
-    seen.update(id=None, text="", ids=[], done=False)
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        response_cm = None
-        while not seen["done"] and time.monotonic() < deadline:
-            try:
-                if seen["id"] is None:
-                    response_cm = client.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
-                                                headers=AUTH)
-                else:
-                    headers = {**AUTH, "Last-Event-ID": str(seen["ids"][-1] if seen["ids"] else -1)}
-                    response_cm = client.stream("GET", f"/v1/chat/completions/{seen['id']}/events", headers=headers)
-                with response_cm as response:
-                    if response.status_code in (429, 503):
-                        time.sleep(1)
-                        continue
-                    for event_id, payload in iter_sse(response.iter_lines()):
-                        if payload == "[DONE]":
-                            seen["done"] = True
-                            break
-                        if "error" in payload:
-                            break  # interrupted: resume
-                        seen["id"] = seen["id"] or payload["id"]
-                        if event_id is not None:
-                            seen["ids"].append(event_id)
-                            seen["text"] += payload["choices"][0]["delta"].get("content", "")
-            except httpx.TransportError:
-                time.sleep(0.5)
-
-
-# The SDK retries a 503 or 429 after its Retry-After, and a lost connection, by itself.
-SDK_RETRIES = 10
-
-
-def read_stream_with_sdk(stack, body: dict, deadline: float, seen: dict) -> None:
-    """Stream a completion with the official SDK's sync client. A stream that breaks is read again from the
-    start (`…/events`: the SDK shows no event ids to resume after), and that read's text replaces what was
-    read. Fills `seen` with the job id and the text (no event ids)."""
-    seen.update(id=None, text="", ids=None, done=False)
-    client = stack.sdk(KEY, max_retries=SDK_RETRIES, timeout=60)
-    while not seen["done"] and time.monotonic() < deadline:
-        try:
-            stream = (client.chat.completions.create(stream=True, **body) if seen["id"] is None
-                      else job_events_stream(client, seen["id"]))
-            seen["text"] = ""
-            for chunk in stream:
-                seen["id"] = chunk.id
-                seen["text"] += chunk_text(chunk)
-            seen["done"] = True
-        except openai.APIError:  # a lost connection or a 5xx past the retries, or an error event
-            time.sleep(0.5)
-
-
-async def read_stream_with_async_sdk(stack, body: dict, deadline: float, seen: dict) -> None:
-    """The same with the SDK's async client."""
-    seen.update(id=None, text="", ids=None, done=False)
-    async with stack.sdk(KEY, asynchronous=True, max_retries=SDK_RETRIES, timeout=60) as client:
-        while not seen["done"] and time.monotonic() < deadline:
-            try:
-                stream = await (client.chat.completions.create(stream=True, **body) if seen["id"] is None
-                                else job_events_stream(client, seen["id"]))
-                seen["text"] = ""
-                async for chunk in stream:
-                    seen["id"] = chunk.id
-                    seen["text"] += chunk_text(chunk)
-                seen["done"] = True
-            except openai.APIError:
-                await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -128,14 +37,8 @@ def chaos_stack(tmp_path):
     server.start()
     env = stack_env(redis_url=server.url, api_keys=(KEY,), JOB_LEASE_S="2", REAPER_INTERVAL_S="0.5",
                     HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_TTL_S="3", LOST_DELIVERY_S="5")
-    stack = Stack(env, tmp_path)
-    for i in range(N_WORKERS):
-        stack.start_worker(f"worker{i}", concurrency=8)
-    stack.start_api()
-    stack.wait_ready()
-    stack.wait_workers(N_WORKERS)
-    yield stack, server
-    stack.stop_all()
+    with running_stack(env, tmp_path, N_WORKERS) as stack:
+        yield stack, server
     server.stop()
 
 
@@ -174,16 +77,7 @@ def test_chaos(chaos_stack, terminal_report):
                 "temperature": 0}
         seen: dict = {}
         streams.append(seen)
-        try:
-            if i % 3 == 0:
-                read_stream_with_sdk(stack, body, deadline, seen)
-            elif i % 3 == 1:
-                asyncio.run(read_stream_with_async_sdk(stack, body, deadline, seen))
-            else:
-                read_stream(stack.base_url, body, deadline, seen)
-        except Exception as exc:  # a reader that dies is a stream mismatch; say why with the figures
-            stream_errors[repr(exc)[:160]] += 1
-            raise
+        read_a_stream(stack, i, body, deadline, seen, stream_errors)
 
     def chaos():
         nonlocal redis_restarts

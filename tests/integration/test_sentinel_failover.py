@@ -15,20 +15,14 @@ replica's confirmation, jobs/redis_connection.py's ReplicaWait). And the failove
 writes, and jobs were resumed by new attempts: the repair path ran."""
 from __future__ import annotations
 
-import asyncio
-import collections
-import json
 import os
-import threading
 import time
 
-import httpx
 import pytest
 
 from scripts.redis_sentinel import SentinelSet
-from scripts.stack import Stack, stack_env, wait_until
-from tests.integration.test_chaos import (AUTH, KEY, MODEL, post_with_retry, read_stream, read_stream_with_async_sdk,
-                                          read_stream_with_sdk)
+from scripts.stack import stack_env, wait_until
+from tests.integration.mixed_load import KEY, run_mixed_load, running_stack
 
 N_BACKGROUND, N_STREAMS, N_WORKERS = 24, 12, 2
 STREAM_TOKENS = 400  # long enough that the streams are still running when the primary dies
@@ -47,74 +41,20 @@ def sentinel_stack(tmp_path):
     # their logs (Outcome.GAP), rather than only losing their leases to the reaper.
     env = stack_env(redis_url=redis_set.url(0), api_keys=(KEY,), JOB_LEASE_S="5", REAPER_INTERVAL_S="0.5",
                     HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_TTL_S="3", LOST_DELIVERY_S="5")
-    stack = Stack(env, tmp_path)
     try:
-        for i in range(N_WORKERS):
-            stack.start_worker(f"worker{i}", concurrency=8)
-        stack.start_api()
-        stack.wait_ready()
-        stack.wait_workers(N_WORKERS)
-        yield stack, redis_set
+        with running_stack(env, tmp_path, N_WORKERS) as stack:
+            yield stack, redis_set
     finally:
-        stack.stop_all()
         redis_set.stop()
-
-
-def poll_until_over(base_url: str, job_id: str, deadline: float, seen: dict) -> None:
-    """GET the background job until it is over, riding out 503s and lost connections; keeps the last answer."""
-    with httpx.Client(base_url=base_url, timeout=30) as client:
-        while time.monotonic() < deadline:
-            try:
-                response = client.get(f"/v1/chat/completions/{job_id}", headers=AUTH)
-            except httpx.TransportError:
-                seen["errors"] += 1
-                time.sleep(0.5)
-                continue
-            if response.status_code == 200:
-                body = response.json()
-                if body["status"] in ("completed", "failed", "cancelled", "expired"):
-                    seen[job_id] = body
-                    return
-            else:
-                seen["errors"] += 1
-            time.sleep(0.3)
 
 
 @pytest.mark.timeout(240)
 def test_sentinel_failover(sentinel_stack, terminal_report):
     stack, redis_set = sentinel_stack
     deadline = time.monotonic() + 150
-    accepted: list[str] = []
-    streams: list[dict] = []
-    polls: dict = collections.Counter()
     failover: dict = {}
-    stream_times: list[tuple[float, float]] = []  # (started, over) of each stream read
 
-    def submit_background():
-        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
-            for i in range(N_BACKGROUND):
-                body = {"model": MODEL, "messages": [{"role": "user", "content": f"Background {i}"}],
-                        "max_tokens": 40 + 10 * (i % 8), "temperature": 0.7, "seed": i, "background": True}
-                response = post_with_retry(client, body, deadline)
-                assert response.status_code == 202, response.text
-                accepted.append(response.json()["id"])
-                time.sleep(0.15)  # some before the kill, the rest during and after the failover
-
-    def stream_one(i):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Stream {i}"}], "max_tokens": STREAM_TOKENS,
-                "temperature": 0}
-        seen: dict = {}
-        streams.append(seen)
-        started = time.monotonic()
-        if i % 3 == 0:
-            read_stream_with_sdk(stack, body, deadline, seen)
-        elif i % 3 == 1:
-            asyncio.run(read_stream_with_async_sdk(stack, body, deadline, seen))
-        else:
-            read_stream(stack.base_url, body, deadline, seen)
-        stream_times.append((started, time.monotonic()))
-
-    def fail_over():
+    def fail_over(streams: list[dict], accepted: list[str]):
         # The kill finds the streams mid-way (every one has had text: most are not done), background jobs
         # queued and running.
         wait_until(lambda: len(streams) == N_STREAMS and all(seen.get("text") for seen in streams), 60,
@@ -140,91 +80,39 @@ def test_sentinel_failover(sentinel_stack, terminal_report):
         redis_set.wait_replicated(timeout=60)
         failover["replica_back_after_s"] = time.monotonic() - failover["killed_at"]
 
-    threads = [threading.Thread(target=submit_background), threading.Thread(target=fail_over)] + [
-        threading.Thread(target=stream_one, args=(i,)) for i in range(N_STREAMS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(1, deadline - time.monotonic()))
+    figures = run_mixed_load(stack, deadline, n_background=N_BACKGROUND, n_streams=N_STREAMS,
+                             stream_tokens=STREAM_TOKENS, disrupt=fail_over)
     assert "replica_back_after_s" in failover, "the Sentinels did not fail over"
-
-    pollers = [threading.Thread(target=poll_until_over, args=(stack.base_url, job_id, deadline, polls))
-               for job_id in accepted]
-    for t in pollers:
-        t.start()
-    for t in pollers:
-        t.join(timeout=max(1, deadline - time.monotonic()))
-
-    all_ids = accepted + [s["id"] for s in streams if s.get("id")]
-
-    def all_done():
-        return all(stack.job(j).get("status") in ("completed", "failed", "cancelled") for j in all_ids)
-    wait_until(all_done, max(10.0, deadline - time.monotonic()), "every job to finish", interval=1)
-
-    lost = duplicated = poll_mismatch = attempts_after_first = 0
-    failures = collections.Counter()
-    for job_id in all_ids:
-        record = stack.job(job_id)
-        events = [json.loads(f["e"]) for _, f in stack.redis.xrange(f"{stack.prefix}:job:{job_id}:log")]
-        finals = [e for e in events if e["type"] != "delta"]
-        text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
-        if record.get("status") != "completed" or not finals:
-            lost += 1
-            failures[(record.get("status"), (record.get("error") or "")[:160])] += 1
-            continue
-        attempts_after_first += int(record.get("attempts", 1)) > 1
-        if (len(finals) != 1 or finals[0]["type"] != "done"
-                or [e["seq"] for e in events] != list(range(len(events)))
-                or text != json.loads(record["result"])["text"]):
-            duplicated += 1
-        if job_id in accepted:
-            answer = polls.get(job_id)
-            if answer is None or answer["status"] != "completed" or \
-                    answer["result"]["choices"][0]["message"]["content"] != text:
-                poll_mismatch += 1
-
-    mismatches: list[str] = []
-
-    def mismatched(seen: dict) -> bool:
-        record = stack.job(seen["id"]) if seen.get("id") else {}
-        final = json.loads(record["result"])["text"] if record.get("result") else None
-        ids_ok = seen.get("ids") is None or seen["ids"] == list(range(len(seen["ids"])))
-        if seen.get("done") and seen["text"] == final and ids_ok:
-            return False
-        reader = "raw lines" if seen.get("ids") is not None else "SDK"
-        mismatches.append(f"{seen.get('id')} ({reader}): done={seen.get('done')}, read {len(seen.get('text', ''))} "
-                          f"chars, final {None if final is None else len(final)}, same start "
-                          f"{os.path.commonprefix([seen.get('text', ''), final or '']).__len__()}, ids contiguous "
-                          f"{ids_ok}, status {record.get('status')}, attempts {record.get('attempts')}")
-        return True
-
-    stream_mismatch = sum(map(mismatched, streams))
     logs = {name: (stack.log_dir / f"{name}.log").read_text(errors="replace")
             for name in ["api", *(f"worker{i}" for i in range(N_WORKERS))]}
     workers_log = "".join(text for name, text in logs.items() if name != "api")
     gaps = workers_log.count("its log lacks events")                  # Outcome.GAP: stopped, to resume
     fenced = workers_log.count("lost its lease to another attempt")     # Outcome.FENCED
     gave_up = workers_log.count("giving up the running attempts")       # Redis away too long: leases lapse
-    durations = sorted(over - started for started, over in stream_times)
+    durations = sorted(seen["read_s"] for seen in figures["streams"] if "read_s" in seen)
     refused = sum(logs["api"].count(f"queue unavailable: {why}") for why in (  # creates answered 503 (ReplicaWait)
         "no replica confirmed", "no replica online", "the Sentinels name", "the record "))
+    resumed = len(figures["resumed"])
     terminal_report([
-        "", f"sentinel failover ({FAILOVER_MODE}, replication cut {LAG_S} s before): jobs={len(all_ids)} "
-            f"(background {len(accepted)}, {failover['background_before_kill']} before the kill; streamed "
-            f"{len(streams)}, {failover['streaming_at_kill']} mid-way at the kill, {failover['streams_done_at_kill']} "
-            f"done; a stream's read took {durations[0]:.1f}-{durations[-1]:.1f} s), replica promoted after "
-            f"{failover['promoted_after_s']:.1f} s, unreplicated writes lost {failover['unreplicated_bytes']} "
-            f"bytes, old primary back as replica after {failover['replica_back_after_s']:.1f} s, lost={lost}, "
-            f"duplicated={duplicated}, stream mismatches={stream_mismatch}, poll mismatches={poll_mismatch}, "
-            f"jobs resumed by a new attempt={attempts_after_first} (attempts stopped at a gap {gaps}, fenced "
+        "", f"sentinel failover ({FAILOVER_MODE}, replication cut {LAG_S} s before): jobs={len(figures['all_ids'])} "
+            f"(background {len(figures['accepted'])}, {failover['background_before_kill']} before the kill; streamed "
+            f"{len(figures['streams'])}, {failover['streaming_at_kill']} mid-way at the kill, "
+            f"{failover['streams_done_at_kill']} done; a stream's read took {durations[0]:.1f}-{durations[-1]:.1f} s), "
+            f"replica promoted after {failover['promoted_after_s']:.1f} s, unreplicated writes lost "
+            f"{failover['unreplicated_bytes']} bytes, old primary back as replica after "
+            f"{failover['replica_back_after_s']:.1f} s, lost={figures['lost']}, duplicated={figures['duplicated']}, "
+            f"stream mismatches={figures['stream_mismatch']}, poll mismatches={figures['poll_mismatch']}, "
+            f"jobs resumed by a new attempt={resumed} (attempts stopped at a gap {gaps}, fenced "
             f"{fenced}, workers that gave up their attempts for Redis's absence {gave_up}), creates refused for "
-            f"want of a replica's confirmation={refused}, poll errors (503/connection) ridden out={polls['errors']}",
-        *(f"sentinel failover failure: {count} {failure}" for failure, count in failures.most_common(5)),
-        *(f"sentinel failover stream mismatch: {line}" for line in mismatches[:6])])
-    assert len(accepted) == N_BACKGROUND and len(streams) == N_STREAMS
+            f"want of a replica's confirmation={refused}, poll errors (503/connection) ridden out="
+            f"{figures['poll_errors']}",
+        *(f"sentinel failover failure: {count} {failure}" for failure, count in figures["failures"].most_common(5)),
+        *(f"sentinel failover stream mismatch: {line}" for line in figures["mismatches"][:6])])
+    assert len(figures["accepted"]) == N_BACKGROUND and len(figures["streams"]) == N_STREAMS
     assert failover["new_master"] != failover["old_master"] == redis_set.replica().port
-    assert lost == 0 and duplicated == 0 and stream_mismatch == 0 and poll_mismatch == 0
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["stream_mismatch"] == 0 and figures["poll_mismatch"] == 0
     # The failover did lose writes that had been acknowledged, and jobs were repaired by new attempts.
     assert failover["streaming_at_kill"] > 0 and failover["background_before_kill"] > 0, failover
-    assert failover["unreplicated_bytes"] > 0 and attempts_after_first > 0, failover
+    assert failover["unreplicated_bytes"] > 0 and resumed > 0, failover
     assert gaps > 0  # attempts whose log lost events they had been told were logged stopped; others resumed

@@ -17,11 +17,7 @@ after its reconnect. The same checks: 0 lost, 0 duplicated, every stream equal t
 SHARD_RESTART_MODE=term stops it with SIGTERM instead of SIGKILL."""
 from __future__ import annotations
 
-import asyncio
-import collections
-import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -29,55 +25,25 @@ import httpx
 import pytest
 
 from scripts.stack import Stack, descendants, stack_env, start_redis_shards, stop_redis_servers, wait_until
-from tests.integration.test_chaos import (AUTH, KEY, MODEL, post_with_retry, read_stream, read_stream_with_async_sdk,
-                                          read_stream_with_sdk)
+from tests.integration.mixed_load import AUTH, KEY, TERMINAL, run_mixed_load, running_stack
 
 N_SHARDS, N_BACKGROUND, N_STREAMS, N_WORKERS = 3, 24, 15, 2
 STREAM_TOKENS = 1000  # long enough that streams are still mid-way when a shard goes (the tiny model is fast)
 RESTART_MODE = os.environ.get("SHARD_RESTART_MODE", "kill")  # "kill": SIGKILL; "term": SIGTERM
 DOWN_S = 3.0  # how long the restarted shard stays away
-TERMINAL = ("completed", "failed", "cancelled")
 
 
 @pytest.fixture
 def sharded_stack(tmp_path):
     servers = start_redis_shards(tmp_path / "redis", N_SHARDS)
-    stack = None
     try:
         env = stack_env(shard_urls=[s.url for s in servers], api_keys=(KEY,), JOB_LEASE_S="2",
                         REAPER_INTERVAL_S="0.5", HEARTBEAT_INTERVAL_S="0.5", HEARTBEAT_TTL_S="3",
                         LOST_DELIVERY_S="5")
-        stack = Stack(env, tmp_path)
-        for i in range(N_WORKERS):
-            stack.start_worker(f"worker{i}", concurrency=8)
-        stack.start_api()
-        stack.wait_ready()
-        stack.wait_workers(N_WORKERS)
-        yield stack, servers
+        with running_stack(env, tmp_path, N_WORKERS) as stack:
+            yield stack, servers
     finally:
-        if stack is not None:
-            stack.stop_all()
         stop_redis_servers(servers)
-
-
-def poll_until_over(base_url: str, job_id: str, deadline: float, seen: dict) -> None:
-    """GET the background job until it is over, riding out 503s and lost connections; keeps the last answer."""
-    with httpx.Client(base_url=base_url, timeout=30) as client:
-        while time.monotonic() < deadline:
-            try:
-                response = client.get(f"/v1/chat/completions/{job_id}", headers=AUTH)
-            except httpx.TransportError:
-                seen["errors"] += 1
-                time.sleep(0.5)
-                continue
-            if response.status_code == 200:
-                body = response.json()
-                if body["status"] in (*TERMINAL, "expired"):
-                    seen[job_id] = body
-                    return
-            else:
-                seen["errors"] += 1
-            time.sleep(0.3)
 
 
 def api_client_ports(stack: Stack) -> set[int]:
@@ -151,112 +117,20 @@ def open_relay_on_every_shard(stack: Stack, job_ids: list[str]) -> None:
 
 
 def run_jobs(stack: Stack, deadline: float, disrupt=None) -> dict:
-    """Background jobs (polled) and streams (SDK sync, SDK async, raw lines) at once, `disrupt(streams,
-    accepted)` in a thread of its own beside them; every job awaited, then checked. Returns the figures."""
-    accepted: list[str] = []
-    streams: list[dict] = []
-    polls: dict = collections.Counter()
-    stream_errors = collections.Counter()
-
-    def submit_background():
-        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
-            for i in range(N_BACKGROUND):
-                body = {"model": MODEL, "messages": [{"role": "user", "content": f"Background {i}"}],
-                        "max_tokens": 40 + 10 * (i % 8), "temperature": 0.7, "seed": i, "background": True}
-                response = post_with_retry(client, body, deadline)
-                assert response.status_code == 202, response.text
-                accepted.append(response.json()["id"])
-                time.sleep(0.15)
-
-    def stream_one(i):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Stream {i}"}], "max_tokens": STREAM_TOKENS,
-                "temperature": 0}
-        seen: dict = {"reader": ("sdk", "async sdk", "raw lines")[i % 3]}
-        streams.append(seen)
-        try:
-            if i % 3 == 0:
-                read_stream_with_sdk(stack, body, deadline, seen)
-            elif i % 3 == 1:
-                asyncio.run(read_stream_with_async_sdk(stack, body, deadline, seen))
-            else:
-                read_stream(stack.base_url, body, deadline, seen)
-        except Exception as exc:  # a reader that dies is a stream mismatch; say why with the figures
-            stream_errors[repr(exc)[:160]] += 1
-            raise
-
-    threads = [threading.Thread(target=submit_background)] + [
-        threading.Thread(target=stream_one, args=(i,)) for i in range(N_STREAMS)]
-    if disrupt is not None:
-        threads.append(threading.Thread(target=disrupt, args=(streams, accepted)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(1, deadline - time.monotonic()))
-
-    pollers = [threading.Thread(target=poll_until_over, args=(stack.base_url, job_id, deadline, polls))
-               for job_id in accepted]
-    for t in pollers:
-        t.start()
-    for t in pollers:
-        t.join(timeout=max(1, deadline - time.monotonic()))
-
-    all_ids = accepted + [s["id"] for s in streams if s.get("id")]
-
-    def all_done():
-        return all(stack.job(j).get("status") in TERMINAL for j in all_ids)
-    wait_until(all_done, max(10.0, deadline - time.monotonic()), "every job to finish", interval=1)
-
-    lost = duplicated = poll_mismatch = attempts_after_first = 0
-    resumed_per_shard = [0] * N_SHARDS
-    failures = collections.Counter()
-    for job_id in all_ids:
-        record = stack.job(job_id)
-        node = stack.job_redis(job_id)
-        events = [json.loads(f["e"]) for _, f in node.xrange(f"{stack.prefix}:job:{job_id}:log")]
-        finals = [e for e in events if e["type"] != "delta"]
-        text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
-        if record.get("status") != "completed" or not finals:
-            lost += 1
-            failures[(record.get("status"), (record.get("error") or "")[:160])] += 1
-            continue
-        attempts_after_first += int(record.get("attempts", 1)) > 1
-        resumed_per_shard[stack.shard_of(job_id)] += int(record.get("attempts", 1)) > 1
-        if (len(finals) != 1 or finals[0]["type"] != "done"
-                or [e["seq"] for e in events] != list(range(len(events)))
-                or text != json.loads(record["result"])["text"]):
-            duplicated += 1
-        if job_id in accepted:
-            answer = polls.get(job_id)
-            if answer is None or answer["status"] != "completed" or \
-                    answer["result"]["choices"][0]["message"]["content"] != text:
-                poll_mismatch += 1
-
-    def mismatched(seen: dict) -> bool:
-        if not seen.get("done") or seen["text"] != json.loads(stack.job(seen["id"])["result"])["text"]:
-            return True
-        return seen["ids"] is not None and seen["ids"] != list(range(len(seen["ids"])))
-
-    def how(seen: dict) -> str:  # a mismatched stream, for the report
-        final = json.loads(stack.job(seen["id"]).get("result") or '{"text": ""}')["text"] if seen.get("id") else ""
-        common = next((k for k, (a, b) in enumerate(zip(seen.get("text", ""), final)) if a != b),
-                      min(len(seen.get("text", "")), len(final)))
-        ids = seen.get("ids")
-        return (f"{seen['reader']} stream {seen.get('id')} (shard {stack.shard_of(seen['id']) if seen.get('id') else '-'})"
-                f": done={seen.get('done')}, read {len(seen.get('text', ''))} chars, final {len(final)}, equal for "
-                f"the first {common}" + ("" if ids is None else f", event ids contiguous={ids == list(range(len(ids)))}"
-                                         f" ({len(ids)}, duplicates {len(ids) - len(set(ids))})"))
-
-    mismatches = [how(seen) for seen in streams if mismatched(seen)]
-    open_relay_on_every_shard(stack, accepted)
+    """The mixed workload (mixed_load.run_mixed_load: background jobs polled, streams read by the SDK sync, the
+    SDK async and as raw lines, `disrupt(streams, accepted)` beside them; every job checked), then where its
+    jobs went: per shard, their records and misplaced keys, and the API's pub/sub connections. The figures."""
+    figures = run_mixed_load(stack, deadline, n_background=N_BACKGROUND, n_streams=N_STREAMS,
+                             stream_tokens=STREAM_TOKENS, disrupt=disrupt,
+                             where=lambda job_id: f"shard {stack.shard_of(job_id) if job_id else '-'}")
+    open_relay_on_every_shard(stack, figures["accepted"])
     records, wrong = misplaced_keys(stack)
     # Lost-delivery re-sends: a queued job's message taken for lost (sent again) by a worker's reaper.
     resent = sum(stack.log_dir.joinpath(f"{name}.log").read_text(errors="replace").count("its message was lost")
                  for name in stack.worker_pids())
-    return dict(all_ids=all_ids, accepted=accepted, streams=streams, lost=lost, duplicated=duplicated,
-                stream_mismatch=len(mismatches), mismatches=mismatches, poll_mismatch=poll_mismatch,
-                resumed=attempts_after_first, resumed_per_shard=resumed_per_shard, poll_errors=polls["errors"], failures=failures,
-                stream_errors=stream_errors, per_shard=[sum(stack.shard_of(j) == i for j in all_ids)
-                                                        for i in range(N_SHARDS)],
+    return dict(figures, resumed=len(figures["resumed"]),
+                resumed_per_shard=[sum(stack.shard_of(j) == i for j in figures["resumed"]) for i in range(N_SHARDS)],
+                per_shard=[sum(stack.shard_of(j) == i for j in figures["all_ids"]) for i in range(N_SHARDS)],
                 records=records, misplaced=wrong, relay=relay_connections(stack), resent=resent)
 
 
