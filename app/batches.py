@@ -34,7 +34,7 @@ from jobs.files import FileStore
 from jobs.models import ModelDirectory
 from jobs.records import JobRecord, JobStatus
 from jobs.shards import ShardedJobStore
-from jobs.store import JobNotFound, JobStore
+from jobs.store import REDIS_DOWN, JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,16 @@ class BatchDispatcher:
         self._stop.set()
 
     def _run(self) -> None:
+        redis_away = False
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # Redis away, a bad record: log, wait, go on
+                redis_away = False
+            except REDIS_DOWN as exc:  # one line per outage, not a traceback per tick
+                if not redis_away:
+                    log.warning("batch dispatcher: Redis away (%s); retrying every tick", exc)
+                redis_away = True
+            except Exception:  # a bad record, a bug: log, wait, go on
                 log.exception("batch dispatcher tick failed")
             self._stop.wait(self.settings.batch_tick_s)
 

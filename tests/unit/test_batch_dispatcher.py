@@ -157,3 +157,26 @@ def test_a_cancel_after_the_batch_completed_changes_nothing(settings, redis_clie
     assert BatchService(d.batches, d.files).cancel(batch_id, "owner")["status"] == "completed"
     d.drive(batch_id)
     assert d.batches.get(batch_id)["status"] == "completed"
+
+
+def test_a_redis_outage_is_one_warning_not_a_traceback_per_tick(settings, caplog):
+    """While Redis is away (a failover) the driver ticks every BATCH_TICK_S: one line says so, not one
+    traceback per tick."""
+    import logging
+    import threading
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from scripts.stack import free_port
+
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.1, retry=Retry(NoBackoff(), 0))
+    d = driver(settings.model_copy(update=dict(batch_tick_s=0.01)), dead)
+    caplog.set_level(logging.WARNING, logger="app.batches")
+    ticks = []
+    d.tick = lambda real=d.tick: ticks.append(1) or (len(ticks) >= 5 and d.stop()) or real()
+    runner = threading.Thread(target=d._run)
+    runner.start()
+    runner.join(10)
+    assert len(ticks) >= 5
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "Redis away" in caplog.records[0].message
