@@ -132,8 +132,12 @@ def test_chaos(chaos_stack, terminal_report):
         while not chaos_over.is_set() and time.monotonic() < deadline:
             time.sleep(rng.uniform(0.5, 1.5))
             try:
-                # More room than the queue's margin: a dispatcher of another configuration, or one racing.
-                taken = store.fair.take(queue, room=fair_redis.llen(queue) + 1)
+                # More room than the queue's margin: a dispatcher of another configuration, or one racing. A fast
+                # machine's pumps leave a job parked only for moments: try often until one is there.
+                taken, trying_until = [], time.monotonic() + 3.0
+                while not taken and time.monotonic() < trying_until:
+                    taken = store.fair.take(queue, room=fair_redis.llen(queue) + 1)
+                    time.sleep(0 if taken else 0.01)
                 for job_id in taken:
                     if sum(dispatcher_deaths.values()) % 2:  # every other one: died after the send
                         celery.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)
