@@ -8,7 +8,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import get_settings
-from jobs.redis_connection import broker_settings
+from jobs.redis_connection import broker_settings, is_sentinel_url
 
 RUN_CHAT_COMPLETION = "workers.tasks.run_chat_completion"
 
@@ -23,6 +23,9 @@ def make_celery(settings=None) -> Celery:
         # longest job, or a long job runs twice.
         {"visibility_timeout": settings.visibility_timeout_s})
     app = Celery("llmq", broker=broker_url, include=["workers.tasks"])
+    if is_sentinel_url(settings.redis_url):  # kombu's Sentinel transport, surviving a failover's reconnect
+        from jobs.sentinel_broker import TRANSPORT
+        app.conf.broker_transport = TRANSPORT
     app.conf.update(
         # Long GPU jobs: acknowledge only when done, so a dead worker's job is delivered again ...
         task_acks_late=True,

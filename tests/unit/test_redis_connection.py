@@ -195,3 +195,18 @@ def test_a_create_no_replica_confirmed_is_withdrawn_and_raises_what_the_api_answ
         store.create(record, parked=True)
     withdrawn = store.get(record.id)
     assert withdrawn.status is JobStatus.FAILED and withdrawn.error.code == "queue_unavailable"
+
+
+def test_a_sentinel_broker_channel_closing_after_its_connection_raises_a_connection_error():
+    """kombu 5.7's Sentinel channel, closed after its connection (a failover's reconnect), rebuilt its pool from
+    the gone connection's parameters: an AttributeError that Celery calls unrecoverable (the worker exited).
+    Ours says what it is, a connection error, which Celery's reconnect ignores."""
+    import redis
+    from jobs.sentinel_broker import TRANSPORT, FailoverSafeSentinelChannel
+
+    assert make_celery(Settings(redis_url="redis+sentinel://h1:26379/llmq/0")).conf.broker_transport == TRANSPORT
+    assert not make_celery(Settings(redis_url="redis://h:6379/0")).conf.broker_transport
+    channel = FailoverSafeSentinelChannel.__new__(FailoverSafeSentinelChannel)  # as close() finds it: no client
+    channel.connection = type("GoneConnection", (), {"client": None})()
+    with pytest.raises(redis.ConnectionError):
+        channel._connparams()
