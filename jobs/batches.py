@@ -101,7 +101,7 @@ class BatchStore:
         }
 
         def index(pipe) -> None:  # after the batch: a driver that finds it active finds the batch too
-            pipe.zadd(self.keys.owner_batches(owner), {batch_id: now})
+            pipe.zadd(self.keys.owner_batches(owner), {batch_id: time.time()})  # finer than `now`: see FileStore
             pipe.sadd(self.keys.active_batches(), batch_id)
 
         self.placement.object_then_index(

@@ -142,7 +142,9 @@ class FileStore:
         self.placement.object_then_index(
             meta.id,
             lambda pipe: pipe.hset(self.keys.file(meta.id), mapping={k: str(v) for k, v in asdict(meta).items()}),
-            lambda pipe: pipe.zadd(self.keys.owner_files(meta.owner), {meta.id: meta.created_at}))
+            # Scored by the time to the µs, not the record's whole-second created_at: a page that ends inside a
+            # second must not skip that second's other files.
+            lambda pipe: pipe.zadd(self.keys.owner_files(meta.owner), {meta.id: time.time()}))
         return meta
 
     def get(self, file_id: str) -> Optional[FileMeta]:
