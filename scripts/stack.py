@@ -320,10 +320,24 @@ def chunk_text(chunk: ChatCompletionChunk) -> str:
     return "".join(choice.delta.content or "" for choice in chunk.choices)
 
 
+def same_server_shards(redis_url: str, count: int) -> list[str]:
+    """`count` shard URLs on the Redis of `redis_url`: its database, then the ones below it (redis://h:p/15 ->
+    /15, /14, /13). Pub/sub ignores the database, so each job's channel is still its own (its id is in it).
+    A URL that names no database number (a Sentinel set's, a socket's) is left alone: one shard."""
+    base, _, db = redis_url.rpartition("/")
+    if count <= 1 or not db.isdigit() or not base.startswith(("redis://", "rediss://")) or int(db) < count - 1:
+        return [redis_url]
+    return [f"{base}/{int(db) - i}" for i in range(count)]
+
+
 def stack_env(redis_url: str = DEFAULT_REDIS_URL, api_keys: tuple = (), max_model_len: int = 4096,
               shard_urls: list[str] | tuple = (), **overrides) -> dict:
     """A stack's environment on one Redis (`redis_url`), or with its job state sharded over `shard_urls`
-    (REDIS_SHARDS: every URL, in order; REDIS_URL, the home node: the first)."""
+    (REDIS_SHARDS: every URL, in order; REDIS_URL, the home node: the first). TEST_REDIS_SHARDS=N in the
+    environment shards a one-Redis stack over N databases of that Redis (`same_server_shards`): the whole
+    suite run on the sharded code paths (`TEST_REDIS_SHARDS=3 make test`)."""
+    if not shard_urls and os.environ.get("TEST_REDIS_SHARDS"):
+        shard_urls = same_server_shards(redis_url, int(os.environ["TEST_REDIS_SHARDS"]))
     if shard_urls:
         redis_url = shard_urls[0]
     run_id = uuid.uuid4().hex[:8]

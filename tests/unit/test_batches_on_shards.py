@@ -30,20 +30,25 @@ ENDPOINT = "/v1/chat/completions"
 
 
 @pytest.fixture
-def clients():
-    base = REDIS_URL.rsplit("/", 1)[0]
-    clients = [redis.Redis.from_url(f"{base}/{db}", decode_responses=True) for db in DATABASES]
-    for client in clients:
-        client.flushdb()
-    yield clients
-    for client in clients:
-        client.flushdb()
+def prefix():
+    return f"unit-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
-def driver(clients):
+def clients(prefix):
+    """The three shards' clients; afterwards this test's keys (its prefix) are removed from each, and nothing
+    else: these databases may hold someone else's data."""
+    base = REDIS_URL.rsplit("/", 1)[0]
+    clients = [redis.Redis.from_url(f"{base}/{db}", decode_responses=True) for db in DATABASES]
+    yield clients
+    for client in clients:
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+
+
+@pytest.fixture
+def driver(clients, prefix):
     """One API process's stores and batch driver over the three shards (home: the first)."""
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, api_keys=[], job_lease_s=5)
     jobs = ShardedJobStore([JobStore(client, prefix, ttl_s=600) for client in clients])
     models = ModelDirectory(jobs, settings.model_remember_s, configured=model_entry(settings))
