@@ -132,7 +132,7 @@ def test_another_key_gets_404(stack):
 def test_expired_job_reports_expired(stack):
     job = submit(stack, max_tokens=1)
     wait_done(stack, job["id"])
-    stack.redis.delete(f"{stack.prefix}:job:{job['id']}")  # what the TTL does, without waiting a day
+    stack.job_redis(job["id"]).delete(f"{stack.prefix}:job:{job['id']}")  # what the TTL does, without waiting a day
     expired = get_job(stack, job["id"]).json()
     assert expired["status"] == "expired" and expired["error"]["code"] == "job_expired"
     assert get_job(stack, job["id"], key_index=1).status_code == 404

@@ -170,8 +170,8 @@ def test_chaos(chaos_stack, terminal_report):
         stuck = [(j, stack.job(j)) for j in all_ids if stack.job(j).get("status") not in ("completed", "failed")]
         for job_id, record in stuck[:10]:
             print(job_id, {k: v for k, v in record.items() if k not in ("request", "result")},
-                  "lease:", stack.redis.exists(f"{stack.prefix}:job:{job_id}:lease"),
-                  "in leases:", stack.redis.zscore(f"{stack.prefix}:leases", job_id))
+                  "lease:", stack.job_redis(job_id).exists(f"{stack.prefix}:job:{job_id}:lease"),
+                  "in leases:", stack.job_redis(job_id).zscore(f"{stack.prefix}:leases", job_id))
         print("stuck:", len(stuck), "queue length:", stack.redis.llen(stack.env["INTERACTIVE_QUEUE"]),
               "submitted:", len(accepted), "streams:", len(streams))
         raise
@@ -181,7 +181,7 @@ def test_chaos(chaos_stack, terminal_report):
     recoveries = []
     for job_id in all_ids:
         record = stack.job(job_id)
-        events = [json.loads(f["e"]) for _, f in stack.redis.xrange(f"{stack.prefix}:job:{job_id}:log")]
+        events = [json.loads(f["e"]) for _, f in stack.job_redis(job_id).xrange(f"{stack.prefix}:job:{job_id}:log")]
         finals = [e for e in events if e["type"] != "delta"]
         text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
         # A job whose cancel answered `cancelled` is over as cancelled; one asked while it ran ends either way.

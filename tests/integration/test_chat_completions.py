@@ -148,7 +148,7 @@ def test_stop_sequence_never_matching_changes_nothing(client):
 def generated_tokens(stack, client, **kwargs) -> list[int]:
     """The token ids a request generated, read from its job's event log (the SDK only sees text)."""
     completion = client.chat.completions.create(model=MODEL, **kwargs)
-    entries = stack.redis.xrange(f"{stack.prefix}:job:{completion.id}:log")
+    entries = stack.job_redis(completion.id).xrange(f"{stack.prefix}:job:{completion.id}:log")
     events = [json.loads(fields["e"]) for _, fields in entries]
     return [t for e in events if e["type"] == "delta" for t in e.get("token_ids", [])]
 

@@ -53,7 +53,7 @@ def cancel(stack: Stack, job_id: str) -> httpx.Response:
 
 
 def log_length(stack: Stack, job_id: str) -> int:
-    return stack.redis.xlen(f"{stack.prefix}:job:{job_id}:log")
+    return stack.job_redis(job_id).xlen(f"{stack.prefix}:job:{job_id}:log")
 
 
 def read_stream(client: openai.OpenAI, job_id: str) -> tuple[str, str]:

@@ -341,8 +341,8 @@ def test_overload_is_429_with_retry_after(limited_stack):
     assert int(full.headers["Retry-After"]) >= 1
     # Drain: the first job ends at its deadline, then the queued ones run.
     queue = limited_stack.env["INTERACTIVE_QUEUE"]
-    wait_until(lambda: limited_stack.redis.llen(queue) == 0 and not limited_stack.redis.zcard(
-        f"{limited_stack.prefix}:leases"), 60, "the queue to drain")
+    wait_until(lambda: limited_stack.redis.llen(queue) == 0 and not any(
+        shard.zcard(f"{limited_stack.prefix}:leases") for shard in limited_stack.shards), 60, "the queue to drain")
 
 
 def test_deadlines_end_jobs_with_a_clear_error(limited_stack):

@@ -19,7 +19,7 @@ def post(stack, body=None, *, content=None, headers=AUTH):
 
 
 def job_count(stack) -> int:
-    return sum(1 for key in stack.redis.scan_iter(match=f"{stack.prefix}:job:*", count=1000)
+    return sum(1 for node in stack.shards for key in node.scan_iter(match=f"{stack.prefix}:job:*", count=1000)
                if not key.endswith(":cancel"))
 
 
