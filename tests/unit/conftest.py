@@ -27,6 +27,15 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def prefix(redis_client):
+    """A fresh key prefix on the test Redis; its keys are removed afterwards."""
+    name = f"unit-{uuid.uuid4().hex[:8]}"
+    yield name
+    for key in redis_client.scan_iter(match=f"{name}:*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture
 def make_store(redis_client):
     """JobStores on the real Redis, each under a fresh key prefix; their keys are removed afterwards."""
     prefixes = []

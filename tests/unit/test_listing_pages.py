@@ -4,20 +4,9 @@ but one created in the same second as a page's last is skipped by the next page.
 from __future__ import annotations
 
 import io
-import uuid
-
-import pytest
 
 from jobs.batches import BatchStore
 from jobs.files import FileStore
-
-
-@pytest.fixture
-def prefix(redis_client):
-    name = f"unit-{uuid.uuid4().hex[:8]}"
-    yield name
-    for key in redis_client.scan_iter(match=f"{name}:*"):
-        redis_client.delete(key)
 
 
 def pages(list_ids, owner: str) -> list[str]:

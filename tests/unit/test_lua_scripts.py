@@ -2,8 +2,6 @@
 pipelines still run after Redis lost its scripts (a restart; here SCRIPT FLUSH)."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from jobs.records import GenerationRequest, JobRecord, JobStatus
@@ -12,14 +10,6 @@ from jobs.store import JobStore
 
 # KEYS: a key. ARGV: a value. Sets it, returns it doubled.
 SET_AND_DOUBLE = "redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) * 2"
-
-
-@pytest.fixture
-def prefix(redis_client):
-    prefix = f"unit-scripts-{uuid.uuid4().hex[:8]}"
-    yield prefix
-    for key in redis_client.scan_iter(match=f"{prefix}:*"):
-        redis_client.delete(key)
 
 
 def script_exists_calls(client) -> int:
