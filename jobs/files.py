@@ -38,11 +38,16 @@ class Placement:
     whose object is gone, which every reader of an index already skips (as it does for an expired object),
     or an object no index names (its creator got an error and never learned its id)."""
 
-    def __init__(self, nodes: list[redis.Redis], home: Optional[redis.Redis] = None):
+    def __init__(self, nodes: list[redis.Redis], home: Optional[redis.Redis] = None,
+                 stores: Optional[list[JobStore]] = None, home_store: Optional[JobStore] = None):
         if not nodes:
             raise ValueError("a placement needs at least one node")
         self.nodes = nodes
         self.home = home if home is not None else nodes[0]
+        # The job stores of those nodes, where known: on a Sentinel set, a change is shown to a client only once
+        # a replica has it (`settle`), as a job's creation is (JobStore.create).
+        self.stores = stores
+        self.home_store = home_store
 
     @classmethod
     def of(cls, where: Union["Placement", ShardedJobStore, JobStore, redis.Redis]) -> "Placement":
@@ -50,9 +55,9 @@ class Placement:
         if isinstance(where, Placement):
             return where
         if isinstance(where, ShardedJobStore):
-            return cls([shard.redis for shard in where.shards], where.home.redis)
+            return cls([shard.redis for shard in where.shards], where.home.redis, where.shards, where.home)
         if isinstance(where, JobStore):
-            return cls([where.redis])
+            return cls([where.redis], stores=[where], home_store=where)
         return cls([where])
 
     def index_of(self, object_id: str) -> int:
@@ -68,18 +73,29 @@ class Placement:
 
     def object_then_index(self, object_id: str, object_ops: Callable, index_ops: Callable) -> None:
         """`object_ops(pipe)` on the object's node, then `index_ops(pipe)` on the home node: one transaction
-        when they are the same node (one shard), else two, in that order (the class's docstring says why)."""
+        when they are the same node (one shard), else two, in that order (the class's docstring says why).
+        Returns once both are on a replica, on a Sentinel set (`settle`): the caller tells a client next."""
         node = self.node(object_id)
         with node.pipeline() as pipe:
             object_ops(pipe)
             if node is self.home:
                 index_ops(pipe)
+            pipe.execute()
+        if node is not self.home:
+            with self.home.pipeline() as pipe:
+                index_ops(pipe)
                 pipe.execute()
-                return
-            pipe.execute()
-        with self.home.pipeline() as pipe:
-            index_ops(pipe)
-            pipe.execute()
+        self.settle(object_id)
+
+    def settle(self, object_id: str) -> None:
+        """On a Sentinel set: return once a replica has the object's change and its index's (JobStore.settle):
+        what the client is about to be told survives a failover. Nothing to do on a plain Redis."""
+        if self.stores is None:
+            return
+        store = self.stores[self.index_of(object_id)]
+        store.settle()
+        if self.home_store is not None and self.home_store is not store:
+            self.home_store.settle()
 
 
 @dataclass

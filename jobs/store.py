@@ -310,6 +310,7 @@ class JobStore:
         done = self.end(job_id, Ending.cancelled())
         if done.outcome is Outcome.RUNNING:
             self.request_cancel(job_id)
+        self.settle()  # on a Sentinel set: the client's answer survives a failover
         return done
 
     def reap(self, limit: int = 100) -> list[tuple[str, str, str]]:
