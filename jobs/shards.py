@@ -41,6 +41,11 @@ def shard_index(object_id: str, shards: int) -> int:
     return zlib.crc32(object_id.encode()) % shards if shards > 1 else 0
 
 
+def parse_redis_shards(setting: str) -> list[str]:
+    """The Redis URLs REDIS_SHARDS names, in order (empty: none, the one shard is REDIS_URL's)."""
+    return [url.strip() for url in (setting or "").split(",") if url.strip()]
+
+
 def new_id_on(make_id: Callable[[], str], shard: int, shards: int) -> str:
     """A new id from `make_id` (random) that lands on `shard`: about `shards` tries."""
     while True:
@@ -65,7 +70,7 @@ class ShardedJobStore:
     @classmethod
     def from_settings(cls, settings) -> "ShardedJobStore":
         home = JobStore.from_settings(settings)
-        urls = [u.strip() for u in (settings.redis_shards or "").split(",") if u.strip()]
+        urls = parse_redis_shards(settings.redis_shards)
         if not urls:
             return cls([home])
         if len(set(urls)) != len(urls):

@@ -24,7 +24,7 @@ import redis
 from openai.types.chat import ChatCompletionChunk
 
 from jobs.redis_connection import redis_client
-from jobs.shards import shard_index
+from jobs.shards import parse_redis_shards, shard_index
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -95,8 +95,7 @@ class Stack:
         self.prefix = env["REDIS_PREFIX"]
         # The job store's shards in REDIS_SHARDS' order (a job's is `shard_index` of its id); none set: the one
         # Redis. The home node's client is `self.redis` wherever REDIS_SHARDS names REDIS_URL.
-        urls = [u.strip() for u in env.get("REDIS_SHARDS", "").split(",") if u.strip()]
-        self.shard_urls = urls or [env["REDIS_URL"]]
+        self.shard_urls = parse_redis_shards(env.get("REDIS_SHARDS", "")) or [env["REDIS_URL"]]
         self.shards = [self.redis if url == env["REDIS_URL"] else redis_client(url) for url in self.shard_urls]
         # Every Redis node once, the home node first (what cleanup and key listings visit).
         self.nodes = [self.redis] + [c for c in self.shards if c is not self.redis]
