@@ -262,10 +262,9 @@ class BatchDispatcher:
         if not self.batches.add_custom_id(batch["id"], custom_id):
             return error_line(custom_id, index, f"Duplicate custom_id '{custom_id}'.", "duplicate_custom_id",
                               "custom_id")
-        # JobRecord.new's record, with an id on the batch's shard (the feed writes it with the batch's keys).
-        return JobRecord(id=self.batches.line_job_id(batch["id"]), created_at=time.time(), request=generation,
-                         kind="batch", owner=batch["owner"], batch_id=batch["id"], custom_id=custom_id,
-                         queue=route.batch_queue)
+        # Its id on the batch's shard: the feed writes its record with the batch's keys.
+        return JobRecord.new(generation, id=self.batches.line_job_id(batch["id"]), kind="batch", owner=batch["owner"],
+                             batch_id=batch["id"], custom_id=custom_id, queue=route.batch_queue)
 
     def _collect(self, batch_id: str) -> None:
         """Move finished line jobs into the output or error file (each exactly once: SREM decides)."""

@@ -19,7 +19,7 @@ import redis
 
 from jobs.files import FileStore, Placement
 from jobs.paging import newest_first
-from jobs.records import Keys
+from jobs.records import JobRecord, Keys
 from jobs.shards import ShardedJobStore
 from jobs.store import JobStore
 
@@ -59,11 +59,6 @@ return 1
 """
 
 
-def new_job_id() -> str:
-    """A new job id, of JobRecord.new's form."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
 class BatchStore:
     """Batches on the nodes of `where` (a ShardedJobStore, a JobStore or one Redis client): the same nodes,
     in the same order, as the job store that runs their line jobs."""
@@ -83,7 +78,7 @@ class BatchStore:
 
     def line_job_id(self, batch_id: str) -> str:
         """A new line job's id, on the batch's node (the feed's MULTI writes its record there)."""
-        return self.placement.colocated_id(new_job_id, batch_id)
+        return self.placement.colocated_id(JobRecord.new_id, batch_id)
 
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                metadata: Optional[dict]) -> dict:

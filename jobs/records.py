@@ -129,9 +129,14 @@ class JobRecord(BaseModel):
     batch_id: Optional[str] = None    # batch jobs: the batch and the input line's custom_id
     custom_id: Optional[str] = None
 
+    @staticmethod
+    def new_id() -> str:
+        return f"chatcmpl-{uuid.uuid4().hex}"
+
     @classmethod
-    def new(cls, request: GenerationRequest, **fields) -> "JobRecord":
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created_at=time.time(), request=request, **fields)
+    def new(cls, request: GenerationRequest, id: Optional[str] = None, **fields) -> "JobRecord":
+        """A new queued job's record; `id`: one chosen for it (a batch line's, on its batch's shard), else new."""
+        return cls(id=id or cls.new_id(), created_at=time.time(), request=request, **fields)
 
     def to_redis(self) -> dict[str, str]:
         """Flatten to a Redis hash: scalars as text, nested models as JSON, absent fields left out."""
