@@ -288,7 +288,7 @@ class ShardedFairQueue:
     def take(self, queue: str, room: int, key_cap: int = 0, stale_before: Optional[float] = None,
              active_s: float = 60.0) -> list[str]:
         """FairQueue.take over the shards: the room left after what each took goes to the next."""
-        if len(self.queues) == 1:
+        if len(self.queues) == 1 and self.on_broker[0]:  # its script sees Celery's list itself
             return self.queues[0].take(queue, room, key_cap, stale_before, active_s)
         # A shard's script subtracts the Celery list of its own Redis: empty unless it is the broker's.
         in_celery = int(self.broker.llen(queue))

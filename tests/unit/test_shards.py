@@ -127,6 +127,26 @@ def test_fair_dispatch_takes_from_every_shard_within_one_room(sharded):
     assert all(sharded.get(job_id).status == JobStatus.QUEUED for job_id in taken)
 
 
+def test_one_shard_apart_from_home_takes_within_the_home_brokers_room():
+    """REDIS_SHARDS naming one Redis that is not REDIS_URL's (job state on its own node, the broker on home): the
+    room is what Celery's list on home holds, not the shard's own (empty) list."""
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    base = REDIS_URL.rsplit("/", 1)[0]
+    home_client, shard_client = (redis.Redis.from_url(f"{base}/{db}", decode_responses=True) for db in DATABASES[:2])
+    store = ShardedJobStore([JobStore(shard_client, prefix, ttl_s=600, lease_s=5)],
+                            home=JobStore(home_client, prefix, ttl_s=600, lease_s=5))
+    queue = f"{prefix}-q"
+    try:
+        for _ in range(4):
+            new_job(store, kind="interactive", parked=True)
+        home_client.rpush(queue, "m1", "m2")  # two messages in Celery's list, on home
+        assert len(store.fair.take(queue, room=3)) == 1
+    finally:
+        for client in (home_client, shard_client):
+            for key in [*client.scan_iter(match=f"{prefix}:*"), *client.scan_iter(match=f"{prefix}-*")]:
+                client.delete(key)
+
+
 def test_heartbeats_reach_every_shard_and_workers_are_read_from_home(sharded):
     sharded.heartbeat("w1", {"name": "w1", "queue": "q", "concurrency": 2}, ttl_s=30)
     assert all(shard.redis.zscore(shard.keys.workers(), "w1") for shard in sharded.shards)
