@@ -116,11 +116,11 @@ class ShardedJobStore:
     def get(self, job_id: str) -> JobRecord:
         return self.of(job_id).get(job_id)
 
-    def get_with_cancel_flag(self, job_id: str) -> tuple[JobRecord, bool]:
-        return self.of(job_id).get_with_cancel_flag(job_id)
-
     def start(self, job_id: str, worker: str) -> tuple[Transition, Attempt]:
         return self.of(job_id).start(job_id, worker)
+
+    def start_with_record(self, job_id: str, worker: str) -> tuple[Transition, Attempt, Optional[JobRecord]]:
+        return self.of(job_id).start_with_record(job_id, worker)
 
     def write(self, attempt: Attempt, events: list[JobEvent], ending: Optional[Ending] = None,
               acknowledged: int = 0) -> Transition:

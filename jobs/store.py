@@ -194,17 +194,6 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.from_redis(fields)
 
-    def get_with_cancel_flag(self, job_id: str) -> tuple[JobRecord, bool]:
-        """The record, and whether a cancel was asked for, in one round trip: what a worker reads before it
-        starts a job."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.job(job_id))
-            pipe.exists(self.keys.cancel(job_id))
-            fields, cancel = pipe.execute()
-        if not fields:
-            raise JobNotFound(job_id)
-        return JobRecord.from_redis(fields), bool(cancel)
-
     def admission_counts(self, queue: str, owner: str, older_than_s: float) -> tuple[int, int]:
         """In one round trip: the jobs waiting for `queue` (messages in Celery's list, and jobs parked in its
         per-key queues), and the owner's queued (parked or sent) and running jobs (entries older than
@@ -221,15 +210,22 @@ class JobStore:
     # --- every change of a job's state: one script (jobs/transition.py)
     def start(self, job_id: str, worker: str) -> tuple[Transition, Attempt]:
         """Start an attempt under a new lease. Applied: `detail[0]` is its number (1 for a first attempt), and
-        the attempt knows the seq of its first event; FENCED: another live attempt holds the job; TERMINAL /
-        MISSING: nothing to run."""
+        the attempt knows the seq of its first event; FENCED: another live attempt holds the job; TERMINAL
+        (`detail[0]`: the status it ended with) / MISSING: nothing to run."""
+        started, attempt, _ = self.start_with_record(job_id, worker)
+        return started, attempt
+
+    def start_with_record(self, job_id: str, worker: str) -> tuple[Transition, Attempt, Optional[JobRecord]]:
+        """`start`, and the record as the start left it (None unless applied), in the same round trip: what a
+        worker needs to run the attempt (cancel_requested: a cancel was asked for)."""
         token = uuid.uuid4().hex
         done = self._transition(job_id, "start", token=token, worker=worker)
         if not done.applied:
-            return done, Attempt(job_id, token)
-        number, first_seq = done.detail
+            return done, Attempt(job_id, token), None
+        number, first_seq, flat = done.detail
+        record = JobRecord.from_redis(dict(zip(flat[::2], flat[1::2])))
         return (Transition(done.outcome, done.cancel_requested, (int(number),)),
-                Attempt(job_id, token, first_seq=int(first_seq)))
+                Attempt(job_id, token, first_seq=int(first_seq)), record)
 
     def write(self, attempt: Attempt, events: list[JobEvent], ending: Optional[Ending] = None,
               acknowledged: int = 0) -> Transition:

@@ -19,7 +19,7 @@ below: one call carries the events of every run in a publisher cycle whose keys 
 
 Actions (ARGV[1]):
   start    queued (or in_progress with a lapsed lease) -> in_progress under a new lease; detail: attempt no.,
-           and the seq its first event will have
+           the seq its first event will have, and the record as it now is (its fields, flat)
   write    the holder's end, with its last events (events alone go through APPEND)
   end      a caller without an attempt ends the job (cancelled, failed) with one event
   requeue  in_progress whose lease lapsed -> queued; detail: the job's kind and queue (to send it again)
@@ -156,7 +156,8 @@ elseif action == 'start' then
   if not started_at then redis.call('HSET', job, 'started_at', now_s) end
   -- pcall: a log that is not a stream (a bug) fails this attempt's writes, which end the job, not its start
   local next_seq = redis.pcall('XLEN', log)
-  return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0}
+  -- The record comes back with the start: the worker reads it in this round trip, not one of its own.
+  return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0, redis.call('HGETALL', job)}
 elseif action == 'requeue' then
   redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
   enter_state(status, 'queued')

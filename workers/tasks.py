@@ -26,8 +26,7 @@ from jobs.fair_dispatch import FairDispatcher, LiveSlots, PumpThread
 from jobs.models import model_entry
 from jobs.records import JobError, JobStatus
 from jobs.shards import ShardedJobStore
-from jobs.store import JobNotFound
-from jobs.transition import Attempt, Ending
+from jobs.transition import Attempt, Ending, Outcome
 
 log = logging.getLogger("workers")
 
@@ -224,26 +223,26 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
 
     settings, store = runtime.settings, runtime.store
     retry_s = settings.redis_retry_s
-    try:
-        record, cancelled = retry_redis(lambda: store.get_with_cancel_flag(job_id), retry_s)
-    except JobNotFound:
+    # One round trip: the start, and the record it leaves (the job, the cancel flag).
+    started, attempt, record = retry_redis(lambda: store.start_with_record(job_id, runtime.name), retry_s)
+    if started.outcome is Outcome.MISSING:
         log.warning("job %s: no record (expired?), skipped", job_id)
         return "missing"
-    if record.status.is_terminal:
-        log.info("job %s: already %s, skipped", job_id, record.status.value)
-        return record.status.value
-    deadline_at = record.created_at + settings.job_deadline_s
-    if cancelled or time.time() > deadline_at:
-        # Through the transition like every other end: it ends the job only if no attempt runs it (this may be
-        # a duplicate delivery of a job that another worker is running: that one sees the cancel or deadline).
-        ending = Ending.cancelled() if cancelled else Ending.failed(deadline_error(settings.job_deadline_s))
-        done = retry_redis(lambda: store.end(job_id, ending), retry_s)
-        return ending.event.type if done.applied else "skipped"
-    started, attempt = retry_redis(lambda: store.start(job_id, runtime.name), retry_s)
-    if not started.applied:
+    if started.outcome is Outcome.TERMINAL:
+        log.info("job %s: already %s, skipped", job_id, started.detail[0])
+        return started.detail[0]
+    if not started.applied:  # another attempt runs it (a duplicate delivery): that one sees a cancel or deadline
         log.info("job %s: not started (%s), skipped", job_id, started.outcome.value)
         return "skipped"
     number = started.detail[0]
+    deadline_at = record.created_at + settings.job_deadline_s
+    if started.cancel_requested or time.time() > deadline_at:
+        # Asked to stop, or out of time, before it ran (put back by the reaper after its worker died, say):
+        # this attempt ends it at once, as the holder.
+        ending = (Ending.cancelled() if started.cancel_requested else
+                  Ending.failed(deadline_error(settings.job_deadline_s)))
+        done = retry_redis(lambda: store.write(attempt, [], ending), retry_s)
+        return ending.event.type if done.applied else "skipped"
     runtime.hold(attempt)
     began = time.perf_counter()
     try:

@@ -8,8 +8,7 @@ import time
 import pytest
 
 from jobs.records import JobStatus
-from jobs.store import JobNotFound
-from jobs.transition import Ending
+from jobs.transition import Ending, Outcome
 from tests.unit.conftest import new_job
 
 @pytest.fixture
@@ -50,27 +49,16 @@ def test_a_job_cancelled_while_queued_is_no_longer_watched(store):
     assert store.reap_lost(stall_s=0) == []
 
 
-def test_a_worker_reads_the_record_and_the_cancel_flag_together(store):
+def test_a_worker_starts_a_job_and_reads_its_record_and_cancel_flag_in_one_call(store):
     job_id = new_job(store)
-    record, cancelled = store.get_with_cancel_flag(job_id)
-    assert (record.id, record.status, cancelled) == (job_id, JobStatus.QUEUED, False)
+    started, attempt, record = store.start_with_record(job_id, "w")
+    assert (started.applied, started.cancel_requested, started.detail) == (True, False, (1,))
+    assert (record.id, record.status, record.worker, record.attempts) == (job_id, JobStatus.IN_PROGRESS, "w", 1)
+    assert record.request == store.get(job_id).request
     store.request_cancel(job_id)
-    assert store.get_with_cancel_flag(job_id)[1] is True
-    with pytest.raises(JobNotFound):
-        store.get_with_cancel_flag("chatcmpl-missing")
-
-
-def test_a_job_delivered_to_a_dead_worker_is_sent_again_however_busy_its_queue(store, redis_client):
-    """Issue 13, case 4: the worker that received the message died before starting the job (its message sits
-    in that worker's unacked set for the visibility timeout, an hour). Under steady load the queue is never
-    empty, so waiting for an empty queue meant waiting out the job's deadline."""
-    job_id = new_job(store, queue="q-busy")
-    redis_client.rpush(f"{store.prefix}-q-busy", "other jobs' messages")
-    store.heartbeat("live-worker", {}, ttl_s=60)
-    store.mark_delivered(job_id, "live-worker")
-    assert store.reap_lost(stall_s=0) == []  # its receiver is alive: it will start it
-    store.mark_delivered(job_id, "dead-worker")  # no heartbeat: gone
-    assert store.reap_lost(stall_s=0) == [(job_id, "background", f"{store.prefix}-q-busy")]
-    assert store.reap_lost(stall_s=0) == []  # sent once: delivered to no one now, and its queue is busy
-    store.start(job_id, "w")
-    assert "delivered_to" not in redis_client.hgetall(store.keys.job(job_id))
+    time.sleep(0.3)  # the lease lapses: the reaper puts it back, and the next start sees the cancel
+    store.reap()
+    started, _, record = store.start_with_record(job_id, "w2")
+    assert (started.applied, started.cancel_requested, record.attempts) == (True, True, 2)
+    missing = store.start_with_record("chatcmpl-missing", "w")
+    assert (missing[0].outcome, missing[2]) == (Outcome.MISSING, None)
