@@ -152,8 +152,7 @@ class ChatService:
         self._check_capacity(owner, route)
         if request.background:
             record = JobRecord.new(generation, kind="background", owner=owner, queue=route.queue)
-            self.store.create(record, parked=True)
-            self._enqueue_or_withdraw(record)
+            self._record_and_enqueue(record)
             return protocol.job_object(record, system_fingerprint(record.request.model)), 202
         record = JobRecord.new(generation, kind="interactive", owner=owner, queue=route.queue)
         bind_job(record.id)
@@ -161,8 +160,7 @@ class ChatService:
         relay = EventRelay(self.store, self.hub, record.id, after_seq=-1, keepalive_s=self.settings.sse_keepalive_s,
                            new_job=True)
         try:
-            self.store.create(record, parked=True)
-            self._enqueue_or_withdraw(record)
+            self._record_and_enqueue(record)
         except Exception:
             relay.close()
             raise
@@ -235,14 +233,18 @@ class ChatService:
             raise APIError(429, f"This API key has {unfinished} unfinished jobs, the most allowed. Wait for "
                                 f"some to finish.", code="too_many_jobs", headers={"Retry-After": "5"})
 
-    def _enqueue_or_withdraw(self, record: JobRecord) -> None:
-        """The job is recorded parked: pump its pool, which sends it now if the pool has room (and other keys'
-        jobs in their turn). If Redis went away before the pump could take anything, or this job's own send
-        failed, the client gets a 503 and will retry: withdraw the record so that it never runs behind the
-        client's back. If even that fails, it is sent later (parked: by a dispatcher; taken: by the
-        lost-delivery reaper). Another job's failed send is the reaper's, not this client's, concern."""
+    def _record_and_enqueue(self, record: JobRecord) -> None:
+        """Record the job parked, and send it: at once if nobody waits on its pool and Celery's list has room
+        (the record's own script took it: FairDispatcher.offer), else by pumping its pool, which sends it now if
+        the pool has room (and other keys' jobs in their turn). If Redis went away before anything could take
+        it, or this job's own send failed, the client gets a 503 and will retry: withdraw the record so that it
+        never runs behind the client's back. If even that fails, it is sent later (parked: by a dispatcher;
+        taken: by the lost-delivery reaper). Another job's failed send is the reaper's, not this client's,
+        concern."""
+        taken = self.store.create(record, parked=True, offer=self.dispatcher.offer(record.queue))
         try:
-            pumped = self.dispatcher.pump(record.queue)
+            pumped = (self.dispatcher.send_taken(record.queue, [record.id]) if taken else
+                      self.dispatcher.pump(record.queue))
         except Exception:
             self._withdraw(record)
             raise

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from jobs.fair_queue import FairQueue
+from jobs.fair_queue import FairQueue, TakeOffer
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,22 @@ class FairDispatcher:
         slots = self.capacity(queue) if self.capacity is not None else 0
         return max(1, slots - self.reserve) if slots > 0 else 0
 
+    def offer(self, queue: str) -> TakeOffer:
+        """What a new job of this pool needs to be taken as it is recorded, when nobody waits on the pool (the
+        rules of `pump`'s take; JobStore.create): then the caller sends it with `send_taken`."""
+        now = time.time()
+        return TakeOffer(room=self.margin, key_cap=self.key_cap(queue), active_since=now - self.active_s,
+                         stale_before=now - self.flight_s if self.flight_s else None)
+
     def pump(self, queue: str) -> Pumped:
         """Fill the queue's room with parked jobs. A send that fails stops this pump (the broker is likely
         away): that job and the rest taken stay `sending`. Raises only if Redis is away for the take."""
         stale_before = time.time() - self.flight_s if self.flight_s else None
         taken = self.fair.take(queue, self.margin, self.key_cap(queue), stale_before, self.active_s)
+        return self.send_taken(queue, taken)
+
+    def send_taken(self, queue: str, taken: list[str]) -> Pumped:
+        """Send jobs taken for this queue (by a take, or as they were recorded), then confirm the sends."""
         pumped = Pumped()
         for index, job_id in enumerate(taken):
             try:

@@ -8,10 +8,15 @@ list, and a newly arriving key's job is next after one job of each other waiting
 
 Round-robin alone would still leave a key arriving behind a flood waiting for one of the flood's running jobs
 to end (a pool's slots all held by one key). So while other keys have been active on the pool lately (parked
-a job within `active_s`), a key's jobs in flight (taken until they end: in Celery's list or running) are
+or sent a job within `active_s`), a key's jobs in flight (taken until they end: in Celery's list or running) are
 capped at a share of the pool (`key_cap`: the dispatcher gives its live slots minus a small reserve): the
 flood leaves a slot or so free, and the other key's next job starts at once. A key at its cap keeps its turn,
 and is skipped until one of its jobs ends. A key alone on a pool is not capped: it may use every slot.
+
+A job that arrives while nobody waits on its pool (no key has a job parked) and Celery's list has room does not
+stop in its key's queue: the script that records it takes it at once, by the same rules as `take` (no key's
+turn is passed over: none is waiting), and the API sends it without a second call (the common case of a pool
+that keeps up: one round trip per job fewer).
 
 Redis layout, per Celery queue `{queue}` (under the configured prefix; keys are owner fingerprints, as
 app/auth.py's `owner_of` files jobs under, never a raw API key):
@@ -21,7 +26,7 @@ app/auth.py's `owner_of` files jobs under, never a raw API key):
   {prefix}:fair:{queue}:turn           string the turn counter
   {prefix}:fair:{queue}:parked         zset  every parked job of the queue, by park time (the caps count it)
   {prefix}:fair:{queue}:flight:{owner} zset  the key's jobs taken and not ended (sent, or running), by take time
-  {prefix}:fair:{queue}:active         zset  key -> when it last parked a job here (who else uses the pool)
+  {prefix}:fair:{queue}:active         zset  key -> when it last parked or sent a job here (who else uses it)
   and in the job record, field `fair`: `parked` while waiting here, `sending` once a dispatcher took it and
   until it confirms the send (then the field is gone).
 
@@ -36,6 +41,7 @@ part of that script).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from jobs.scripts import ScriptSet
@@ -64,50 +70,79 @@ local function land(queue, owner)
 end
 """
 
-# KEYS: job, queued, parked, the owner's queue, ring, turn, active. ARGV: id, owner, now s, ttl s.
-# Runs in the MULTI that writes the record: the job is never recorded without being parked or sent.
-_PARK = """
-redis.call('ZREM', KEYS[2], ARGV[1])  -- no message yet: its key's queue watches it, not reap_lost
-redis.call('HSET', KEYS[1], 'fair', 'parked')
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-if not redis.call('ZSCORE', KEYS[5], ARGV[2]) then  -- a key arriving: its turn comes after every other's
-  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[2])
+# Lua, shared by park-or-take and take: `has_share(owner)`, whether a key may have one more job in flight. Yes
+# with no cap (0), or while no other key parked or sent a job on the pool since `active_since` (alone lately:
+# every slot is its); else while its jobs in flight (entries taken before `stale` dropped) are fewer than `cap`.
+# `flying`: key -> its jobs in flight (read once per call, then counted by the caller); false: not capped.
+SHARE_RULE = """
+local function share_rule(active, base, cap, stale, active_since)
+  redis.call('ZREMRANGEBYSCORE', active, '-inf', '(' .. active_since)
+  local n_active = redis.call('ZCARD', active)
+  local flying = {}
+  local function has_share(owner)
+    if cap <= 0 then return true end
+    if flying[owner] == nil then
+      local own = redis.call('ZSCORE', active, owner)
+      if n_active - ((own and tonumber(own) >= active_since) and 1 or 0) == 0 then
+        flying[owner] = false
+      else
+        local flight = base .. ':flight:' .. owner
+        redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
+        flying[owner] = redis.call('ZCARD', flight)
+      end
+    end
+    return flying[owner] == false or flying[owner] < cap
+  end
+  return has_share, flying
 end
-redis.call('ZADD', KEYS[7], ARGV[3], ARGV[2])
-for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-return 1
+"""
+
+# KEYS: job, queued, parked, the owner's queue, ring, turn, active, the Celery queue (its Redis list), the owner's
+# flight. ARGV: id, owner, now s, ttl s, then what `take` gets (TakeOffer): room (0: park, whatever the pool),
+# key cap, in-flight entries taken before this are stale, keys that parked or sent a job since this are active,
+# fair base. Runs in the MULTI that writes the record: the job is never recorded without being parked or sent.
+# Returns 1 if the job was taken at once (the caller sends it and confirms, as after `take`), 0 if parked.
+_PARK = SHARE_RULE + """
+local job, queued, parked, mine, ring, turn, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local id, owner, now, ttl, room = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+-- Nobody waits on this pool (no key has a job parked) and Celery's list has room: the job goes at once, marked,
+-- watched and in flight as `take` leaves what it takes, without a stay in its key's queue or a second call.
+if room > 0 and redis.call('EXISTS', ring) == 0 and redis.call('LLEN', KEYS[8]) < room then
+  local has_share = share_rule(active, ARGV[9], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]))
+  if has_share(owner) then
+    redis.call('HSET', job, 'fair', 'sending')
+    redis.call('ZADD', queued, now, id)  -- sent from now: watched until an attempt starts it
+    redis.call('ZADD', KEYS[9], now, id)
+    redis.call('ZADD', active, now, owner)
+    for _, key in ipairs({KEYS[9], active}) do redis.call('EXPIRE', key, ttl) end
+    return 1
+  end
+end
+redis.call('ZREM', queued, id)  -- no message yet: its key's queue watches it, not reap_lost
+redis.call('HSET', job, 'fair', 'parked')
+redis.call('ZADD', parked, now, id)
+redis.call('ZADD', mine, now, id)
+if not redis.call('ZSCORE', ring, owner) then  -- a key arriving: its turn comes after every other's
+  redis.call('ZADD', ring, redis.call('INCR', turn), owner)
+end
+redis.call('ZADD', active, now, owner)
+for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ttl) end
+return 0
 """
 
 # KEYS: ring, turn, parked, queued, the Celery queue (its Redis list), active. ARGV: prefix, fair base, room
 # (most messages the Celery list may hold), now s, key cap (most jobs in flight per key while others are
 # active; 0: none), in-flight entries taken before this are stale (dropped), ttl s, keys that parked a job
 # since this are active. Returns the ids taken, in order; each is `sending`, watched (in queued), in flight.
-_TAKE = """
+_TAKE = SHARE_RULE + """
 local ring, turn, parked, queued, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 local prefix, base, now = ARGV[1], ARGV[2], ARGV[4]
 local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[5])
 -- Most pumps (every job's end, every message received, every tick) find nothing to do: cheaply.
 if room <= 0 or redis.call('EXISTS', ring) == 0 then return {} end
-local cap, stale, ttl, active_since = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
-redis.call('ZREMRANGEBYSCORE', active, '-inf', '(' .. active_since)
-local n_active = redis.call('ZCARD', active)
+local ttl = ARGV[7]
+local has_share, flying = share_rule(active, base, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[8]))
 local capped = {}  -- keys at their share of the pool: skipped this time, their turn kept
-local flying = {}  -- key -> its jobs in flight (read once per call, then counted here); false: not capped
-local function has_share(owner)
-  if cap <= 0 then return true end
-  if flying[owner] == nil then
-    local own = redis.call('ZSCORE', active, owner)
-    if n_active - ((own and tonumber(own) >= active_since) and 1 or 0) == 0 then
-      flying[owner] = false  -- alone on the pool lately: every slot is its
-    else
-      local flight = base .. ':flight:' .. owner
-      redis.call('ZREMRANGEBYSCORE', flight, '-inf', '(' .. stale)
-      flying[owner] = redis.call('ZCARD', flight)
-    end
-  end
-  return flying[owner] == false or flying[owner] < cap
-end
 local out = {}
 local steps = 0
 while room > 0 and steps < 1000 do  -- bounded: stale ids (ended, expired) are skipped, not counted as room
@@ -156,6 +191,16 @@ return 0
 """
 
 
+@dataclass(frozen=True)
+class TakeOffer:
+    """What a new job needs to skip its key's queue when nobody waits on its pool (FairDispatcher.offer): what
+    `take` gets. room: most messages Celery's list may hold (0: always park)."""
+    room: int
+    key_cap: int
+    active_since: float
+    stale_before: Optional[float] = None  # default: a job TTL ago, as `take`'s
+
+
 class FairQueue:
     """The per-key queues of every pool, in the job store's Redis (one per JobStore: `store.fair`)."""
 
@@ -181,14 +226,18 @@ class FairQueue:
         return f"{self.base(queue)}:parked"
 
     # --- moves
-    def park(self, pipe, record) -> None:
+    def park(self, pipe, record, offer: Optional[TakeOffer] = None) -> None:
         """Part of the pipeline that writes the job's record (JobStore.create): the job waits in its key's
-        queue of its pool."""
+        queue of its pool; or, with an `offer` (FairDispatcher.offer) and nobody waiting on the pool, it is taken
+        at once, as `take` would take it: the script's reply is 1, and the caller sends it and confirms."""
         base = self.base(record.queue)
+        offer = offer or TakeOffer(room=0, key_cap=0, active_since=0.0)
+        stale_before = record.created_at - self.ttl_s if offer.stale_before is None else offer.stale_before
         self._park(keys=[f"{self.prefix}:job:{record.id}", f"{self.prefix}:queued", self.parked(record.queue),
                          self.owner_queue(record.queue, record.owner), self.ring(record.queue), f"{base}:turn",
-                         f"{base}:active"],
-                   args=[record.id, record.owner, repr(record.created_at), self.ttl_s], client=pipe)
+                         f"{base}:active", record.queue, f"{base}:flight:{record.owner}"],
+                   args=[record.id, record.owner, repr(record.created_at), self.ttl_s, int(offer.room),
+                         int(offer.key_cap), repr(stale_before), repr(offer.active_since), base], client=pipe)
 
     def take(self, queue: str, room: int, key_cap: int = 0, stale_before: Optional[float] = None,
              active_s: float = 60.0) -> list[str]:

@@ -28,7 +28,7 @@ import math
 import zlib
 from typing import Callable, Iterable, Optional
 
-from jobs.fair_queue import FairQueue
+from jobs.fair_queue import FairQueue, TakeOffer
 from jobs.records import JobEvent, JobRecord, JobStatus, Keys
 from jobs.store import REDIS_DOWN, JobStore
 from jobs.transition import Attempt, Ending, Transition, Write
@@ -110,8 +110,11 @@ class ShardedJobStore:
             store.redis.ping()
 
     # --- one job: its shard
-    def create(self, record: JobRecord, parked: bool = False) -> None:
-        self.of(record.id).create(record, parked)
+    def create(self, record: JobRecord, parked: bool = False, offer: Optional[TakeOffer] = None) -> bool:
+        # A job skips its key's queue only where one script sees the whole pool: the only shard, on the broker's
+        # Redis. Over several shards, another's parked jobs (or a Celery list elsewhere) would go unseen.
+        direct = len(self.shards) == 1 and self.shards[0] is self.home
+        return self.of(record.id).create(record, parked, offer if direct else None)
 
     def get(self, job_id: str) -> JobRecord:
         return self.of(job_id).get(job_id)

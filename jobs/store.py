@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import redis
 
-from jobs.fair_queue import FairQueue
+from jobs.fair_queue import FairQueue, TakeOffer
 from jobs.paging import newest_first
 from jobs.records import JobError, JobEvent, JobRecord, JobStatus, Keys, log_id
 from jobs.scripts import ScriptSet
@@ -133,13 +133,19 @@ class JobStore:
         return store
 
     # --- records
-    def create(self, record: JobRecord, parked: bool = False) -> None:
+    def create(self, record: JobRecord, parked: bool = False, offer: Optional[TakeOffer] = None) -> bool:
         """Record a new job. `parked`: it waits in its key's queue of its pool (jobs/fair_queue.py) until a
-        dispatcher sends it; else the caller sends it now."""
+        dispatcher sends it, unless `offer` lets it skip that queue (nobody waits on the pool): then the answer
+        is True, and the caller sends it now and confirms, as after a dispatcher's take. Not parked: the caller
+        sends it now."""
+        park_at = None
+
         def fill(pipe) -> None:
+            nonlocal park_at
             self.add_record(pipe, record)
             if parked:
-                self.fair.park(pipe, record)
+                park_at = len(pipe)
+                self.fair.park(pipe, record, offer)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
@@ -150,9 +156,10 @@ class JobStore:
                 pipe.zremrangebyscore(index, "-inf", time.time() - 2 * self.ttl_s)  # long-expired entries
                 pipe.expire(index, 2 * self.ttl_s)
 
-        self.scripts.run(fill)
+        results = self.scripts.run(fill)
         if self.replica_wait is not None:
             self._confirm_replicated(record)
+        return park_at is not None and int(results[park_at]) == 1
 
     def _confirm_replicated(self, record: JobRecord) -> None:
         """On a Sentinel set: return once a replica has the new record, so that the id the API is about to

@@ -158,6 +158,52 @@ def test_in_flight_entries_older_than_the_deadline_are_dropped(store):
     assert store.fair.take(queue_of(store), room=10, key_cap=1, stale_before=time.time() + 1) == [new]
 
 
+def offered(store, owner: str, margin: int = 3, key_cap: int = 0, active_s: float = 60.0) -> tuple[str, bool]:
+    """A job recorded as the API records it (JobStore.create with the dispatcher's offer); its id, and whether
+    it was taken at once."""
+    record = JobRecord.new(REQUEST, kind="interactive", owner=owner, queue=queue_of(store))
+    dispatcher = FairDispatcher(store.fair, celery_send(store, []), margin=margin, capacity=lambda q: key_cap + 1,
+                                reserve=1, active_s=active_s)
+    return record.id, store.create(record, parked=True, offer=dispatcher.offer(queue_of(store)))
+
+
+def test_a_job_arriving_while_nobody_waits_is_taken_as_it_is_recorded(store):
+    job_id, taken = offered(store, "key-a")
+    assert taken
+    assert store.fair.parked_count(queue_of(store)) == 0
+    assert store.fair.in_flight(queue_of(store), "key-a") == 1
+    assert store.redis.hget(store.keys.job(job_id), "fair") == "sending"  # watched as any taken job: ...
+    assert store.reap_lost(stall_s=0) == [(job_id, "interactive", queue_of(store))]  # ... lost if never sent
+    store.fair.confirm_sent([job_id])
+    assert store.redis.hget(store.keys.job(job_id), "fair") is None
+
+
+def test_a_job_arriving_behind_parked_jobs_parks_and_keeps_the_rotation(store):
+    waiting = park(store, "key-a")
+    job_id, taken = offered(store, "key-b")
+    assert not taken
+    assert store.fair.take(queue_of(store), room=10) == [waiting, job_id]
+
+
+def test_a_job_arriving_when_celery_has_no_room_parks(store):
+    store.redis.rpush(queue_of(store), "m1", "m2", "m3")
+    job_id, taken = offered(store, "key-a", margin=3)
+    assert not taken and store.fair.parked_count(queue_of(store)) == 1
+    store.redis.rpop(queue_of(store))
+    assert offered(store, "key-a", margin=3)[1] is False  # one of its key's jobs waits: behind it, in turn
+
+
+def test_a_job_arriving_at_its_keys_share_parks_while_another_key_is_active(store):
+    assert offered(store, "key-b", margin=10, key_cap=2)[1]  # another key on the pool lately
+    first, second = offered(store, "key-a", margin=10, key_cap=2), offered(store, "key-a", margin=10, key_cap=2)
+    assert first[1] and second[1]
+    third, taken = offered(store, "key-a", margin=10, key_cap=2)
+    assert not taken  # two in flight: its share while key-b is active
+    assert store.fair.take(queue_of(store), room=10, key_cap=2) == []
+    alone = FairDispatcher(store.fair, celery_send(store, []), margin=10)
+    assert alone.fair.take(queue_of(store), room=10, key_cap=0) == [third]
+
+
 def test_a_job_cancelled_while_parked_ends_and_is_never_sent(store):
     first, cancelled, last = park(store, "key-a"), park(store, "key-a"), park(store, "key-b")
     assert store.cancel(cancelled).applied
