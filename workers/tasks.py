@@ -68,6 +68,8 @@ class WorkerRuntime:
                                     s.fair_dispatch_active_s)
         self.fair_pump = PumpThread(dispatcher, s.interactive_queue, s.fair_dispatch_tick_s)
         self.fair_pump.start()
+        from workers.deliveries import DeliveryRecorder
+        self.deliveries = DeliveryRecorder(lambda job_id: self.store.mark_delivered(job_id, self.name))
         from jobs.batch_queue import BatchQueueProducer
         from workers.batch_consumer import BatchConsumer
         self._requeue_batch = BatchQueueProducer(self.settings)
@@ -148,6 +150,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.fair_pump.stop()
+        self.deliveries.stop()
         self.batch_consumer.stop()
         try:
             self.store.remove_heartbeat(self.name)
@@ -184,16 +187,14 @@ def _load_on_ready(sender=None, **_):
 
 
 @task_received.connect
-def _mark_delivered(request=None, **_):
-    """This worker holds the job's message now (it starts it when a thread is free): on record, so that if
-    this worker dies first, a reaper sends the job again at once instead of after the visibility timeout."""
+def _note_delivery(request=None, **_):
+    """This worker holds the job's message now (it starts it when a thread is free): on record unless it starts
+    at once (workers/deliveries.py), so that if this worker dies first, a reaper sends the job again at once
+    instead of after the visibility timeout."""
     if _runtime is None or request is None or request.name != RUN_CHAT_COMPLETION or not request.args:
         return
     _runtime.fair_pump.wake()  # a message left the Celery queue: room for the next parked job
-    try:
-        _runtime.store.mark_delivered(request.args[0], _runtime.name)
-    except Exception as exc:  # Redis away: the job is still watched (the lost-delivery pass, queue empty)
-        log.warning("job %s: delivery not recorded: %s", request.args[0], exc)
+    _runtime.deliveries.received(request.args[0])
 
 
 @worker_shutdown.connect
@@ -223,6 +224,7 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
 
     settings, store = runtime.settings, runtime.store
     retry_s = settings.redis_retry_s
+    runtime.deliveries.started(job_id)  # the start says who holds it (the batch queue's jobs were never noted)
     # One round trip: the start, and the record it leaves (the job, the cancel flag).
     started, attempt, record = retry_redis(lambda: store.start_with_record(job_id, runtime.name), retry_s)
     if started.outcome is Outcome.MISSING:
