@@ -182,7 +182,8 @@ def main(argv=None) -> int:
         name = f"  {mode_label(row):<17} {row['sampling']:<17} c={row['concurrency']:<4}"
         if row.get("status") == "ok":
             redis = (f"  Redis {fmt(row['redis_cpu_us_per_token'])} us CPU and "
-                     f"{fmt(row['redis_commands_per_token'], 2)} commands per token, "
+                     f"{fmt(row['redis_commands_per_token'], 2)} commands and "
+                     f"{fmt(row.get('redis_requests_per_token'), 3)} round trips per token, "
                      f"{fmt(row['redis_cpu_us_per_event'])} us per event" if "redis_cpu_us_per_token" in row else "")
             say(f"{name} {row['completed']} reqs  {row['output_tok_s']:.1f} out tok/s  "
                 f"TTFT mean {fmt(row['ttft_ms']['mean'])} ms  TPOT mean {fmt(row['tpot_ms']['mean'])} ms  "

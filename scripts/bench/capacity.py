@@ -28,9 +28,22 @@ HEADROOM = 0.7  # plan a shard's core to 70 % busy: bursts, fsyncs, and the repl
 def fit(long: dict, short: dict) -> Optional[dict]:
     """Per-job and per-token Redis CPU (µs) from two rows' {"jobs", "tokens", "cpu_s"}; None if the two rows
     cannot separate them (same tokens per job) or the fit is not physical (a negative part: noise larger than
-    the signal)."""
-    a1, b1, c1 = long["jobs"], long["tokens"], long["cpu_s"] * 1e6
-    a2, b2, c2 = short["jobs"], short["tokens"], short["cpu_s"] * 1e6
+    the signal). Rows with "requests" (client round trips) get those split the same way (None if unphysical)."""
+    cpu = _split(long, short, lambda row: row["cpu_s"] * 1e6)
+    if cpu is None:
+        return None
+    model = dict(per_job_us=cpu[0], per_token_us=cpu[1])
+    if "requests" in long and "requests" in short:
+        requests = _split(long, short, lambda row: row["requests"])
+        model.update(requests_per_job=requests[0] if requests else None,
+                     requests_per_token=requests[1] if requests else None)
+    return model
+
+
+def _split(long: dict, short: dict, measure) -> Optional[tuple[float, float]]:
+    """`measure` = jobs * per_job + tokens * per_token, solved from both rows: (per_job, per_token)."""
+    a1, b1, c1 = long["jobs"], long["tokens"], measure(long)
+    a2, b2, c2 = short["jobs"], short["tokens"], measure(short)
     det = a1 * b2 - a2 * b1
     if det == 0:
         return None
@@ -38,7 +51,7 @@ def fit(long: dict, short: dict) -> Optional[dict]:
     per_token = (a1 * c2 - a2 * c1) / det
     if per_job < 0 or per_token < 0:
         return None
-    return dict(per_job_us=per_job, per_token_us=per_token)
+    return per_job, per_token
 
 
 def shard_capacity(per_job_us: float, per_token_us: float, mean_output_len: float) -> float:
@@ -60,6 +73,9 @@ def describe(model: dict, plans: list[dict]) -> list[str]:
     lines = [f"redis capacity: {model['per_job_us']:.0f} us of Redis CPU per job and {model['per_token_us']:.2f} us "
              f"per output token (fit of c={model['concurrency']} rows of {model['long_len']} and "
              f"{model['short_len']} tokens per request)"]
+    if model.get("requests_per_job") is not None:
+        lines.append(f"redis capacity: {model['requests_per_job']:.1f} client round trips per job and "
+                     f"{model['requests_per_token']:.3f} per output token (INFO stats total_reads_processed)")
     for p in plans:
         lines.append(f"redis capacity: jobs of {p['mean_output_len']:.0f} tokens: one Redis core carries "
                      f"{p['shard_tok_s']:,.0f} tok/s; at {HEADROOM:.0%} of it, {p['workers_per_shard']:.1f} workers of "

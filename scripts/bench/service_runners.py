@@ -173,14 +173,15 @@ def redis_capacity(closed_loop, redis_cost, run: ServiceSeries, c: int, args, re
     SHORT_OUTPUT_LEN tokens per request, and a fit of both rows' Redis CPU to per job and per token."""
     from scripts.bench.capacity import SHORT_OUTPUT_LEN, describe, fit, plan
 
-    def measured(rows: list[Req], cpu_s: float) -> dict:
+    def measured(rows: list[Req], usage) -> dict:
         done = [r for r in rows if not r.error]
-        return dict(jobs=len(done), tokens=sum(r.output_tokens for r in done), cpu_s=cpu_s)
+        return dict(jobs=len(done), tokens=sum(r.output_tokens for r in done), cpu_s=usage.cpu_s,
+                    requests=usage.requests)
 
     before = redis_cost.read()
     short = closed_loop(run, c, requests_per_level(args, c), SHORT_OUTPUT_LEN)
     short_used = redis_cost.read() - before
-    rows = dict(long=measured(reqs, used.cpu_s), short=measured(short, short_used.cpu_s))
+    rows = dict(long=measured(reqs, used), short=measured(short, short_used))
     model = fit(rows["long"], rows["short"])
     if model is None:
         say(f"redis capacity: no fit from {rows} (noise larger than the difference)")

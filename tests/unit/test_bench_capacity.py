@@ -18,6 +18,14 @@ def test_fit_recovers_both_parts():
     assert model["per_token_us"] == pytest.approx(3.3)
 
 
+def test_round_trips_are_split_the_same_way():
+    long, short = row(64, 128, 600.0, 3.3), row(64, 8, 600.0, 3.3)
+    long["requests"], short["requests"] = 64 * 15 + 64 * 128 // 20, 64 * 15 + 64 * 8 // 20
+    model = fit(long, short)
+    assert model["requests_per_job"] == pytest.approx(15.0, abs=0.1)
+    assert model["requests_per_token"] == pytest.approx(0.05, abs=0.002)
+
+
 def test_no_fit_without_two_lengths_or_from_noise():
     assert fit(row(64, 128, 600, 3), row(128, 128, 600, 3)) is None           # same tokens per job
     long, short = row(128, 128, 600, 3), row(128, 8, 600, 3)

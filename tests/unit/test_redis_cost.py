@@ -20,15 +20,18 @@ def test_commands_between_two_readings_are_counted_per_name():
     assert used.calls["set"] >= 50 and used.calls["del"] >= 1  # (the server may serve others meanwhile)
     assert used.usec["set"] > 0 and used.cpu_s >= 0
     assert used.total_calls >= 51  # (INFO itself counts too)
+    assert used.requests >= 51  # one read per command sent on its own (no pipeline)
 
 
 def test_per_work_divides_by_tokens_and_events():
     from scripts.bench.redis_cost import Usage
 
-    used = Usage(cpu_s=0.02, calls={"evalsha": 100, "publish": 0, "get": 300}, usec={"evalsha": 4900, "get": 300})
+    used = Usage(cpu_s=0.02, calls={"evalsha": 100, "publish": 0, "get": 300}, usec={"evalsha": 4900, "get": 300},
+                 requests=250)
     figures = per_work(used, tokens=1000, events=100)
     assert figures["redis_cpu_us_per_token"] == 20.0
     assert figures["redis_commands_per_token"] == 0.4
+    assert figures["redis_requests_per_token"] == 0.25
     assert figures["redis_cpu_us_per_event"] == 200.0
     assert figures["redis_top_commands"][0] == {"command": "evalsha", "calls": 100, "usec_per_call": 49.0}
     assert per_work(used, tokens=0, events=0)["redis_cpu_us_per_token"] is None
