@@ -258,8 +258,10 @@ def run_service(model_kind, device, args, record, meta) -> None:
         prompt_lens = []
         produced: dict[tuple[str, int, str], list[int]] = {}  # (client, c, workload) -> tokens per request
         for run in runs:
-            # Untimed: the service's and this client's first requests pay one-time costs.
-            bad = [r.error for r in closed_loop(run, min(4, max_c), min(4, max_c), 8) if r.error]
+            # Untimed: the service's and this client's first requests pay one-time costs; at the highest level,
+            # so that the API's connection pools (to Redis, to the broker) have grown before anything is timed
+            # or counted (a new connection costs Redis more than a round trip).
+            bad = [r.error for r in closed_loop(run, max_c, max_c, 8) if r.error]
             if bad:
                 raise RuntimeError(f"warm-up requests failed ({run.client}, {run.sampling}): {bad[0]}")
             for c in run.levels:
