@@ -2,9 +2,11 @@
 
 There is no dispatcher process. Any process may pump a queue, and several do, because `take` is one atomic
 Lua move (no job is taken twice):
-  * the API, right after it parks a request's job (an idle pool starts it at once, with no added wait);
-  * every worker, for its own pool, each time it receives a message or ends a job (the Celery list just lost
-    a message, or a slot just freed), and on a short tick (workers that came up after jobs were parked).
+  * the API, right after it parks a request's job (an idle pool starts it at once, with no added wait; a job
+    that arrives while nobody waits is taken as it is recorded instead: `offer`);
+  * every worker, for its own pool, each time it starts or ends a job (the Celery list just lost a message,
+    or a slot just freed) if that start or end saw jobs parked on the pool (Transition.parked; over several
+    shards it cannot tell, and pumps), and on a short tick (workers that came up after jobs were parked).
 So the dispatcher survives any crash: a process that dies between its move and the send leaves jobs marked
 `sending`, which the lost-delivery reaper sends again (JobStore.reap_lost).
 

@@ -63,6 +63,12 @@ class ShardedJobStore:
             raise ValueError("a job store needs at least one shard")
         self.shards = shards
         self.home = home if home is not None else shards[0]
+        # One script sees a whole pool only on the only shard, on the broker's Redis (create's take at record
+        # time, transitions' word on parked jobs); over several, another's parked jobs (or the Celery list,
+        # elsewhere) would go unseen, so each shard parks every job and its transitions say nothing of them.
+        self.holds_whole_pools = len(shards) == 1 and shards[0] is self.home
+        for shard in shards:
+            shard.holds_whole_pools = self.holds_whole_pools
         self._nodes = [self.home] + [s for s in shards if s is not self.home]  # each Redis once
         self.fair = ShardedFairQueue([s.fair for s in shards], self.home.redis,
                                      on_broker=[s is self.home for s in shards])
@@ -111,10 +117,7 @@ class ShardedJobStore:
 
     # --- one job: its shard
     def create(self, record: JobRecord, parked: bool = False, offer: Optional[TakeOffer] = None) -> bool:
-        # A job skips its key's queue only where one script sees the whole pool: the only shard, on the broker's
-        # Redis. Over several shards, another's parked jobs (or a Celery list elsewhere) would go unseen.
-        direct = len(self.shards) == 1 and self.shards[0] is self.home
-        return self.of(record.id).create(record, parked, offer if direct else None)
+        return self.of(record.id).create(record, parked, offer)
 
     def get(self, job_id: str) -> JobRecord:
         return self.of(job_id).get(job_id)

@@ -10,6 +10,7 @@ never has a repeated or interleaved event.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -106,6 +107,10 @@ def _now_ms() -> int:
 class JobStore:
     # On a Sentinel set (from_settings): a new record waits for a replica's confirmation (jobs/redis_connection.py).
     replica_wait = None
+    # Whether this store's Redis holds every pool's whole fair queue and Celery list (one Redis), so that what a
+    # transition sees of a pool's parked jobs is the whole truth (Transition.parked); a shard among several
+    # does not (jobs/shards.py).
+    holds_whole_pools = True
 
     def __init__(self, client: redis.Redis, prefix: str, ttl_s: int, lease_s: float = 10.0):
         self.redis = client
@@ -145,7 +150,7 @@ class JobStore:
             self.add_record(pipe, record)
             if parked:
                 park_at = len(pipe)
-                self.fair.park(pipe, record, offer)
+                self.fair.park(pipe, record, offer if self.holds_whole_pools else None)
             self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
@@ -229,10 +234,14 @@ class JobStore:
         done = self._transition(job_id, "start", token=token, worker=worker)
         if not done.applied:
             return done, Attempt(job_id, token), None
-        number, first_seq, flat = done.detail
+        number, first_seq, flat, parked = done.detail
         record = JobRecord.from_redis(dict(zip(flat[::2], flat[1::2])))
-        return (Transition(done.outcome, done.cancel_requested, (int(number),)),
+        return (Transition(done.outcome, done.cancel_requested, (int(number),), self._parked_hint(parked)),
                 Attempt(job_id, token, first_seq=int(first_seq)), record)
+
+    def _parked_hint(self, flag) -> Optional[bool]:
+        """A transition's word on its pool's parked jobs, if this store holds the whole pool."""
+        return bool(int(flag)) if self.holds_whole_pools else None
 
     def write(self, attempt: Attempt, events: list[JobEvent], ending: Optional[Ending] = None,
               acknowledged: int = 0) -> Transition:
@@ -261,7 +270,12 @@ class JobStore:
         results = self._run_many(fill)
         answers: list = [None] * len(writes)
         for i, result in zip(ends, results):
-            answers[i] = result if isinstance(result, Exception) else Transition.from_reply(result)
+            if isinstance(result, Exception):
+                answers[i] = result
+            else:
+                done = Transition.from_reply(result)
+                applied = done.outcome is Outcome.APPLIED
+                answers[i] = dataclasses.replace(done, parked=self._parked_hint(done.detail[0]) if applied else None)
         for group, result in zip(groups, results[len(ends):]):
             if isinstance(result, Exception):  # one write broke the call: find which, each on its own
                 result = self._append_each([writes[i] for i in group])

@@ -19,8 +19,10 @@ below: one call carries the events of every run in a publisher cycle whose keys 
 
 Actions (ARGV[1]):
   start    queued (or in_progress with a lapsed lease) -> in_progress under a new lease; detail: attempt no.,
-           the seq its first event will have, and the record as it now is (its fields, flat)
-  write    the holder's end, with its last events (events alone go through APPEND)
+           the seq its first event will have, the record as it now is (its fields, flat), and whether any
+           job waits parked on its pool (1/0: a worker pumps its pool only if one does, Transition.parked)
+  write    the holder's end, with its last events (events alone go through APPEND); detail: whether any job
+           waits parked on the job's pool (1/0), as `start`'s last
   end      a caller without an attempt ends the job (cancelled, failed) with one event
   requeue  in_progress whose lease lapsed -> queued; detail: the job's kind and queue (to send it again)
 """
@@ -143,7 +145,7 @@ if ending ~= '' then
   unpark(fair, queue, owner)
   land(queue, owner)
   if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
-  return {'applied', cancel_flag, '', ''}
+  return {'applied', cancel_flag, pool_parked(queue), ''}
 elseif action == 'start' then
   redis.call('SET', lease, token, 'PX', lease_ms)
   redis.call('ZADD', leases, now_ms + lease_ms, id)
@@ -157,7 +159,8 @@ elseif action == 'start' then
   -- pcall: a log that is not a stream (a bug) fails this attempt's writes, which end the job, not its start
   local next_seq = redis.pcall('XLEN', log)
   -- The record comes back with the start: the worker reads it in this round trip, not one of its own.
-  return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0, redis.call('HGETALL', job)}
+  return {'applied', cancel_flag, attempt, type(next_seq) == 'number' and next_seq or 0, redis.call('HGETALL', job),
+          pool_parked(queue)}
 elseif action == 'requeue' then
   redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
   enter_state(status, 'queued')
@@ -257,10 +260,13 @@ class Ending:
 
 @dataclass(frozen=True)
 class Transition:
-    """What the script did, and whether the client has asked to cancel the job."""
+    """What the script did, and whether the client has asked to cancel the job. `parked` (a start's, an end's):
+    whether any job waits parked on the job's pool; None where the store cannot tell (its Redis does not hold
+    the whole pool: jobs/shards.py)."""
     outcome: Outcome
     cancel_requested: bool = False
     detail: tuple = ()
+    parked: Optional[bool] = None
 
     @property
     def applied(self) -> bool:

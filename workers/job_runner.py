@@ -136,6 +136,8 @@ class JobRun:
         self.cancel_requested = False
         self.last_checked = time.monotonic()       # when Redis last told us about a cancel
         self.status: Optional[str] = None          # set when the run is over
+        # Its end's word on its pool's parked jobs (Transition.parked): None unless it ended through its write.
+        self.pool_parked: Optional[bool] = None
         self.over = threading.Event()
 
     @property

@@ -141,6 +141,7 @@ class Publisher:
                 if done.cancel_requested:
                     run.cancel_requested_by_client(self.engine)
                 if run.ending is not None:
+                    run.pool_parked = done.parked
                     self._close(run, run.ending.status.value)
 
     def _redis_away(self, waiting: list[tuple[JobRun, Exception]], now: float) -> None:

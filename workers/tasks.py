@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from typing import Callable, Optional
 
 from celery.signals import task_received, worker_ready, worker_shutdown
 
@@ -193,7 +194,6 @@ def _note_delivery(request=None, **_):
     instead of after the visibility timeout."""
     if _runtime is None or request is None or request.name != RUN_CHAT_COMPLETION or not request.args:
         return
-    _runtime.fair_pump.wake()  # a message left the Celery queue: room for the next parked job
     _runtime.deliveries.received(request.args[0])
 
 
@@ -205,21 +205,36 @@ def _stop_runtime(**_):
 
 @celery_app.task(name=RUN_CHAT_COMPLETION)
 def run_chat_completion(job_id: str) -> str:
+    """A job from its pool's Celery queue. Its message left that queue (room for a parked job), and its end frees
+    a slot and its key's share: each time the pool is pumped, unless the job's start or end saw no job parked on
+    the pool (then there is nothing to take: Transition.parked)."""
     runtime = get_runtime()
+
+    def pool_news(parked: Optional[bool]) -> None:
+        if parked is not False:
+            runtime.fair_pump.wake()
+
     try:
-        return execute_job(runtime, job_id)
-    finally:
-        runtime.fair_pump.wake()  # this slot frees: the Celery queue may have room (if it ran dry)
+        return execute_job(runtime, job_id, pool_news)
+    except BaseException:
+        runtime.fair_pump.wake()
+        raise
 
 
-def execute_job(runtime: WorkerRuntime, job_id: str) -> str:
+def _no_news(parked: Optional[bool]) -> None:
+    pass
+
+
+def execute_job(runtime: WorkerRuntime, job_id: str, pool_news: Callable[[Optional[bool]], None] = _no_news) -> str:
     with job_context(job_id):  # every log line of this job carries its id
-        return _execute_job(runtime, job_id)
+        return _execute_job(runtime, job_id, pool_news)
 
 
-def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
+def _execute_job(runtime: WorkerRuntime, job_id: str,
+                 pool_news: Callable[[Optional[bool]], None] = _no_news) -> str:
     """Run one attempt of a job by id (from Celery's interactive queue or the batch queue); returns what
-    became of it. A job delivered again after it finished, or still running elsewhere, is skipped."""
+    became of it. A job delivered again after it finished, or still running elsewhere, is skipped.
+    `pool_news(parked)`: told what the start, then the end, saw of the pool's parked jobs (None: unknown)."""
     from workers.job_runner import JobRun, Published, deadline_error, retry_redis
 
     settings, store = runtime.settings, runtime.store
@@ -227,6 +242,7 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
     runtime.deliveries.started(job_id)  # the start says who holds it (the batch queue's jobs were never noted)
     # One round trip: the start, and the record it leaves (the job, the cancel flag).
     started, attempt, record = retry_redis(lambda: store.start_with_record(job_id, runtime.name), retry_s)
+    pool_news(started.parked)
     if started.outcome is Outcome.MISSING:
         log.warning("job %s: no record (expired?), skipped", job_id)
         return "missing"
@@ -244,9 +260,11 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
         ending = (Ending.cancelled() if started.cancel_requested else
                   Ending.failed(deadline_error(settings.job_deadline_s)))
         done = retry_redis(lambda: store.write(attempt, [], ending), retry_s)
+        pool_news(done.parked)
         return ending.event.type if done.applied else "skipped"
     runtime.hold(attempt)
     began = time.perf_counter()
+    run = None
     try:
         # A first attempt has nothing to resume: events are written only under a lease, which only an
         # attempt takes (a job cancelled while queued is over, and its start was refused).
@@ -263,5 +281,6 @@ def _execute_job(runtime: WorkerRuntime, job_id: str) -> str:
         status = runtime.publisher.run(run)
     finally:
         runtime.release(attempt)
+        pool_news(run.pool_parked if run is not None else None)
     log.info("job %s: %s in %.2f s (attempt %d)", job_id, status, time.perf_counter() - began, number)
     return status

@@ -23,6 +23,7 @@ import redis
 
 from config.settings import Settings
 from jobs.celery_app import RUN_CHAT_COMPLETION, make_celery
+from jobs.shards import ShardedJobStore
 from jobs.store import JobStore
 from scripts.stack import RedisServer, stack_env, wait_until
 from tests.integration.mixed_load import AUTH, KEY, MODEL, post_with_retry, read_a_stream, running_stack
@@ -126,7 +127,10 @@ def test_chaos(chaos_stack, terminal_report):
         """A fair dispatcher killed in the middle of a move, every second or so: it took a parked job (the Lua
         move: the job is `sending`) and died before the send, or after the send and before confirming it."""
         fair_redis = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=5)
-        store = JobStore(fair_redis, stack.prefix, ttl_s=3600)
+        # Every shard's parked jobs (TEST_REDIS_SHARDS=3: the stack's job state over three databases).
+        shard_clients = [fair_redis if url == redis_server.url else
+                         redis.Redis.from_url(url, decode_responses=True, socket_timeout=5) for url in stack.shard_urls]
+        store = ShardedJobStore([JobStore(client, stack.prefix, ttl_s=3600) for client in shard_clients])
         celery = make_celery(Settings(redis_url=redis_server.url))
         queue = stack.env["INTERACTIVE_QUEUE"]
         while not chaos_over.is_set() and time.monotonic() < deadline:

@@ -204,6 +204,19 @@ def test_a_job_arriving_at_its_keys_share_parks_while_another_key_is_active(stor
     assert alone.fair.take(queue_of(store), room=10, key_cap=0) == [third]
 
 
+def test_a_start_and_an_end_say_whether_jobs_wait_parked_on_the_pool(store):
+    """What lets a worker skip pumping a pool with nothing parked (workers/tasks.py): the word of the
+    transitions it makes anyway."""
+    job_id, taken = offered(store, "key-a")
+    started, attempt, _ = store.start_with_record(job_id, "w")
+    assert started.parked is False
+    waiting = park(store, "key-b", kind="interactive")
+    assert store.write(attempt, [], Ending.cancelled()).parked is True  # key-b's job waits: pump
+    store.fair.take(queue_of(store), room=10)
+    started, attempt, _ = store.start_with_record(waiting, "w")
+    assert started.parked is False and store.write(attempt, [], Ending.cancelled()).parked is False
+
+
 def test_a_job_cancelled_while_parked_ends_and_is_never_sent(store):
     first, cancelled, last = park(store, "key-a"), park(store, "key-a"), park(store, "key-b")
     assert store.cancel(cancelled).applied

@@ -127,6 +127,8 @@ def test_fair_dispatch_takes_from_every_shard_within_one_room(sharded):
     taken += sharded.fair.take(queue, room=100)
     assert sorted(taken) == sorted(r.id for r in parked)
     assert all(sharded.get(job_id).status == JobStatus.QUEUED for job_id in taken)
+    # Over several shards a start cannot see the others' parked jobs: it says nothing (the worker pumps).
+    assert sharded.start_with_record(taken[0], "w")[0].parked is None
 
 
 def test_one_shard_apart_from_home_takes_within_the_home_brokers_room():

@@ -1,7 +1,8 @@
 """A job's Celery task meeting a job it must not run, on a real Redis (the worker runtime a stand-in: store,
-settings and name; no engine is reached). A duplicate delivery that sees the cancel flag or the deadline
-goes through the job store's transition like everyone else: it ends a job that no attempt runs, and leaves
-alone a job that another worker is running (that worker's attempt sees the cancel or the deadline)."""
+settings, name and delivery notes; no engine is reached). A delivery that sees the cancel flag or the deadline
+goes through the job store's transitions like everyone else: it ends a job that no attempt runs (its start
+takes the lease, the attempt ends it at once), and leaves alone a job that another worker is running (that
+worker's attempt sees the cancel or the deadline)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ def store(make_store):
 
 
 def runtime(store, **settings) -> SimpleNamespace:
-    return SimpleNamespace(store=store, name="duplicate-worker",
+    return SimpleNamespace(store=store, name="duplicate-worker", deliveries=SimpleNamespace(started=lambda job_id: None),
                            settings=Settings(redis_url=REDIS_URL, redis_prefix=store.prefix, **settings))
 
 
@@ -43,6 +44,8 @@ def test_a_delivery_that_sees_the_cancel_or_deadline_ends_a_job_nobody_runs(stor
     if why == "cancel":
         store.request_cancel(job_id)
     expected = ("cancelled", JobStatus.CANCELLED) if why == "cancel" else ("error", JobStatus.FAILED)
-    assert _execute_job(runtime(store, job_deadline_s=50), job_id) == expected[0]
+    news = []  # what the start and the end told of the pool's parked jobs: none, so no pump is woken
+    assert _execute_job(runtime(store, job_deadline_s=50), job_id, news.append) == expected[0]
+    assert news == [False, False]
     assert store.get(job_id).status == expected[1]
     assert [e.type for e in store.read_log(job_id)] == [expected[0]]
