@@ -49,8 +49,9 @@ from jobs.scripts import ScriptSet
 # Lua, part of the job transition script (jobs/transition.py): a parked job that starts or ends leaves its
 # key's queue (and a key left with nothing parked, the rotation): `unpark`; a job that ends no longer counts
 # against its key's share of the pool: `land`; `pool_parked`: whether any job waits parked on the pool (the
-# worker that starts or ends a job pumps its pool only then: nothing to take otherwise). Reads `job`, `id` and `prefix` from there, and takes the record's
-# `fair`, `queue` and `owner` fields (false where absent), which the transition has read already.
+# worker that starts or ends a job pumps its pool only then: nothing to take otherwise). Reads `job`, `id` and
+# `prefix` from there, and takes the record's `fair`, `queue` and `owner` fields (false where absent), which the
+# transition has read already.
 UNPARK = """
 local function fair_base(queue, owner)
   return prefix .. ':fair:' .. (queue or 'interactive'), owner or 'anonymous'
