@@ -81,8 +81,8 @@ class FairDispatcher:
         return max(1, slots - self.reserve) if slots > 0 else 0
 
     def offer(self, queue: str) -> TakeOffer:
-        """What a new job of this pool needs to be taken as it is recorded, when nobody waits on the pool (the
-        rules of `pump`'s take; JobStore.create): then the caller sends it with `send_taken`."""
+        """This pool's rules of a take, now: what `pump` takes by, and what a new job needs to be taken as it is
+        recorded when nobody waits on the pool (JobStore.create; then the caller sends it with `send_taken`)."""
         now = time.time()
         return TakeOffer(room=self.margin, key_cap=self.key_cap(queue), active_since=now - self.active_s,
                          stale_before=now - self.flight_s if self.flight_s else None)
@@ -90,8 +90,8 @@ class FairDispatcher:
     def pump(self, queue: str) -> Pumped:
         """Fill the queue's room with parked jobs. A send that fails stops this pump (the broker is likely
         away): that job and the rest taken stay `sending`. Raises only if Redis is away for the take."""
-        stale_before = time.time() - self.flight_s if self.flight_s else None
-        taken = self.fair.take(queue, self.margin, self.key_cap(queue), stale_before, self.active_s)
+        rules = self.offer(queue)
+        taken = self.fair.take(queue, rules.room, rules.key_cap, rules.stale_before, self.active_s)
         return self.send_taken(queue, taken)
 
     def send_taken(self, queue: str, taken: list[str]) -> Pumped:

@@ -137,8 +137,8 @@ return 0
 
 # KEYS: ring, turn, parked, queued, the Celery queue (its Redis list), active. ARGV: prefix, fair base, room
 # (most messages the Celery list may hold), now s, key cap (most jobs in flight per key while others are
-# active; 0: none), in-flight entries taken before this are stale (dropped), ttl s, keys that parked a job
-# since this are active. Returns the ids taken, in order; each is `sending`, watched (in queued), in flight.
+# active; 0: none), in-flight entries taken before this are stale (dropped), ttl s, keys that parked or sent
+# a job since this are active. Returns the ids taken, in order; each is `sending`, watched (in queued), in flight.
 _TAKE = SHARE_RULE + """
 local ring, turn, parked, queued, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 local prefix, base, now = ARGV[1], ARGV[2], ARGV[4]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class DeliveryRecorder:
             self._stop = True
             self._changed.notify()
 
-    def _due(self) -> tuple[list[str], float]:
-        """The jobs whose grace is over (removed), and how long until the next one's is."""
+    def _due(self) -> tuple[list[str], Optional[float]]:
+        """The jobs whose grace is over (removed), and how long until the next one's is (None: none waits)."""
         now, due = time.monotonic(), []
         for job_id, since in list(self._waiting.items()):
             if now - since < self.grace_s:
