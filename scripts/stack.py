@@ -47,13 +47,16 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def terminate(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM, then SIGKILL to its whole process group (a worker's child too) if it has not exited within
-    `grace_s`."""
-    if proc.poll() is None:
+def terminate(*procs: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM to each, then SIGKILL to the whole process group (a worker's child too) of each that has not exited
+    within `grace_s`: one deadline for all of them, so that stopping several takes as long as the slowest."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
         try:
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: its group is its pid
@@ -113,9 +116,11 @@ class Stack:
         # scripts/gpu_check.sh does on a GPU machine), the same gunicorn as a module.
         script = VENV_BIN / "gunicorn"
         launcher = [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
+        # --graceful-timeout 1: on SIGTERM gunicorn waits that long for every open connection, an idle keep-alive
+        # one (any SDK client's) included; a stack is stopped to be gone, not to drain (the Procfile gives 30 s).
         cmd = [*launcher, "-c", str(ROOT / "config" / "gunicorn.py"), "--worker-class", "gevent",
                "--workers", str(processes), "--no-control-socket", "--keep-alive", "30",
-               "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "5", "app:create_app()"]
+               "--bind", f"127.0.0.1:{port or self.port}", "--graceful-timeout", "1", "app:create_app()"]
         self._spawn(name, cmd, extra_env)
 
     def _spawn(self, name, cmd, extra_env=None):
@@ -192,9 +197,13 @@ class Stack:
         if proc:
             terminate(proc)
 
-    def stop_all(self):
-        for name in list(self.processes):
-            self.stop(name)
+    def stop_all(self, grace_s: float = 5):
+        """Every process at once. A worker still running jobs after `grace_s` (Celery's warm shutdown waits for
+        them; a hung one never ends) is killed: what follows (a test's teardown, the next measurement) needs the
+        processes gone, not their jobs done."""
+        procs = list(self.processes.values())
+        self.processes.clear()
+        terminate(*procs, grace_s=grace_s)
 
     def cleanup_redis(self):
         """Remove this stack's keys from every node (a node that is not answering is skipped)."""
