@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import llguidance
-import llguidance.torch
 import torch
 
 from jobs import vocabulary
@@ -65,7 +64,8 @@ class GrammarSupport:
         self.device = device
         self._lock = threading.Lock()
         self._tokenizer: Optional[llguidance.LLTokenizer] = None
-        shape = llguidance.torch.get_bitmask_shape(max_rows, vocab_size)  # [rows, ceil(V / 32)] int32
+        # [rows, ceil(V / 32)] int32: bit j of word w allows token 32 w + j (llguidance's layout)
+        shape = (max_rows, (vocab_size + 31) // 32)
         self.host_masks = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._bits = torch.arange(32, dtype=torch.int32, device=device)  # [32]
         # One thread: a step's fill never overlaps the previous one's (they share host_masks).
@@ -107,8 +107,11 @@ class GrammarSupport:
         # One matcher at a time: llguidance drops the GIL while it computes one mask, so the model's Python runs
         # meanwhile. Its batched fill (LLExecutor, a thread pool) holds the GIL while it waits for its pool: on
         # 2 cores it made the model's step 1 ms slower at 32 constrained rows, and this loop does not.
+        # The matcher writes row i in place. Not through llguidance.torch's helper (the same call): importing that
+        # module imports torch._dynamo, about 4 s of every engine process's start here.
         for i, matcher in enumerate(matchers):
-            llguidance.torch.fill_next_token_bitmask(matcher, self.host_masks, i)
+            row = self.host_masks[i]  # contiguous: a row of a contiguous tensor
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def apply_(self, logits: torch.Tensor, rows: list[int], filled: Future) -> None:
         """logits [S, V] float32: every token the i-th constrained row's matcher forbids at rows[i] becomes
