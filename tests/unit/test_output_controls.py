@@ -277,3 +277,35 @@ def test_logprobs_of_rows_spanning_hundreds_of_nats_equal_log_softmax():
     top = expected[0].topk(5)
     assert [t for t, _ in entries[0][1]] == top.indices.tolist() and entries[2][1] == ()
     assert all(abs(v - w) < 1e-3 for (_, v), w in zip(entries[0][1], top.values.tolist()))
+
+
+@pytest.mark.parametrize("asking", [(5, 5, 5), (5, None, 0)])
+def test_logprobs_on_their_own_thread_read_the_logits_as_they_were_when_started(asking):
+    """LogprobsPass's thread computes from a copy: the engine thread changes the step's logits in place (the
+    draw's temperature, a grammar's mask) as soon as start() returns, and the logprobs are the raw ones still."""
+    from types import SimpleNamespace
+
+    from workers.engine.logits_processors import LogprobsPass, RawLogprobs
+
+    logits = torch.randn(3, 32000, generator=torch.Generator().manual_seed(5)) * 8
+    raw = logits.clone()
+    rows = [SimpleNamespace(logprobs=k) for k in asking]
+    pass_ = LogprobsPass(torch.device("cpu"), threaded=True)
+    with torch.inference_mode():
+        logits = logits.clone()  # an inference tensor, as the model's
+        for step in range(3):  # the pass's scratch tensors are reused from step to step
+            wait = pass_.start(logits, rows)
+            logits.mul_(-3.0).add_(1.0)  # what the draw does to the step's own tensor meanwhile
+            got = wait().entries([11, 0, 7])
+            expected = RawLogprobs.of(raw, rows).entries([11, 0, 7])
+            assert _same_entries(got, expected)
+            logits.copy_(raw)
+
+
+def _same_entries(got, expected) -> bool:
+    for a, b in zip(got, expected):
+        if (a is None) != (b is None):
+            return False
+        if a is not None and (abs(a[0] - b[0]) > 1e-4 or [t for t, _ in a[1]] != [t for t, _ in b[1]]):
+            return False
+    return True

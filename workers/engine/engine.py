@@ -21,7 +21,7 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.grammar import GrammarSupport
 from workers.engine.interface import EngineOutput, EngineRequest, RequestStream
-from workers.engine.logits_processors import LogprobsScratch, RawLogprobs, apply_logit_bias_, bias_tensors
+from workers.engine.logits_processors import LogprobsPass, apply_logit_bias_, bias_tensors
 from workers.engine.model_runner import ModelRunner, StepOutput
 from workers.engine.penalties import PenaltyTable
 from workers.engine.sampling import EXACT, argmax_rows, finish_exact, sample
@@ -59,7 +59,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.blocks)
         self.penalties = PenaltyTable(self.config.max_num_seqs, self.vocab_size, self.device)
         self.grammars = GrammarSupport(self.vocab_size, self.config.max_num_seqs, self.device)
-        self.logprobs_scratch = LogprobsScratch()  # the [R, V] tensors each step's logprobs reuse
+        self.logprobs = LogprobsPass(self.device)  # on the CPU, on a spare core while a step samples
         # The step's sampled tokens come back through this pinned buffer: one non-blocking copy, one wait.
         self._host_tokens = torch.zeros(self.config.max_num_seqs, dtype=torch.long,
                                         pin_memory=self.device.type == "cuda")
@@ -276,12 +276,13 @@ class Engine:
         constrained rows' masks being filled (GrammarSupport.fill_async)."""
         if not sampled:
             return [], []
-        logprobs = RawLogprobs.of(out.logits, sampled, self.logprobs_scratch)
+        logprobs = self.logprobs.start(out.logits, sampled)  # before the draw changes the logits in place
         if out.tokens is not None and not any(s.processed for s in sampled):
             tokens = self._finish_graph_draw(sampled, out)
         else:
             tokens = self._sample_processed(sampled, out.logits, masks)
-        return tokens, logprobs.entries(tokens) if logprobs else [None] * len(tokens)
+        done = logprobs()
+        return tokens, done.entries(tokens) if done else [None] * len(tokens)
 
     def _sample_processed(self, sampled: list[Sequence], logits: torch.Tensor, masks=None) -> list[int]:
         """Penalties, logit biases and grammar masks in place in logits [S, V] (this step's own tensor), then
