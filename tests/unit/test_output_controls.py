@@ -233,6 +233,29 @@ def test_the_compiled_mask_equals_the_tensor_ops(monkeypatch):
     assert 0 < int(torch.isfinite(compiled[0]).sum()) < 100 and 0 < int(torch.isfinite(compiled[2]).sum())
 
 
+def test_the_compiled_mask_on_words_none_all_or_some_allowed_and_a_partial_last_word():
+    """Words with no token allowed take the kernel's fill, words with all allowed are skipped, the rest go bit
+    by bit; a vocabulary that is not a multiple of 32 ends in a partial word (its bits past V are ignored)."""
+    from workers.engine import cpu_kernels
+
+    if not cpu_kernels.enabled:
+        pytest.skip("numba is not installed")
+    vocab, gen = 1005, torch.Generator().manual_seed(4)
+    words = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+    words[0] = 0
+    words[1, ::2] = 0
+    words[1, 1::4] = -1
+    words[2, -1] = 0
+    logits = torch.randn(4, vocab, generator=gen)
+    rows = torch.tensor([3, 0, 1])
+    compiled = logits.clone()
+    assert cpu_kernels.apply_token_mask_(compiled, rows, words)
+    bits = ((words.unsqueeze(2) >> torch.arange(32, dtype=torch.int32)) & 1).view(3, -1)[:, :vocab]  # [R, V]
+    expected = logits.clone()
+    expected[rows] = expected[rows].masked_fill(bits == 0, float("-inf"))
+    assert torch.equal(compiled, expected) and torch.isinf(compiled[3]).all() and torch.equal(compiled[2], logits[2])
+
+
 def test_an_engine_that_ignores_eos_still_ends_a_complete_grammar(model):
     """The benchmark's engine has eos_token_id=-1 (no row ends on EOS): a constrained row still ends with
     "stop" when its JSON is complete (the grammar knows the tokenizer's own EOS)."""
