@@ -147,11 +147,11 @@ class JobStore:
 
         def fill(pipe) -> None:
             nonlocal park_at
-            self.add_record(pipe, record)
+            self.add_record(pipe, record, watched=not parked)
             if parked:
                 park_at = len(pipe)
                 self.fair.park(pipe, record, offer if self.holds_whole_pools else None)
-            self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at)
+            self.telemetry.job_state(record.id, JobStatus.QUEUED, pipe=pipe, now=record.created_at, new=True)
             if record.kind != "batch":  # batch lines are bounded by their batch's window instead
                 pipe.zadd(self.keys.owner_unfinished(record.owner), {record.id: record.created_at})
                 pipe.expire(self.keys.owner_unfinished(record.owner), self.ttl_s)
@@ -192,13 +192,15 @@ class JobStore:
         if self.replica_wait is not None:
             self.replica_wait.settle(self.redis, f"{self.prefix}:replicated")
 
-    def add_record(self, pipe, record: JobRecord) -> None:
+    def add_record(self, pipe, record: JobRecord, watched: bool = True) -> None:
         """A new queued job's record, as part of the caller's pipeline (a batch's feed writes its line jobs
-        together with its own bookkeeping): watched from now until an attempt starts it."""
+        together with its own bookkeeping): watched from now until an attempt starts it. Not `watched` where
+        the park script that follows in the same pipeline decides (it watches a job it takes, not one it parks)."""
         key = self.keys.job(record.id)
         pipe.hset(key, mapping=record.to_redis())
         pipe.expire(key, self.ttl_s)
-        pipe.zadd(self.keys.queued(), {record.id: record.created_at})
+        if watched:
+            pipe.zadd(self.keys.queued(), {record.id: record.created_at})
 
     def get(self, job_id: str) -> JobRecord:
         fields = self.redis.hgetall(self.keys.job(job_id))

@@ -42,11 +42,14 @@ _KOMBU_PRIORITY_SEP = "\x06\x16"
 _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 
 # KEYS: the state zsets (JOB_STATES order), then the totals hash.
-# ARGV: job id, index of the new state (1-based), its name, now, oldest score kept, key ttl (s).
+# ARGV: job id, index of the new state (1-based), its name, now, oldest score kept, key ttl (s), whether the job is
+# new (1: in no other state's set yet, none to leave).
 _ENTER_STATE = """
 local target = tonumber(ARGV[2])
-for i = 1, #KEYS - 1 do
-  if i ~= target then redis.call('ZREM', KEYS[i], ARGV[1]) end
+if ARGV[7] ~= '1' then
+  for i = 1, #KEYS - 1 do
+    if i ~= target then redis.call('ZREM', KEYS[i], ARGV[1]) end
+  end
 end
 local added = redis.call('ZADD', KEYS[target], 'NX', ARGV[4], ARGV[1])
 if added == 1 then redis.call('HINCRBY', KEYS[#KEYS], ARGV[3], 1) end
@@ -87,23 +90,24 @@ class JobTelemetry:
     # --- writes. Call them after the state change succeeded. Without `pipe` they are best effort: a failure
     # is logged, never raised (metrics must not fail a job), and the next state a job enters repairs its entry.
     # With `pipe` the write joins the caller's pipeline, and its answer comes at the caller's execute().
-    def job_state(self, job_id: str, state, pipe=None, now: Optional[float] = None) -> None:
-        """Record that `job_id` is now in `state` (a JobStatus or its value). Idempotent."""
+    def job_state(self, job_id: str, state, pipe=None, now: Optional[float] = None, new: bool = False) -> None:
+        """Record that `job_id` is now in `state` (a JobStatus or its value). Idempotent. `new`: a job just
+        recorded, in no state before (nothing to take it out of: four calls fewer per job)."""
         if pipe is not None:
-            self._job_state(pipe, job_id, state, now)
+            self._job_state(pipe, job_id, state, now, new)
             return
         try:
-            self.scripts.run(lambda p: self._job_state(p, job_id, state, now), transaction=False)
+            self.scripts.run(lambda p: self._job_state(p, job_id, state, now, new), transaction=False)
         except ValueError:
             raise  # an unknown state: a bug in the caller
         except Exception as exc:
             log.warning("telemetry: recording job %s's state failed: %s", job_id, exc)
 
-    def _job_state(self, client, job_id: str, state, now: Optional[float]) -> None:
+    def _job_state(self, client, job_id: str, state, now: Optional[float], new: bool) -> None:
         name = _state_name(state)
         now = time.time() if now is None else now
         keys = [self.state_key(s) for s in JOB_STATES] + [self.totals_key]
-        args = [job_id, JOB_STATES.index(name) + 1, name, repr(now), repr(now - self.ttl_s), 2 * self.ttl_s]
+        args = [job_id, JOB_STATES.index(name) + 1, name, repr(now), repr(now - self.ttl_s), 2 * self.ttl_s, int(new)]
         self._enter(keys=keys, args=args, client=client)
 
     # --- reads (scrape time)

@@ -62,12 +62,18 @@ end
 
 # Part of the transition script: the job's entry in the metrics' state zsets (jobs/telemetry.py), moved in the
 # same step as its state: from the state it leaves to the one it enters (counted in the totals once).
+# A finished state's set only grows (its entries never leave for another state): each end also trims it of the
+# entries older than the records, so that it stays bounded where nobody scrapes /metrics (job_counts trims too).
 ENTER_STATE = """
 local function enter_state(old, new)
   local base, totals = prefix .. ':metrics:jobs:', prefix .. ':metrics:jobs_total'
+  local entered = base .. new
   if old ~= new then redis.call('ZREM', base .. old, id) end
-  if redis.call('ZADD', base .. new, 'NX', now_s, id) == 1 then redis.call('HINCRBY', totals, new, 1) end
-  redis.call('EXPIRE', base .. new, 2 * log_ttl)
+  if redis.call('ZADD', entered, 'NX', now_s, id) == 1 then redis.call('HINCRBY', totals, new, 1) end
+  if new ~= 'queued' and new ~= 'in_progress' then
+    redis.call('ZREMRANGEBYSCORE', entered, '-inf', '(' .. (tonumber(now_s) - tonumber(log_ttl)))
+  end
+  redis.call('EXPIRE', entered, 2 * log_ttl)
   redis.call('EXPIRE', totals, 2 * log_ttl)
 end
 """
@@ -91,8 +97,8 @@ local first_event = 14 + 2 * nfields
 
 local cancel_flag = redis.call('EXISTS', cancel)
 -- The record's fields this script reads, in one call.
-local status, fair, queue, owner, kind, started_at =
-  unpack(redis.call('HMGET', job, 'status', 'fair', 'queue', 'owner', 'kind', 'started_at'))
+local status, fair, queue, owner, kind, started_at, attempts, delivered_to =
+  unpack(redis.call('HMGET', job, 'status', 'fair', 'queue', 'owner', 'kind', 'started_at', 'attempts', 'delivered_to'))
 if not status then return {'missing', cancel_flag, '', ''} end
 if status ~= 'queued' and status ~= 'in_progress' then
   if action == 'requeue' then redis.call('ZREM', leases, id) end
@@ -141,7 +147,7 @@ if ending ~= '' then
   enter_state(status, ending)
   redis.call('DEL', lease)
   redis.call('ZREM', leases, id)
-  redis.call('ZREM', queued, id)
+  if action ~= 'write' then redis.call('ZREM', queued, id) end  -- the holder's job left `queued` when it started
   unpark(fair, queue, owner)
   land(queue, owner)
   if owner then redis.call('ZREM', prefix .. ':owner:' .. owner .. ':unfinished', id) end
@@ -150,12 +156,12 @@ elseif action == 'start' then
   redis.call('SET', lease, token, 'PX', lease_ms)
   redis.call('ZADD', leases, now_ms + lease_ms, id)
   redis.call('ZREM', queued, id)
-  local attempt = redis.call('HINCRBY', job, 'attempts', 1)
-  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s)
+  local attempt = (tonumber(attempts) or 0) + 1
+  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'attempt_started_at', now_s, 'attempts', attempt,
+             'started_at', started_at or now_s)
   enter_state(status, 'in_progress')
-  redis.call('HDEL', job, 'delivered_to')
+  if delivered_to then redis.call('HDEL', job, 'delivered_to') end
   unpark(fair, queue, owner)
-  if not started_at then redis.call('HSET', job, 'started_at', now_s) end
   -- pcall: a log that is not a stream (a bug) fails this attempt's writes, which end the job, not its start
   local next_seq = redis.pcall('XLEN', log)
   -- The record comes back with the start: the worker reads it in this round trip, not one of its own.
@@ -164,7 +170,7 @@ elseif action == 'start' then
 elseif action == 'requeue' then
   redis.call('HSET', job, 'status', 'queued', 'requeued_at', now_s)
   enter_state(status, 'queued')
-  redis.call('HDEL', job, 'delivered_to')
+  if delivered_to then redis.call('HDEL', job, 'delivered_to') end
   redis.call('ZREM', leases, id)
   redis.call('ZADD', queued, now_s, id)  -- sent again: watched until an attempt starts it
   return {'applied', cancel_flag, kind or 'interactive', queue or 'interactive'}

@@ -443,6 +443,22 @@ def test_job_state_entries_expire_with_the_records(settings, redis_client):
         telemetry.job_state("x", "exploded")
 
 
+def test_finished_jobs_leave_their_state_set_without_a_scrape(redis_client):
+    """Only a scrape (job_counts) used to trim the finished states' sets: where nobody scrapes /metrics, an entry per
+    finished job stayed for as long as jobs kept finishing. A job's end trims its state's set of entries older than
+    the records."""
+    from tests.unit.conftest import new_job
+
+    store = JobStore(redis_client, f"unit-{uuid.uuid4().hex[:8]}", ttl_s=1)
+    first = new_job(store)
+    assert store.end(first, Ending.cancelled()).applied
+    time.sleep(1.2)  # its record is gone by now
+    second = new_job(store)
+    assert store.end(second, Ending.cancelled()).applied
+    members = redis_client.zrange(store.telemetry.state_key("cancelled"), 0, -1)
+    assert [m.decode() if isinstance(m, bytes) else m for m in members] == [second]
+
+
 def test_telemetry_writes_never_fail_a_job(settings, redis_client):
     telemetry = JobTelemetry(redis_client, settings.redis_prefix, settings.job_ttl_s)
     with redis_client.pipeline() as pipe:  # in a caller's pipeline: sent with it
