@@ -18,11 +18,14 @@ import threading
 import time
 
 import httpx
+import kombu.exceptions
 import pytest
 import redis
 
+from app.auth import owner_of
 from config.settings import Settings
 from jobs.celery_app import RUN_CHAT_COMPLETION, make_celery
+from jobs.records import GenerationRequest, JobRecord
 from jobs.shards import ShardedJobStore
 from jobs.store import JobStore
 from scripts.stack import RedisServer, stack_env, wait_until
@@ -30,6 +33,9 @@ from tests.integration.mixed_load import AUTH, KEY, MODEL, post_with_retry, read
 
 N_JOBS, N_STREAMS, N_WORKERS = int(os.environ.get("CHAOS_JOBS", 200)), 20, 3
 MAX_KILLS = 6
+# A background job as the API records it (tokenized, checked) for the dying dispatcher to take.
+PARKED_REQUEST = GenerationRequest(model=MODEL, prompt_token_ids=[1, 733, 16289, 28793], max_tokens=12,
+                                   temperature=0.7, top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=3)
 
 
 @pytest.fixture
@@ -142,14 +148,19 @@ def test_chaos(chaos_stack, terminal_report):
                 while not taken and time.monotonic() < trying_until:
                     taken = store.fair.take(queue, room=fair_redis.llen(queue) + 1)
                     time.sleep(0 if taken else 0.01)
+                if not taken:  # the pumps kept up (no job parked for 3 s): park one as the API does at a busy pool
+                    record = JobRecord.new(PARKED_REQUEST, kind="background", owner=owner_of(KEY), queue=queue)
+                    store.create(record, parked=True)
+                    accepted.append(record.id)  # checked as every other job: ended exactly once
+                    taken = store.fair.take(queue, room=fair_redis.llen(queue) + 1)
                 for job_id in taken:
                     if sum(dispatcher_deaths.values()) % 2:  # every other one: died after the send
                         celery.send_task(RUN_CHAT_COMPLETION, args=[job_id], queue=queue)
                         dispatcher_deaths["sent, not confirmed"] += 1
                     else:
                         dispatcher_deaths["never sent"] += 1
-            except (redis.RedisError, OSError):
-                pass  # Redis restarting
+            except (redis.RedisError, OSError, kombu.exceptions.OperationalError):
+                pass  # Redis restarting (kombu's error is the send's)
         fair_redis.close()
 
     threads = [threading.Thread(target=submit_jobs), threading.Thread(target=cancel_some),

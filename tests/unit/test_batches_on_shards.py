@@ -105,7 +105,8 @@ def play_workers(d: BatchDispatcher, fail=()) -> None:
 def test_a_files_metadata_and_lines_live_on_its_shard_and_its_index_at_home(driver):
     d, keys = driver, driver.jobs.keys
     metas = [upload(d, [f"line {i}", f"more {i}"]) for i in range(12)]
-    assert {d.jobs.index_of(m.id) for m in metas} == {0, 1, 2}
+    while {d.jobs.index_of(m.id) for m in metas} != {0, 1, 2}:  # ids are random: 12 miss a shard 0.8 % of the time
+        metas.append(upload(d, [f"line {len(metas)}", f"more {len(metas)}"]))
     for i, meta in enumerate(metas):
         shard = d.jobs.index_of(meta.id)
         assert holders(d, keys.file(meta.id)) == [shard]
