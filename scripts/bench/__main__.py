@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TORCH_THREADS for the service's worker and for engine_process (0 = torch's default). 1 by "
                         "default: on a small CPU machine the worker shares its cores with the API, Redis and this "
                         "client")
+    p.add_argument("--redis-profile", action="store_true",
+                   help="the service's greedy row at the highest level once more with every Redis command logged "
+                        "(SLOWLOG, no threshold), and Redis's time per job by command and by script")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--service-start-timeout", type=float, default=180.0)
     p.add_argument("--out", help="JSON path (default bench-results/bench-<device>-<time>.json); a directory "

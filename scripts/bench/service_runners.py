@@ -168,6 +168,24 @@ def service_series(args) -> list[ServiceSeries]:
     return [ServiceSeries(client, name, tuple(sorted(at))) for (client, name), at in levels.items()]
 
 
+def redis_profile(closed_loop, client, run: ServiceSeries, c: int, args) -> dict:
+    """--redis-profile: the greedy row at the highest level once more (untimed, uncounted), every command Redis
+    runs logged, and where its time went per job (scripts/bench/redis_cost.py: CommandLog)."""
+    from scripts.bench.redis_cost import CommandLog, describe_log
+
+    log = CommandLog(client)
+    log.start()
+    try:
+        rows = closed_loop(run, c, requests_per_level(args, c), args.output_len)
+    finally:
+        groups = log.read()
+    jobs = len([r for r in rows if not r.error])
+    for line in describe_log(groups, jobs):
+        say(line)
+    return dict(jobs=jobs, output_len=args.output_len,
+                groups={name: dict(calls=calls, usec=usec) for name, (calls, usec) in groups.items()})
+
+
 def redis_capacity(closed_loop, redis_cost, run: ServiceSeries, c: int, args, reqs: list[Req], used) -> dict:
     """The capacity model (scripts/bench/capacity.py): the greedy row at the highest level again, with
     SHORT_OUTPUT_LEN tokens per request, and a fit of both rows' Redis CPU to per job and per token."""
@@ -276,6 +294,9 @@ def run_service(model_kind, device, args, record, meta) -> None:
                 if run.sampling == GREEDY and c == max_c and run.client == args.service_client:
                     meta.setdefault("redis_capacity", []).append(  # one per round
                         redis_capacity(closed_loop, redis_cost, run, c, args, reqs, used))
+                    if args.redis_profile:
+                        meta.setdefault("redis_profile", []).append(  # one per round
+                            redis_profile(closed_loop, redis_cost.client, run, c, args))
                 record(summarize("service", c, reqs, args.output_len,
                                  dict(note="output tokens from usage; ITL per SSE chunk; redis_*: the whole Redis "
                                            "server's CPU and commands over the row, per output token and per SSE "

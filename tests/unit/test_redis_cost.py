@@ -35,3 +35,29 @@ def test_per_work_divides_by_tokens_and_events():
     assert figures["redis_cpu_us_per_event"] == 200.0
     assert figures["redis_top_commands"][0] == {"command": "evalsha", "calls": 100, "usec_per_call": 49.0}
     assert per_work(used, tokens=0, events=0)["redis_cpu_us_per_token"] is None
+
+
+def test_the_command_log_names_each_script_and_puts_back_the_slow_log_settings(make_store):
+    """--redis-profile's log: a job's start and end come under their script and action, the commands the scripts
+    ran apart from what clients sent, and the slow log is as it was afterwards."""
+    from jobs.transition import Ending
+    from scripts.bench.redis_cost import CommandLog, describe_log
+    from tests.unit.conftest import new_job
+
+    client = redis.Redis.from_url(REDIS_URL)
+    before = client.config_get("slowlog-*")
+    store = make_store(lease_s=5)
+    log = CommandLog(client, max_entries=10_000)
+    log.start()
+    job_id = new_job(store)
+    _, attempt = store.start(job_id, "w")
+    store.write(attempt, [], Ending.cancelled())
+    client.ping()
+    groups = log.read()
+    assert client.config_get("slowlog-*") == before
+    # (>= 1: the server may serve others meanwhile)
+    assert groups["evalsha transition start"][0] >= 1 and groups["evalsha transition write"][0] >= 1
+    assert groups["evalsha metrics state"][0] >= 1 and groups["ping"][0] >= 1
+    assert groups["(inside scripts)"][0] > 10 and "slowlog" not in groups
+    lines = describe_log(groups, jobs=1)
+    assert lines[0].startswith("redis profile:") and any("transition start" in line for line in lines)
