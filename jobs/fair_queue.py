@@ -123,7 +123,7 @@ if room > 0 and redis.call('EXISTS', ring) == 0 and redis.call('LLEN', KEYS[8]) 
     return 1
   end
 end
-redis.call('ZREM', queued, id)  -- no message yet: its key's queue watches it, not reap_lost
+-- Parked: not in `queued` (JobStore.create records it unwatched): it has no message yet, its key's queue holds it
 redis.call('HSET', job, 'fair', 'parked')
 redis.call('ZADD', parked, now, id)
 redis.call('ZADD', mine, now, id)
