@@ -113,13 +113,11 @@ class CommandLog:
         return {group: (calls, usec) for group, (calls, usec) in groups.items()}
 
     def _group(self, entry) -> Optional[str]:
-        args = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in _args(entry)]
+        # redis-py gives the command and its arguments joined by spaces (keys and script names hold none)
+        args = _text(entry["command"]).split()
         if not args or args[0].lower() in ("slowlog", "config"):
             return None  # this log's own
-        client = entry.get("client_address") or entry.get("client_addr") or ""
-        if isinstance(client, bytes):
-            client = client.decode(errors="replace")
-        if client == _IN_SCRIPT:
+        if _text(entry["client_address"]) == _IN_SCRIPT:
             return "(inside scripts)"
         command = args[0].lower()
         if command != "evalsha" or len(args) < 3:
@@ -130,12 +128,8 @@ class CommandLog:
         return f"evalsha {name}"
 
 
-def _args(entry) -> list:
-    """A slow-log entry's command and arguments (redis-py gives them joined in `command`, or split in `args`)."""
-    if entry.get("args"):
-        return list(entry["args"])
-    command = entry.get("command") or b""
-    return command.split() if isinstance(command, bytes) else str(command).split()
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def describe_log(groups: dict[str, tuple[int, int]], jobs: int, top: int = 12) -> list[str]:
