@@ -46,9 +46,10 @@ def sharded_stack(tmp_path):
         stop_redis_servers(servers)
 
 
-def api_client_ports(stack: Stack) -> set[int]:
-    """The local TCP ports of the API's processes' sockets (gunicorn's master and its workers): what Redis's
-    CLIENT LIST shows as a client's `addr` port."""
+def api_client_ports(stack: Stack) -> set[tuple[int, int]]:
+    """The API's processes' TCP sockets (gunicorn's master and its workers) as (local port, remote port): what
+    Redis's CLIENT LIST shows as a client's `addr` port and its own `laddr` port. Both: a local port alone may be
+    another process's too, on a connection to another Redis."""
     pids = [stack.processes["api"].pid, *descendants(stack.processes["api"].pid)]
     inodes: set[str] = set()
     for pid in pids:
@@ -63,12 +64,12 @@ def api_client_ports(stack: Stack) -> set[int]:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    ports: set[int] = set()
+    ports: set[tuple[int, int]] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                ports.add((int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)))
     return ports
 
 
@@ -78,7 +79,8 @@ def relay_connections(stack: Stack) -> list[dict]:
     ports = api_client_ports(stack)
     out = []
     for node in stack.shards:
-        mine = [c for c in node.client_list() if int(c["addr"].rsplit(":", 1)[1]) in ports and "P" in c["flags"]]
+        mine = [c for c in node.client_list() if "P" in c["flags"] and
+                (int(c["addr"].rsplit(":", 1)[1]), int(c["laddr"].rsplit(":", 1)[1])) in ports]
         out.append({"pubsub": [(int(c["psub"]), int(c["sub"])) for c in mine],
                     "numpat": node.execute_command("PUBSUB", "NUMPAT")})
     return out
